@@ -1,0 +1,1 @@
+"""trtserve builder package."""

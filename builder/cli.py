@@ -1,0 +1,56 @@
+"""`trtserve-build`: build an engine directory from a preset, HF directory or hub id."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from builder.pipeline import BuildRequest, build_engine
+from builder.presets import DTYPES, PresetError, list_presets
+from builder.source import SourceError
+from builder.convert import ConversionError
+from runtime.errors import EngineLoadError
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="trtserve-build", description=__doc__)
+    parser.add_argument("--model", required=True,
+                        help=f"preset ({', '.join(list_presets())}), HF checkpoint directory, or hub id")
+    parser.add_argument("--output", type=Path, help="engine directory (default engines/<model>-<dtype>)")
+    parser.add_argument("--dtype", choices=DTYPES, help="weights / activations dtype (default: the preset's)")
+    parser.add_argument("--random-weights", action="store_true",
+                        help="for hub presets: build the same shapes with seeded random weights, offline")
+    parser.add_argument("--force", action="store_true", help="rebuild even if the inputs did not change")
+    parser.add_argument("--no-validate", action="store_true", help="skip the parity check against HF")
+    parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "trtserve")
+    for name in ("max_batch_size", "max_input_len", "max_seq_len", "max_num_tokens", "tokens_per_block"):
+        parser.add_argument("--" + name.replace("_", "-"), type=int, dest=name)
+    parser.add_argument("--quiet", action="store_true")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from builder.progress import Progress
+
+    args = parse_args(argv)
+    output = args.output or Path("engines") / f"{Path(args.model).name}-{args.dtype or 'default'}"
+    overrides = {k: getattr(args, k) for k in ("max_batch_size", "max_input_len", "max_seq_len",
+                                               "max_num_tokens", "tokens_per_block")}
+    request = BuildRequest(model=args.model, output=output, dtype=args.dtype, random_weights=args.random_weights,
+                           force=args.force, validate=not args.no_validate, cache_dir=args.cache_dir,
+                           overrides=overrides)
+    try:
+        result = build_engine(request, Progress(6, enabled=not args.quiet))
+    except (PresetError, SourceError, ConversionError, EngineLoadError) as exc:
+        print(f"trtserve-build: error: {exc}", file=sys.stderr)
+        return 2
+    status = "up to date" if result.skipped else "built"
+    print(f"{result.output}: {status}")
+    if result.validation is not None and not result.validation["passed"]:
+        print("trtserve-build: warning: validation did not pass; see validation.json", file=sys.stderr)
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

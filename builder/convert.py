@@ -1,0 +1,109 @@
+"""Convert an HF Llama / Qwen2 checkpoint to TensorRT-LLM's checkpoint layout.
+
+What it is for: the per-family weight mapping of REFERENCE.md section 3 (qkv
+concatenation, gate_proj -> mlp.fc, up_proj -> mlp.gate, tied embeddings) and
+the matching `llm/config.json`. The output feeds `trtllm-build` unchanged and
+is exactly what the PyTorch executor reads.
+Not for: quantization (a later stage) or loading checkpoints for serving.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from runtime.checkpoint_layout import expected_tensor_shapes, layer_prefix
+from runtime.llm_config import SHORT_DTYPES, LLMConfig
+
+HF_PREFIX = "model."
+
+
+class ConversionError(RuntimeError):
+    """The HF checkpoint cannot be converted; names the tensor or config field."""
+
+
+def llm_config_from_hf(hf_config: dict[str, Any], architecture: str, dtype: str) -> LLMConfig:
+    heads = hf_config["num_attention_heads"]
+    hidden = hf_config["hidden_size"]
+    rope = dict(hf_config.get("rope_parameters") or hf_config.get("rope_scaling") or {})
+    rope_theta = rope.pop("rope_theta", hf_config.get("rope_theta", 10000.0))
+    rope_type = rope.pop("rope_type", rope.pop("type", "default"))
+    if rope_type == "default":
+        scaling = None
+    elif rope_type in ("llama3", "linear"):
+        scaling = {"type": rope_type, **rope}
+    else:
+        raise ConversionError(f"config.json: rope type {rope_type!r} is not supported (default, linear, llama3)")
+    if hf_config.get("hidden_act", "silu") != "silu":
+        raise ConversionError(f"config.json: hidden_act {hf_config['hidden_act']!r} is not supported (silu)")
+    is_qwen2 = architecture == "Qwen2ForCausalLM"
+    return LLMConfig(
+        architecture=architecture, dtype=SHORT_DTYPES[dtype], vocab_size=hf_config["vocab_size"],
+        hidden_size=hidden, num_hidden_layers=hf_config["num_hidden_layers"], num_attention_heads=heads,
+        num_key_value_heads=hf_config.get("num_key_value_heads") or heads,
+        head_size=hf_config.get("head_dim") or hidden // heads,
+        intermediate_size=hf_config["intermediate_size"], norm_epsilon=float(hf_config["rms_norm_eps"]),
+        max_position_embeddings=hf_config["max_position_embeddings"], rotary_base=float(rope_theta),
+        rotary_scaling=scaling, tie_word_embeddings=bool(hf_config.get("tie_word_embeddings", False)),
+        attn_bias=True if is_qwen2 else bool(hf_config.get("attention_bias", False)))
+
+
+def read_hf_state_dict(hf_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    files = sorted(hf_dir.glob("*.safetensors"))
+    if not files:
+        raise ConversionError(f"{hf_dir}: no *.safetensors weights (PyTorch .bin checkpoints are not supported)")
+    state: dict[str, torch.Tensor] = {}
+    for path in files:
+        state.update(load_file(str(path)))
+    return state
+
+
+def convert_state_dict(hf: dict[str, torch.Tensor], cfg: LLMConfig) -> dict[str, torch.Tensor]:
+    """Map HF tensors to checkpoint tensors, cast to the config dtype, shapes checked."""
+    def take(name: str) -> torch.Tensor:
+        if HF_PREFIX + name not in hf:
+            raise ConversionError(f"HF checkpoint is missing tensor {HF_PREFIX + name!r}")
+        return hf[HF_PREFIX + name]
+
+    out: dict[str, torch.Tensor] = {
+        "transformer.vocab_embedding.weight": take("embed_tokens.weight"),
+        "transformer.ln_f.weight": take("norm.weight"),
+    }
+    if cfg.tie_word_embeddings:
+        out["lm_head.weight"] = out["transformer.vocab_embedding.weight"]
+    elif "lm_head.weight" in hf:
+        out["lm_head.weight"] = hf["lm_head.weight"]
+    else:
+        raise ConversionError("HF checkpoint is missing tensor 'lm_head.weight' (tie_word_embeddings is false)")
+    for i in range(cfg.num_hidden_layers):
+        src, dst = f"layers.{i}.", layer_prefix(i) + "."
+        attn = src + "self_attn."
+        out[dst + "input_layernorm.weight"] = take(src + "input_layernorm.weight")
+        out[dst + "attention.qkv.weight"] = torch.cat(
+            [take(attn + f"{p}_proj.weight") for p in "qkv"], dim=0)
+        if cfg.attn_bias:
+            out[dst + "attention.qkv.bias"] = torch.cat([take(attn + f"{p}_proj.bias") for p in "qkv"], dim=0)
+        out[dst + "attention.dense.weight"] = take(attn + "o_proj.weight")
+        out[dst + "post_layernorm.weight"] = take(src + "post_attention_layernorm.weight")
+        out[dst + "mlp.fc.weight"] = take(src + "mlp.gate_proj.weight")
+        out[dst + "mlp.gate.weight"] = take(src + "mlp.up_proj.weight")
+        out[dst + "mlp.proj.weight"] = take(src + "mlp.down_proj.weight")
+    dtype = getattr(torch, cfg.dtype)
+    for name, shape in expected_tensor_shapes(cfg).items():
+        if tuple(out[name].shape) != shape:
+            raise ConversionError(f"{name}: HF tensor shape {list(out[name].shape)} does not match the config "
+                                  f"(expected {list(shape)})")
+        out[name] = out[name].to(dtype).contiguous().clone()
+    return out
+
+
+def write_checkpoint(out_dir: Path, cfg: LLMConfig, tensors: dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import save_file
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.json").write_text(json.dumps(cfg.to_json(), indent=2, sort_keys=True) + "\n")
+    save_file(tensors, str(out_dir / "rank0.safetensors"), metadata={"format": "pt"})

@@ -1,0 +1,162 @@
+"""The build pipeline: source -> convert -> (quantize) -> (compile) -> validate -> manifest.
+
+What it is for: composing the build stages into one function that writes a
+complete engine directory atomically (a failed build leaves no half engine),
+and skipping the work when the inputs' content hash has not changed.
+Not for: argument parsing (builder/cli.py) or any stage's internals.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from builder.convert import convert_state_dict, llm_config_from_hf, read_hf_state_dict, write_checkpoint
+from builder.presets import BuildSettings
+from builder.progress import Progress
+from builder.source import ResolvedSource, resolve_source
+from builder.validate import validate_engine
+from runtime.engine_dir import FORMAT_VERSION, EngineLoadError, read_manifest, verify_files, write_manifest
+
+TRTSERVE_VERSION = "0.1.0"
+BUILDER_VERSION = 1          # bump when the output of a stage changes for the same inputs
+
+
+@dataclass(frozen=True, slots=True)
+class BuildRequest:
+    model: str
+    output: Path
+    dtype: str | None = None                 # None: the preset's dtype (fp32 for HF dirs)
+    random_weights: bool = False
+    force: bool = False
+    validate: bool = True
+    cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "trtserve")
+    overrides: dict[str, Any] = field(default_factory=dict)   # BuildSettings fields
+
+
+@dataclass(frozen=True, slots=True)
+class BuildResult:
+    output: Path
+    skipped: bool
+    validation: dict[str, Any] | None
+
+
+def build_engine(request: BuildRequest, progress: Progress | None = None) -> BuildResult:
+    progress = progress or Progress(6)
+    with progress.stage("resolve model source"):
+        source = resolve_source(request.model, request.cache_dir, request.random_weights)
+        settings = _settings(source, request)
+        input_hash = _input_hash(source, settings, request.validate)
+    if not request.force and _up_to_date(request.output, input_hash):
+        progress.skip("build", f"{request.output} is up to date (input hash {input_hash[:12]}); --force rebuilds")
+        return BuildResult(request.output, True, None)
+    request.output.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{request.output.name}.", dir=request.output.parent))
+    try:
+        manifest = _build_into(work, source, settings, request, input_hash, progress)
+        if request.output.exists():
+            shutil.rmtree(request.output)
+        work.replace(request.output)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return BuildResult(request.output, False, manifest.get("validation"))
+
+
+def _build_into(work: Path, source: ResolvedSource, settings: BuildSettings, request: BuildRequest,
+                input_hash: str, progress: Progress) -> dict[str, Any]:
+    hf_config = json.loads((source.hf_dir / "config.json").read_text())
+    with progress.stage("convert weights to the TensorRT-LLM checkpoint layout"):
+        cfg = llm_config_from_hf(hf_config, source.architecture, settings.dtype)
+        write_checkpoint(work / "llm", cfg, convert_state_dict(read_hf_state_dict(source.hf_dir), cfg))
+        progress.note(f"{cfg.architecture}, {cfg.num_hidden_layers} layers, dtype {cfg.dtype}")
+    with progress.stage("copy tokenizer"):
+        eos_ids, pad_id = _copy_tokenizer(source, work / "tokenizer", hf_config)
+    progress.skip("quantize", "quantization 'none'")
+    progress.skip("compile TensorRT-LLM engine", _trtllm_missing_reason())
+    manifest: dict[str, Any] = {
+        "format_version": FORMAT_VERSION, "trtserve_version": TRTSERVE_VERSION,
+        "name": request.output.name, "input_hash": input_hash,
+        "source": {**source.description, "architecture": source.architecture},
+        "build": {**asdict(settings), "quantization": "none", "kv_cache_dtype": settings.dtype},
+        "components": {"llm": {"config": "llm/config.json", "weights": "llm/rank0.safetensors"},
+                       "tokenizer": {"dir": "tokenizer"}},
+        "compile": {"tensorrt_llm": {"built": False, "reason": _trtllm_missing_reason()}},
+        "generation": {"eos_token_ids": eos_ids, "pad_token_id": pad_id},
+    }
+    write_manifest(work, manifest)
+    if request.validate:
+        with progress.stage("validate against the HF reference"):
+            report = validate_engine(work, source.hf_dir)
+            (work / "validation.json").write_text(json.dumps(report, indent=2) + "\n")
+            progress.note(f"max abs err {report['max_abs_err']:.2e}, greedy agreement "
+                          f"{report['greedy_agreement']:.3f}, passed: {report['passed']}")
+        manifest["validation"] = {k: report[k] for k in ("passed", "max_abs_err", "max_rel_err",
+                                                           "greedy_agreement", "decisive_disagreements")}
+        manifest["validation"]["file"] = "validation.json"
+    else:
+        progress.skip("validate against the HF reference", "--no-validate")
+    write_manifest(work, manifest)
+    return manifest
+
+
+def _settings(source: ResolvedSource, request: BuildRequest) -> BuildSettings:
+    base = source.preset.build if source.preset else BuildSettings()
+    changes = {k: v for k, v in request.overrides.items() if v is not None}
+    if request.dtype:
+        changes["dtype"] = request.dtype
+    settings = replace(base, **changes)
+    settings.validate("build settings")
+    return settings
+
+
+def _input_hash(source: ResolvedSource, settings: BuildSettings, validate: bool) -> str:
+    digest = hashlib.sha256(json.dumps(
+        {"builder": BUILDER_VERSION, "trtserve": TRTSERVE_VERSION, "settings": asdict(settings),
+         "validate": validate, "architecture": source.architecture}, sort_keys=True).encode())
+    for directory in sorted({source.hf_dir, source.tokenizer_dir}):
+        for path in sorted(directory.iterdir()):
+            if path.is_file() and path.suffix in (".json", ".safetensors", ".jinja", ".model", ".txt"):
+                digest.update(path.name.encode())
+                with path.open("rb") as f:
+                    for chunk in iter(lambda: f.read(1 << 22), b""):
+                        digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _up_to_date(output: Path, input_hash: str) -> bool:
+    try:
+        manifest = read_manifest(output)
+        verify_files(output, manifest["files"])
+    except EngineLoadError:
+        return False
+    return manifest.get("input_hash") == input_hash
+
+
+def _copy_tokenizer(source: ResolvedSource, out: Path, hf_config: dict[str, Any]) -> tuple[list[int], int | None]:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(source.tokenizer_dir))
+    tokenizer.save_pretrained(str(out))
+    eos: list[int] = []
+    gen_path = source.hf_dir / "generation_config.json"
+    candidates = [hf_config.get("eos_token_id"), tokenizer.eos_token_id]
+    if gen_path.is_file():
+        candidates.insert(0, json.loads(gen_path.read_text()).get("eos_token_id"))
+    for value in candidates:
+        for token in value if isinstance(value, list) else [value]:
+            if isinstance(token, int) and token not in eos:
+                eos.append(token)
+    return eos, tokenizer.pad_token_id
+
+
+def _trtllm_missing_reason() -> str:
+    import importlib.util
+
+    if importlib.util.find_spec("tensorrt_llm") is None:
+        return "tensorrt_llm is not installed; the engine runs on the PyTorch executor"
+    return "trtllm-build is not run by this version; feed llm/ to trtllm-build --checkpoint_dir"

@@ -1,0 +1,140 @@
+"""Resolve `--model` (preset name, local HF directory or hub id) to an HF checkpoint.
+
+What it is for: the first build stage. Every source ends as an ordinary HF
+checkpoint directory plus a tokenizer directory, so random-weight presets take
+exactly the path a downloaded model takes.
+Not for: converting weights (builder/convert.py).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from builder.presets import ModelPreset, is_preset, load_preset
+from builder.tokenizer import offline_tokenizer_dir
+
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+RANDOM_CHECKPOINT_VERSION = 1
+
+
+class SourceError(RuntimeError):
+    """The model could not be found or loaded; the message says what to do."""
+
+
+@dataclass(frozen=True, slots=True)
+class ResolvedSource:
+    hf_dir: Path
+    tokenizer_dir: Path
+    family: str
+    architecture: str
+    random_weights: bool
+    description: dict[str, Any]   # written into engine.json "source"
+    preset: ModelPreset | None = None
+
+
+def resolve_source(model: str, cache_dir: Path, random_weights: bool = False) -> ResolvedSource:
+    if is_preset(model):
+        return _resolve_preset(load_preset(model), cache_dir, random_weights)
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return _resolve_local(path, {"kind": "local", "path": str(path.resolve())})
+    if path.exists() or model.startswith((".", "/")):
+        raise SourceError(f"--model {model!r}: not a preset and not a model directory")
+    return _resolve_local(_download(model, None), {"kind": "hub", "hub_id": model})
+
+
+def _resolve_preset(preset: ModelPreset, cache_dir: Path, random_weights: bool) -> ResolvedSource:
+    if preset.source == "hub" and not random_weights:
+        hf_dir = _download(preset.hub_id or "", preset.revision)
+        desc = {"kind": "hub", "preset": preset.name, "hub_id": preset.hub_id, "revision": preset.revision}
+        return _resolve_local(hf_dir, desc, preset)
+    tokenizer_dir = offline_tokenizer_dir(cache_dir)
+    hf_dir = make_random_checkpoint(preset, tokenizer_dir, cache_dir)
+    desc = {"kind": "preset", "preset": preset.name, "random_weights": True, "seed": preset.seed,
+            "hub_id": preset.hub_id, "path": str(hf_dir)}
+    return ResolvedSource(hf_dir, tokenizer_dir, preset.family, ARCHITECTURES[preset.family],
+                          True, desc, preset)
+
+
+def _resolve_local(hf_dir: Path, desc: dict[str, Any], preset: ModelPreset | None = None) -> ResolvedSource:
+    config_path = hf_dir / "config.json"
+    if not config_path.is_file():
+        raise SourceError(f"{hf_dir}: no config.json; not a Hugging Face checkpoint directory")
+    try:
+        model_type = json.loads(config_path.read_text()).get("model_type")
+    except json.JSONDecodeError as exc:
+        raise SourceError(f"{config_path}: invalid JSON at line {exc.lineno}") from None
+    if model_type not in ARCHITECTURES:
+        raise SourceError(f"{config_path}: model_type {model_type!r} is not supported "
+                          f"(supported: {', '.join(ARCHITECTURES)})")
+    if not (hf_dir / "tokenizer.json").is_file() and not (hf_dir / "tokenizer.model").is_file():
+        raise SourceError(f"{hf_dir}: no tokenizer files (tokenizer.json)")
+    desc = {**desc, "sha256_config": hashlib.sha256(config_path.read_bytes()).hexdigest()}
+    return ResolvedSource(hf_dir, hf_dir, model_type, ARCHITECTURES[model_type], False, desc, preset)
+
+
+def _download(hub_id: str, revision: str | None) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+        return Path(snapshot_download(hub_id, revision=revision,
+                                      allow_patterns=["*.json", "*.safetensors", "*.model", "*.jinja", "*.txt"]))
+    except Exception as exc:  # network, auth, missing repo: one clear message
+        raise SourceError(
+            f"could not download {hub_id!r} from the model hub ({exc.__class__.__name__}). "
+            "Pass a local checkpoint directory, or build the same shapes offline with "
+            "RANDOM_WEIGHTS=1 (trtserve-build --random-weights).") from None
+
+
+def hf_config_dict(preset: ModelPreset, tokenizer_dir: Path) -> dict[str, Any]:
+    """HF config kwargs for a random-weight build of `preset`."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    config = dict(preset.hf_config)
+    config.setdefault("vocab_size", len(tokenizer))
+    if config["vocab_size"] < len(tokenizer):
+        raise SourceError(f"{preset.origin}: hf_config.vocab_size ({config['vocab_size']}) is smaller "
+                          f"than the tokenizer ({len(tokenizer)} tokens)")
+    config.update(initializer_range=preset.init_std, eos_token_id=tokenizer.eos_token_id,
+                  pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
+    if preset.family == "qwen2":
+        config.setdefault("attention_bias", True)
+    return config
+
+
+def make_random_checkpoint(preset: ModelPreset, tokenizer_dir: Path, cache_dir: Path) -> Path:
+    """Write (once, cached by content) an HF checkpoint with seeded random weights."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    config_kwargs = hf_config_dict(preset, tokenizer_dir)
+    key = json.dumps({"v": RANDOM_CHECKPOINT_VERSION, "family": preset.family, "seed": preset.seed,
+                      "config": config_kwargs, "tokenizer": tokenizer_dir.name}, sort_keys=True)
+    out_dir = cache_dir / "random-checkpoints" / f"{preset.name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    if (out_dir / "model.safetensors").is_file() or (out_dir / "model.safetensors.index.json").is_file():
+        return out_dir
+    config = AutoConfig.for_model(preset.family, **config_kwargs)
+    config.architectures = [ARCHITECTURES[preset.family]]
+    torch.manual_seed(preset.seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    _perturb_defaults(model, preset.seed)
+    tmp_dir = out_dir.with_name(out_dir.name + ".tmp")
+    model.save_pretrained(str(tmp_dir))
+    AutoTokenizer.from_pretrained(str(tokenizer_dir)).save_pretrained(str(tmp_dir))
+    tmp_dir.replace(out_dir)
+    return out_dir
+
+
+def _perturb_defaults(model: Any, seed: int) -> None:
+    """Give norms and biases non-default values, so conversion tests can see them move."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                noise = torch.randn(param.shape, generator=generator, dtype=param.dtype)
+                param.add_(0.1 * noise)

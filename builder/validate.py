@@ -1,0 +1,92 @@
+"""Parity of a built engine against the HF reference model.
+
+What it is for: the `validation.json` report. The engine (loaded back from the
+directory, as the server will load it) and HF transformers run the same fixed
+prompts in the same dtype; HF generates greedily and the engine is fed the
+same tokens (teacher forcing), so every position is compared: max absolute and
+relative logit error, and greedy agreement. A disagreement counts as decisive
+only where the reference's top-1 margin exceeds twice the tolerance (random
+weights can tie).
+Not for: unit-test assertions (tests compare directly, with their own tolerances).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from runtime.engine_dir import load_engine
+from runtime.model import DecoderModel
+from runtime.sequential import SequentialRunner
+
+PROMPTS = (
+    "The capital of France is",
+    "def fibonacci(n):\n    ",
+    "Once upon a time, in a small village by the sea,",
+    "你好，请介绍一下你自己。",
+)
+# Max |engine - HF| allowed, relative to max(1, max |HF logit|).
+TOLERANCE = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 6e-2}
+
+
+def validate_engine(engine_dir: Path, hf_dir: Path, num_new_tokens: int = 16) -> dict[str, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    engine = load_engine(engine_dir)
+    dtype = getattr(torch, engine.llm_config.dtype)
+    tokenizer = AutoTokenizer.from_pretrained(str(engine.tokenizer_dir))
+    hf = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=dtype).eval()
+    model = DecoderModel(engine.llm_config, engine.weights, torch.device("cpu"))
+    tol = TOLERANCE[engine.llm_config.dtype]
+    prompts = []
+    for text in PROMPTS:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        runner = SequentialRunner(model, len(ids) + num_new_tokens, engine.build.tokens_per_block)
+        prompts.append(_compare(hf, runner, ids, num_new_tokens, tol))
+        del runner
+    max_abs = max(p["max_abs_err"] for p in prompts)
+    scale = max(1.0, max(p["max_abs_ref"] for p in prompts))
+    decisive = sum(p["decisive_disagreements"] for p in prompts)
+    return {
+        "reference": f"transformers {__import__('transformers').__version__}, {engine.llm_config.dtype}, cpu",
+        "dtype": engine.llm_config.dtype,
+        "tolerance": {"max_abs_err_over_scale": tol},
+        "num_prompts": len(prompts), "tokens_per_prompt": num_new_tokens,
+        "max_abs_err": max_abs, "max_rel_err": max_abs / scale,
+        "greedy_agreement": sum(p["greedy_agree"] for p in prompts) / sum(p["positions"] for p in prompts),
+        "decisive_disagreements": decisive,
+        "passed": bool(max_abs / scale <= tol and decisive == 0),
+        "prompts": prompts,
+    }
+
+
+@torch.inference_mode()
+def _compare(hf: Any, runner: SequentialRunner, ids: list[int], n: int, tol: float) -> dict[str, Any]:
+    generated = _hf_greedy(hf, ids, n)
+    ref = hf(generated[None]).logits[0, len(ids) - 1:-1].float()          # predicts generated tokens
+    runner.reset()
+    ours = torch.cat([runner.feed(ids)[None], runner.feed(generated[len(ids):-1].tolist(), all_logits=True)])
+    err = (ours - ref).abs()
+    top2 = ref.topk(2, dim=-1).values
+    margin = top2[:, 0] - top2[:, 1]
+    agree = ours.argmax(-1) == ref.argmax(-1)
+    bound = 2 * tol * max(1.0, float(ref.abs().max()))
+    return {
+        "prompt_tokens": len(ids), "positions": int(ref.shape[0]),
+        "max_abs_err": float(err.max()), "max_abs_ref": float(ref.abs().max()),
+        "greedy_agree": int(agree.sum()),
+        "decisive_disagreements": int((~agree & (margin > bound)).sum()),
+    }
+
+
+def _hf_greedy(hf: Any, ids: list[int], n: int) -> torch.Tensor:
+    """HF greedy continuation with EOS ignored (no generation-config processors involved)."""
+    tokens = list(ids)
+    step_input, past = torch.tensor([ids]), None
+    for _ in range(n):
+        out = hf(step_input, past_key_values=past, use_cache=True)
+        past = out.past_key_values
+        tokens.append(int(out.logits[0, -1].argmax()))
+        step_input = torch.tensor([[tokens[-1]]])
+    return torch.tensor(tokens)

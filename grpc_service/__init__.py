@@ -1,0 +1,1 @@
+"""trtserve grpc_service package."""

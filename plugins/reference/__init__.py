@@ -1,0 +1,1 @@
+"""Reference implementations of the custom ops: plain PyTorch, CPU and CUDA, defining the semantics."""

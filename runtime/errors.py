@@ -1,0 +1,17 @@
+"""Typed errors the runtime raises when it refuses an input.
+
+What it is for: one place for the error types shared across runtime modules, so
+callers (the CLI, the gRPC layer) can map them to messages and status codes.
+Not for: errors that belong to one module only (those live beside their code).
+"""
+from __future__ import annotations
+
+
+class EngineLoadError(RuntimeError):
+    """An engine directory is unusable. Names the file and, where known, the field."""
+
+    def __init__(self, file: str, message: str, field: str | None = None) -> None:
+        where = f"{file}: {field}: " if field else f"{file}: "
+        super().__init__(where + message)
+        self.file = file
+        self.field = field

@@ -1,0 +1,149 @@
+"""Per-request sampling parameters and their validation.
+
+What it is for: the one description of how a request wants tokens chosen and
+when it stops. `validate()` is the only place that judges these values; the
+sampler and the stop checker trust them afterwards.
+Not for: the sampling arithmetic itself (see `runtime/sampler.py`) or the stop
+decision (see `runtime/stop_checker.py`).
+
+Range checks are written negated (`not (lo <= x <= hi)`) after an
+`math.isfinite` check, because NaN passes `x < lo or x > hi`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+MAX_TOKENS_LIMIT = 2**31          # max_tokens must be below this (INT32 on the wire)
+SEED_LIMIT = 2**64                # seed must be below this (UINT64 on the wire)
+MAX_LOGPROBS = 20                 # most top-n logprobs a request may ask for
+PENALTY_LIMIT = 2.0               # presence / frequency penalties lie in [-2, 2]
+
+
+class SamplingParamsError(ValueError):
+    """A sampling parameter is out of range; `field` names it."""
+
+    def __init__(self, field_name: str, message: str) -> None:
+        super().__init__(f"{field_name}: {message}")
+        self.field = field_name
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0          # 0 means greedy
+    top_k: int = 0                    # 0 means no top-k; > vocab is clamped by the sampler
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    stop_token_ids: tuple[int, ...] = ()
+    stop: tuple[str, ...] = ()
+    bad_words_ids: tuple[tuple[int, ...], ...] = ()
+    logprobs: int | None = None       # None: no logprobs; 0: sampled token only; n: plus top n
+    skip_special_tokens: bool = True
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @classmethod
+    def greedy_params(cls, max_tokens: int, ignore_eos: bool = False) -> "SamplingParams":
+        """Deterministic argmax decoding of up to `max_tokens` tokens."""
+        return cls(max_tokens=max_tokens, temperature=0.0, ignore_eos=ignore_eos)
+
+    def validate(self, vocab_size: int | None = None) -> "SamplingParams":
+        """Raise SamplingParamsError naming the field; return self when valid.
+
+        `vocab_size`, when given, bounds every token id (stop_token_ids,
+        bad_words_ids); without it only non-negativity is checked.
+        """
+        _check_int("max_tokens", self.max_tokens, 1, MAX_TOKENS_LIMIT - 1)
+        _check_float("temperature", self.temperature, 0.0, math.inf)
+        _check_int("top_k", self.top_k, 0, None)
+        _check_float("top_p", self.top_p, 0.0, 1.0, low_open=True)
+        _check_float("min_p", self.min_p, 0.0, 1.0)
+        _check_float("repetition_penalty", self.repetition_penalty, 0.0, math.inf,
+                     low_open=True)
+        _check_float("presence_penalty", self.presence_penalty, -PENALTY_LIMIT, PENALTY_LIMIT)
+        _check_float("frequency_penalty", self.frequency_penalty,
+                     -PENALTY_LIMIT, PENALTY_LIMIT)
+        if self.seed is not None:
+            _check_int("seed", self.seed, 0, SEED_LIMIT - 1)
+        _check_int("min_tokens", self.min_tokens, 0, self.max_tokens)
+        _check_bool("ignore_eos", self.ignore_eos)
+        _check_bool("skip_special_tokens", self.skip_special_tokens)
+        _check_token_ids("stop_token_ids", self.stop_token_ids, vocab_size)
+        self._validate_stop()
+        self._validate_bad_words(vocab_size)
+        if self.logprobs is not None:
+            _check_int("logprobs", self.logprobs, 0, MAX_LOGPROBS)
+        return self
+
+    def _validate_stop(self) -> None:
+        if not isinstance(self.stop, (tuple, list)):
+            raise SamplingParamsError("stop", "must be a sequence of strings")
+        for i, text in enumerate(self.stop):
+            if not isinstance(text, str) or not text:
+                raise SamplingParamsError("stop", f"entry {i} must be a non-empty string, "
+                                                  f"got {text!r}")
+
+    def _validate_bad_words(self, vocab_size: int | None) -> None:
+        if not isinstance(self.bad_words_ids, (tuple, list)):
+            raise SamplingParamsError("bad_words_ids", "must be a sequence of token-id sequences")
+        high = None if vocab_size is None else vocab_size - 1
+        for i, word in enumerate(self.bad_words_ids):
+            if not isinstance(word, (tuple, list)) or len(word) == 0:
+                raise SamplingParamsError(
+                    "bad_words_ids", f"entry {i} must be a non-empty sequence of token ids")
+            for j, token_id in enumerate(word):
+                _check_int("bad_words_ids", token_id, 0, high,
+                           what=f"token id at entry {i} index {j}")
+
+
+def _check_int(name: str, value: object, low: int, high: int | None,
+               what: str = "") -> None:
+    """Require an int in [low, high]; high None means unbounded.
+
+    bool is a subclass of int, but True is not a token count: it is refused.
+    `what` prefixes the message (e.g. "element 3") for sequence fields.
+    """
+    prefix = f"{what} " if what else ""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise SamplingParamsError(name, f"{prefix}must be an integer, got {value!r}")
+    if value < low or (high is not None and value > high):
+        limit = f"[{low}, {high}]" if high is not None else f">= {low}"
+        raise SamplingParamsError(name, f"{prefix}must be in {limit}, got {value}")
+
+
+def _check_float(name: str, value: object, low: float, high: float,
+                 low_open: bool = False) -> None:
+    """Require a finite real number in [low, high] (or (low, high] when low_open)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise SamplingParamsError(name, f"must be a number, got {value!r}")
+    number = float(value)
+    if not math.isfinite(number):
+        raise SamplingParamsError(name, f"must be finite, got {number}")
+    in_range = (low < number if low_open else low <= number) and number <= high
+    if not in_range:
+        left = "(" if low_open else "["
+        right = "]" if math.isfinite(high) else ")"
+        raise SamplingParamsError(name, f"must be in {left}{low}, {high}{right}, got {number}")
+
+
+def _check_bool(name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise SamplingParamsError(name, f"must be a bool, got {value!r}")
+
+
+def _check_token_ids(name: str, token_ids: object, vocab_size: int | None) -> None:
+    """Require a sequence of ints in [0, vocab_size) (or >= 0 without a vocab)."""
+    if not isinstance(token_ids, (tuple, list)):
+        raise SamplingParamsError(name, "must be a sequence of token ids")
+    high = None if vocab_size is None else vocab_size - 1
+    for i, token_id in enumerate(token_ids):
+        _check_int(name, token_id, 0, high, what=f"token id at index {i}")

@@ -1,0 +1,247 @@
+"""Sampler: processed distributions against a float64 per-row reference, greedy,
+seeded reproducibility, bans, clamping and logprobs.
+
+Tolerance: float32 sampler vs float64 reference, probabilities within 2e-6.
+"""
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import pytest
+import torch
+
+from runtime.request import Request
+from runtime.sampler import (Sampler, SamplingState, TokenLogprobs, make_generator,
+                             sampling_probs)
+from runtime.sampling_params import SamplingParams
+
+VOCAB = 64
+EOS = 3
+
+
+def state(params: SamplingParams, prompt: list[int] | None = None,
+          output: list[int] | None = None, eos: tuple[int, ...] = (EOS,)) -> SamplingState:
+    return SamplingState(params=params, prompt_token_ids=prompt or [1, 2],
+                         output_token_ids=output or [], eos_token_ids=eos,
+                         generator=None if params.seed is None else make_generator(params.seed))
+
+
+def reference_probs(logits: torch.Tensor, st: SamplingState) -> torch.Tensor:
+    """Independent float64 per-row implementation of the documented order."""
+    p = st.params
+    x = [float(v) for v in logits.double()]
+    for t in set(st.prompt_token_ids + st.output_token_ids):
+        x[t] = x[t] / p.repetition_penalty if x[t] > 0 else x[t] * p.repetition_penalty
+    for t, n in Counter(st.output_token_ids).items():
+        x[t] -= p.frequency_penalty * n + p.presence_penalty
+    banned = set()
+    if len(st.output_token_ids) < p.min_tokens:
+        banned |= set(p.stop_token_ids) | (set() if p.ignore_eos else set(st.eos_token_ids))
+    seq = st.prompt_token_ids + st.output_token_ids
+    for word in p.bad_words_ids:
+        if len(word) == 1 or (len(seq) >= len(word) - 1 and
+                              tuple(seq[len(seq) - len(word) + 1:]) == word[:-1]):
+            banned.add(word[-1])
+    for t in banned:
+        x[t] = -math.inf
+    if p.temperature == 0.0:
+        out = [0.0] * len(x)
+        out[max(range(len(x)), key=lambda i: x[i])] = 1.0
+        return torch.tensor(out, dtype=torch.float64)
+    x = [v / p.temperature for v in x]
+    order = sorted(range(len(x)), key=lambda i: -x[i])
+    keep = set(order[:p.top_k] if 0 < p.top_k < len(x) else order)
+
+    def softmax(kept: set[int]) -> dict[int, float]:
+        m = max(x[i] for i in kept)
+        e = {i: math.exp(x[i] - m) for i in kept if x[i] > -math.inf}
+        s = sum(e.values())
+        return {i: v / s for i, v in e.items()}
+
+    if p.top_p < 1.0:
+        pr, cum, nucleus = softmax(keep), 0.0, set()
+        for i in order:
+            if i not in pr:
+                continue
+            if cum >= p.top_p:
+                break
+            nucleus.add(i)
+            cum += pr[i]
+        keep = nucleus
+    pr = softmax(keep)
+    if p.min_p > 0:
+        top = max(pr.values())
+        pr = softmax({i for i, v in pr.items() if v >= p.min_p * top})
+    return torch.tensor([pr.get(i, 0.0) for i in range(len(x))], dtype=torch.float64)
+
+
+PARAM_CASES = [
+    SamplingParams(temperature=1.0),
+    SamplingParams(temperature=0.7, top_k=5),
+    SamplingParams(temperature=1.3, top_p=0.8),
+    SamplingParams(temperature=1.0, min_p=0.1),
+    SamplingParams(temperature=0.9, top_k=20, top_p=0.9, min_p=0.05),
+    SamplingParams(temperature=1.0, repetition_penalty=1.3),
+    SamplingParams(temperature=1.0, repetition_penalty=0.8, presence_penalty=0.5,
+                   frequency_penalty=-0.3),
+    SamplingParams(temperature=1.0, frequency_penalty=1.5, top_k=10),
+    SamplingParams(temperature=0.0, repetition_penalty=1.5, presence_penalty=1.0),
+    SamplingParams(temperature=1.0, top_k=10**6, min_tokens=4, stop_token_ids=(7,)),
+    SamplingParams(temperature=1.0, bad_words_ids=((9,), (5, 6, 11), (2, 12))),
+]
+
+
+def batch_states() -> list[SamplingState]:
+    gen = torch.Generator().manual_seed(7)
+    states = []
+    for i, params in enumerate(PARAM_CASES):
+        prompt = torch.randint(0, VOCAB, (5 + i,), generator=gen).tolist()
+        output = torch.randint(0, VOCAB, (i % 4,), generator=gen).tolist() + [5, 6]
+        states.append(state(params, prompt, output))
+    return states
+
+
+def test_processed_distribution_matches_float64_reference() -> None:
+    states = batch_states()
+    logits = torch.randn(len(states), VOCAB, generator=torch.Generator().manual_seed(1)) * 3
+    probs = sampling_probs(logits, states)
+    for i, st in enumerate(states):
+        ref = reference_probs(logits[i], st)
+        torch.testing.assert_close(probs[i].double(), ref, atol=2e-6, rtol=0,
+                                   msg=lambda m, i=i: f"row {i} ({states[i].params}): {m}")
+
+
+def test_samples_only_from_support_and_input_untouched() -> None:
+    states = batch_states()
+    logits = torch.randn(len(states), VOCAB, generator=torch.Generator().manual_seed(2))
+    before = logits.clone()
+    probs = sampling_probs(logits, states)
+    for _ in range(20):
+        out = Sampler().sample(logits, states)
+        for i, token in enumerate(out.sampled_token_ids):
+            assert probs[i, token] > 0, (i, token)
+    assert torch.equal(logits, before)
+
+
+def test_empirical_frequencies_match_probs() -> None:
+    num_rows = 20000
+    params = SamplingParams(temperature=0.8, top_k=6)
+    logits = torch.randn(1, 8, generator=torch.Generator().manual_seed(3)).expand(num_rows, 8)
+    states = [state(params) for _ in range(num_rows)]
+    tokens = Sampler(torch.Generator().manual_seed(4)).sample(logits, states).sampled_token_ids
+    freq = torch.bincount(torch.tensor(tokens), minlength=8).double() / num_rows
+    expected = sampling_probs(logits[:1], states[:1])[0].double()
+    # 5 standard errors of a binomial proportion at n = 20000 is at most 0.018.
+    torch.testing.assert_close(freq, expected, atol=0.018, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_greedy_equals_argmax(dtype: torch.dtype) -> None:
+    logits = torch.randn(6, VOCAB, generator=torch.Generator().manual_seed(5)).to(dtype)
+    states = [state(SamplingParams(temperature=t)) for t in (0.0, 0.0, 1e-30, 0.0, 1e-7, 0.0)]
+    out = Sampler().sample(logits, states)
+    assert out.sampled_token_ids == logits.float().argmax(dim=-1).tolist()
+
+
+def run_steps(sampler: Sampler, batch: list[SamplingState], index: int,
+              num_steps: int, seed: int) -> list[int]:
+    tokens = []
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(num_steps):
+        logits = torch.randn(len(batch), VOCAB, generator=gen)
+        logits[index] = torch.linspace(-1, 1, VOCAB)   # same logits for the seeded row
+        token = sampler.sample(logits, batch).sampled_token_ids[index]
+        batch[index].output_token_ids.append(token)
+        tokens.append(token)
+    return tokens
+
+
+def test_seeded_row_reproduces_across_batches_and_positions() -> None:
+    seeded = SamplingParams(temperature=1.0, top_p=0.95, seed=1234)
+    others = [SamplingParams(temperature=0.5), SamplingParams(temperature=1.2, top_k=3),
+              SamplingParams(temperature=0.0), SamplingParams(temperature=1.0, seed=99)]
+    alone = run_steps(Sampler(), [state(seeded)], 0, 12, seed=10)
+    batch_a = [state(seeded)] + [state(p) for p in others]
+    batch_b = [state(p) for p in others[::-1]] + [state(seeded)]
+    in_a = run_steps(Sampler(torch.Generator().manual_seed(1)), batch_a, 0, 12, seed=20)
+    in_b = run_steps(Sampler(torch.Generator().manual_seed(2)), batch_b, 4, 12, seed=30)
+    assert alone == in_a == in_b
+    assert len(set(alone)) > 1          # really sampled, not constant
+    other_seed = run_steps(Sampler(), [state(SamplingParams(temperature=1.0, top_p=0.95,
+                                                           seed=1235))], 0, 12, seed=10)
+    assert other_seed != alone
+
+
+def test_from_request_shares_token_lists_and_seeds_generator() -> None:
+    request = Request("r", [4, 5], SamplingParams(seed=5), eos_token_ids=(EOS,))
+    st = SamplingState.from_request(request)
+    request.append_output_token(9)
+    assert st.output_token_ids == [9] and st.eos_token_ids == (EOS,)
+    assert st.generator is not None
+    expected = make_generator(5)
+    assert torch.equal(torch.rand(3, generator=st.generator), torch.rand(3, generator=expected))
+    assert SamplingState.from_request(Request("u", [1], SamplingParams())).generator is None
+
+
+def test_min_tokens_bans_eos_and_stop_tokens() -> None:
+    logits = torch.zeros(1, VOCAB)
+    logits[0, EOS], logits[0, 7], logits[0, 8] = 30.0, 20.0, 10.0
+    params = SamplingParams(temperature=0.0, min_tokens=2, stop_token_ids=(7,))
+    assert Sampler().sample(logits, [state(params, output=[1])]).sampled_token_ids == [8]
+    assert Sampler().sample(logits, [state(params, output=[1, 1])]).sampled_token_ids == [EOS]
+    # ignore_eos: EOS is not a stop, so min_tokens does not ban it.
+    ignore = SamplingParams(temperature=0.0, min_tokens=2, ignore_eos=True, stop_token_ids=(7,))
+    assert Sampler().sample(logits, [state(ignore)]).sampled_token_ids == [EOS]
+    sampled = SamplingParams(temperature=1.0, min_tokens=5, stop_token_ids=(7,))
+    for _ in range(50):
+        assert Sampler().sample(logits, [state(sampled)]).sampled_token_ids[0] not in (EOS, 7)
+
+
+def test_bad_words() -> None:
+    logits = torch.zeros(1, VOCAB)
+    logits[0, 10], logits[0, 11], logits[0, 12] = 30.0, 20.0, 10.0
+    params = SamplingParams(temperature=0.0, bad_words_ids=((10,), (5, 6, 11)))
+
+    def pick(prompt: list[int], output: list[int]) -> int:
+        return Sampler().sample(logits, [state(params, prompt, output)]).sampled_token_ids[0]
+
+    assert pick([1], [2]) == 11                 # single-token word always banned
+    assert pick([1], [5, 6]) == 12              # tail 5, 6 bans 11
+    assert pick([1, 5], [6]) == 12              # tail spans prompt and output
+    assert pick([5, 6], []) == 12               # tail in the prompt only
+    assert pick([5], [6, 1]) == 11              # tail differs: 11 allowed
+
+
+def test_top_k_larger_than_vocab_is_clamped() -> None:
+    logits = torch.randn(2, VOCAB, generator=torch.Generator().manual_seed(6))
+    big = [state(SamplingParams(top_k=10**9)), state(SamplingParams(top_k=VOCAB))]
+    off = [state(SamplingParams(top_k=0)), state(SamplingParams(top_k=0))]
+    torch.testing.assert_close(sampling_probs(logits, big), sampling_probs(logits, off))
+    Sampler().sample(logits, big)
+
+
+def test_logprobs_are_log_softmax_of_raw_logits() -> None:
+    logits = torch.randn(3, VOCAB, generator=torch.Generator().manual_seed(8)) * 2
+    states = [state(SamplingParams(temperature=0.0, logprobs=5, repetition_penalty=2.0),
+                    output=[0, 1]),
+              state(SamplingParams(temperature=0.7, top_k=4, logprobs=0)),
+              state(SamplingParams(temperature=1.0))]
+    out = Sampler().sample(logits, states)
+    expected = torch.log_softmax(logits.double(), dim=-1)
+    first, second = out.logprobs[0], out.logprobs[1]
+    assert isinstance(first, TokenLogprobs) and isinstance(second, TokenLogprobs)
+    assert out.logprobs[2] is None
+    assert first.token_id == out.sampled_token_ids[0]
+    assert first.logprob == pytest.approx(float(expected[0, first.token_id]), abs=1e-5)
+    top_ids = expected[0].argsort(descending=True)[:5].tolist()
+    assert [t for t, _ in first.top] == top_ids
+    for token_id, value in first.top:
+        assert value == pytest.approx(float(expected[0, token_id]), abs=1e-5)
+    assert second.top == ()
+    assert second.logprob == pytest.approx(float(expected[1, second.token_id]), abs=1e-5)
+
+
+def test_shape_mismatch_is_an_error() -> None:
+    with pytest.raises(ValueError, match="num_requests=2"):
+        Sampler().sample(torch.zeros(3, VOCAB), [state(SamplingParams())] * 2)
