@@ -1,0 +1,47 @@
+"""Shared fixtures: engines built once per test session from the tiny presets."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+
+from builder.pipeline import BuildRequest, build_engine
+from builder.progress import Progress
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("trtserve-cache")
+
+
+@pytest.fixture(scope="session")
+def build_tiny(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Callable[..., Path]:
+    """Build (once per session and arguments) an engine from a preset; returns its directory."""
+    built: dict[tuple, Path] = {}
+
+    def build(preset: str = "tiny-qwen2", dtype: str = "fp32", **overrides: int) -> Path:
+        key = (preset, dtype, tuple(sorted(overrides.items())))
+        if key not in built:
+            out = tmp_path_factory.mktemp("engines") / f"{preset}-{dtype}"
+            build_engine(BuildRequest(model=preset, output=out, dtype=dtype, cache_dir=cache_dir,
+                                      overrides=overrides), Progress(6, enabled=False))
+            built[key] = out
+        return built[key]
+
+    return build
+
+
+def hf_dir_of(engine_dir: Path) -> Path:
+    """The HF checkpoint an engine was built from (random-weight presets record its path)."""
+    return Path(json.loads((engine_dir / "engine.json").read_text())["source"]["path"])
+
+
+def load_hf(engine_dir: Path, dtype: torch.dtype = torch.float32):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(hf_dir_of(engine_dir)), dtype=dtype).eval()
+    model.generation_config.eos_token_id = None     # compare full lengths, never stop early
+    return model
