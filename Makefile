@@ -27,8 +27,17 @@ engine: $(STAMP)
 	$(VENV)/bin/trtserve-build --model $(MODEL) --dtype $(DTYPE) --output $(ENGINE_DIR) \
 		$(if $(filter 1 true yes,$(RANDOM_WEIGHTS)),--random-weights,)
 
+DEMO_ENGINE ?= engines/tiny-qwen2
+
 demo: $(STAMP)
-	$(PY) -m runtime.demo
+	$(VENV)/bin/trtserve-build --model tiny-qwen2 --output $(DEMO_ENGINE)
+	@echo "--- one chat request, streamed (random weights: the text is noise, the pipeline is real)"
+	$(VENV)/bin/trtserve-generate --engine $(DEMO_ENGINE) --chat --max-tokens 32 \
+		--prompt "Write one sentence about the sea."
+	@echo "--- four prompts in flight together, sampled with a seed"
+	$(VENV)/bin/trtserve-generate --engine $(DEMO_ENGINE) --max-tokens 16 --temperature 0.8 --seed 7 \
+		--prompt "The capital of France is" --prompt "def fibonacci(n):" \
+		--prompt "Once upon a time" --prompt "你好，世界"
 
 clean:
 	rm -rf engines .cache

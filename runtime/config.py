@@ -1,0 +1,92 @@
+"""Runtime configuration: frozen defaults, and the only place environment variables are read.
+
+What it is for: `EngineConfig` (how to serve an engine directory: device,
+KV-cache size, scheduling policy and limits) and `EngineLayout` (what was
+measured at start-up: number of KV blocks). The layout is never written back
+into the config.
+Not for: build settings (those are in engine.json) or wire options.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+CAPACITY_POLICIES = ("max_utilization", "guaranteed_no_evict")
+ENV_PREFIX = "TRTSERVE_"
+
+
+class EngineConfigError(ValueError):
+    def __init__(self, field_name: str, message: str) -> None:
+        super().__init__(f"{field_name}: {message}")
+        self.field = field_name
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    device: str = "auto"                       # auto | cpu | cuda | cuda:N
+    num_kv_blocks: int | None = None           # None: sized from kv_cache_memory_gib and limits
+    kv_cache_memory_gib: float = 2.0           # upper bound for the KV pool on CPU
+    gpu_memory_fraction: float = 0.9           # share of free GPU memory the KV pool may take
+    capacity_policy: str = "max_utilization"
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    max_batch_size: int | None = None          # None: the engine's build limit
+    max_num_tokens: int | None = None          # None: the engine's build limit
+    seed: int = 0                              # stream for requests without their own seed
+
+    def validate(self) -> "EngineConfig":
+        if self.capacity_policy not in CAPACITY_POLICIES:
+            raise EngineConfigError("capacity_policy", f"must be one of {CAPACITY_POLICIES}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise EngineConfigError("num_kv_blocks", f"must be >= 1, got {self.num_kv_blocks}")
+        if not 0 < self.gpu_memory_fraction <= 1:
+            raise EngineConfigError("gpu_memory_fraction", "must be in (0, 1]")
+        if not self.kv_cache_memory_gib > 0:
+            raise EngineConfigError("kv_cache_memory_gib", "must be > 0")
+        for name in ("max_batch_size", "max_num_tokens"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise EngineConfigError(name, f"must be >= 1, got {value}")
+        return self
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    @classmethod
+    def from_env(cls, **overrides: object) -> "EngineConfig":
+        """Defaults, then TRTSERVE_* environment variables, then explicit overrides."""
+        values: dict[str, object] = {}
+        for name, field_ in cls.__dataclass_fields__.items():
+            raw = os.environ.get(ENV_PREFIX + name.upper())
+            if raw is not None:
+                values[name] = _parse(raw, field_.type, name)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values).validate()  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True, slots=True)
+class EngineLayout:
+    """Measured at start-up; read-only afterwards."""
+
+    device: torch.device
+    num_kv_blocks: int
+    tokens_per_block: int
+    kv_bytes_per_block: int
+
+
+def _parse(raw: str, type_name: object, name: str) -> object:
+    text = str(type_name)
+    try:
+        if "bool" in text:
+            return raw.strip().lower() in ("1", "true", "yes", "on")
+        if "int" in text:
+            return int(raw)
+        if "float" in text:
+            return float(raw)
+    except ValueError:
+        raise EngineConfigError(name, f"cannot parse {ENV_PREFIX}{name.upper()}={raw!r}") from None
+    return raw

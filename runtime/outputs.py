@@ -1,0 +1,32 @@
+"""What the engine hands back per request and step: text / token deltas, finish, usage.
+
+What it is for: the frozen output records shared by EngineCore, AsyncEngine,
+the CLI and the gRPC layer. Not for: wire encodings.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from runtime.sampler import TokenLogprobs
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    time_to_first_token_s: float | None
+    num_preemptions: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class RequestOutput:
+    request_id: str
+    text: str                              # new text since the previous output
+    token_ids: tuple[int, ...]             # new token ids since the previous output
+    finished: bool
+    finish_reason: str | None              # stop | length | abort | error
+    usage: Usage
+    stop_reason: int | str | None = None   # the stop token id or stop string that ended it
+    logprobs: tuple[TokenLogprobs, ...] = ()
+    error: str | None = None               # sanitized message when finish_reason is error
