@@ -35,10 +35,11 @@ class Decoder(Protocol):
 class IncrementalDetokenizer:
     """Turns one request's output token ids into text deltas.
 
-    Window invariants: `ids[prefix_offset:read_offset]` decodes to
-    `self._prefix_text` (already emitted, or prompt context) and ends on a whole
-    character; `self._num_pending_chars` characters past it are emitted too
-    (the complete characters of a run of tokens that keeps ending mid-character).
+    The window `_ids` holds the last emitted group of tokens (or the prompt
+    context), which decodes to `_prefix_text` and ends on a whole character,
+    followed by the tokens not yet fully emitted (`_ids[_read_offset:]`).
+    `_num_pending_chars` characters past `_prefix_text` are emitted already:
+    the whole characters of a run of tokens that keeps ending mid-character.
     """
 
     def __init__(self, tokenizer: Decoder, prompt_token_ids: Sequence[int],
@@ -51,9 +52,7 @@ class IncrementalDetokenizer:
             # The prompt ends mid-character: as context it would glue the prompt's
             # bytes onto the output's, and the deltas would differ from decode(output).
             context, context_text = [], ""
-        # Only the window is kept: ids before prefix_offset are never decoded again.
         self._ids: list[int] = context
-        self._prefix_offset = 0
         self._read_offset = len(context)
         self._prefix_text = context_text
         self._num_pending_chars = 0
@@ -69,7 +68,7 @@ class IncrementalDetokenizer:
             return ""
         self._ids.extend(new_ids)
         self._num_output_tokens += len(new_ids)
-        text = self._decode(self._ids[self._prefix_offset:])
+        text = self._decode(self._ids)
         start = len(self._prefix_text) + self._num_pending_chars
         if text.endswith(REPLACEMENT_CHAR):
             # Incomplete character at the end: emit only what lies before it.
@@ -78,26 +77,21 @@ class IncrementalDetokenizer:
                 return ""
             self._num_pending_chars = safe_end - len(self._prefix_text)
             return text[start:safe_end]
-        delta = text[start:]
         self._advance()
-        return delta
+        return text[start:]
 
     def flush(self) -> str:
         """Text still held back (an output that ends inside a character); call at the end."""
-        text = self._decode(self._ids[self._prefix_offset:])
+        text = self._decode(self._ids)
         delta = text[len(self._prefix_text) + self._num_pending_chars:]
         self._advance()
         return delta
 
     def _advance(self) -> None:
-        """Slide the window: what was read becomes the prefix, everything is read."""
-        self._prefix_offset = self._read_offset
+        """Slide the window: the tokens just emitted become the prefix."""
+        del self._ids[:self._read_offset]
         self._read_offset = len(self._ids)
-        # Drop ids the window no longer covers, so memory stays O(window).
-        del self._ids[:self._prefix_offset]
-        self._read_offset -= self._prefix_offset
-        self._prefix_offset = 0
-        self._prefix_text = self._decode(self._ids[:self._read_offset])
+        self._prefix_text = self._decode(self._ids)
         self._num_pending_chars = 0
 
     def _decode(self, token_ids: Sequence[int]) -> str:

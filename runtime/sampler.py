@@ -29,6 +29,7 @@ parameters (SamplingParams.validate, which the sampler trusts).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
 
@@ -54,7 +55,7 @@ class SamplerOutput:
     logprobs: list[TokenLogprobs | None]        # None where the request did not ask
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class SamplingState:
     """What the sampler needs to know about one request.
 
@@ -113,11 +114,12 @@ class Sampler:
         raw_logprobs = _raw_logprobs(logits, requests)
         apply_penalties_and_bans(logits, requests)
 
-        greedy = torch.tensor([_is_greedy(s.params) for s in requests], device=logits.device)
         sampled_ids = logits.argmax(dim=-1)
-        if not bool(greedy.all()):
-            rows = torch.nonzero(~greedy).flatten()
-            sub_states = [requests[i] for i in rows.tolist()]
+        # Row choices are made from the params on the host: no device syncs.
+        sampled_rows = [i for i, s in enumerate(requests) if not _is_greedy(s.params)]
+        if sampled_rows:
+            rows = torch.tensor(sampled_rows, device=logits.device)
+            sub_states = [requests[i] for i in sampled_rows]
             probs = _processed_probs(logits[rows], [s.params for s in sub_states])
             sampled_ids[rows] = self._draw(probs, sub_states)
 
@@ -126,7 +128,7 @@ class Sampler:
 
     def _draw(self, probs: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
         """One token per row of `probs` by exponential race; seeded rows use their own generator."""
-        num_rows, vocab_size = probs.shape
+        vocab_size = probs.shape[1]
         noise = torch.empty_like(probs)
         unseeded = [i for i, s in enumerate(states) if s.generator is None]
         if unseeded:
@@ -156,14 +158,11 @@ def sampling_probs(logits: torch.Tensor, requests: list[SamplingState]) -> torch
     """
     logits = _float32_copy(logits, requests)
     apply_penalties_and_bans(logits, requests)
-    probs = torch.zeros_like(logits)
-    for i, state in enumerate(requests):
-        if _is_greedy(state.params):
-            probs[i, int(logits[i].argmax())] = 1.0
+    probs = torch.zeros_like(logits).scatter_(1, logits.argmax(dim=-1, keepdim=True), 1.0)
     sampled_rows = [i for i, s in enumerate(requests) if not _is_greedy(s.params)]
     if sampled_rows:
-        probs[sampled_rows] = _processed_probs(
-            logits[sampled_rows], [requests[i].params for i in sampled_rows])
+        rows = torch.tensor(sampled_rows, device=logits.device)
+        probs[rows] = _processed_probs(logits[rows], [requests[i].params for i in sampled_rows])
     return probs
 
 
@@ -195,60 +194,73 @@ def _raw_logprobs(logits: torch.Tensor, states: list[SamplingState]) -> torch.Te
 def _collect_logprobs(raw_logprobs: torch.Tensor | None, token_ids: list[int],
                       states: list[SamplingState]) -> list[TokenLogprobs | None]:
     out: list[TokenLogprobs | None] = [None] * len(states)
-    if raw_logprobs is None:
+    rows = [i for i, s in enumerate(states) if s.params.logprobs is not None]
+    if raw_logprobs is None or not rows:
         return out
-    for i, state in enumerate(states):
-        num_top = state.params.logprobs
-        if num_top is None:
-            continue
-        row = raw_logprobs[i]
-        top: tuple[tuple[int, float], ...] = ()
-        if num_top > 0:
-            values, ids = row.topk(min(num_top, row.shape[0]))
-            top = tuple(zip(ids.tolist(), values.tolist()))
-        out[i] = TokenLogprobs(token_ids[i], float(row[token_ids[i]]), top)
+    device = raw_logprobs.device
+    chosen = raw_logprobs[torch.tensor(rows, device=device),
+                          torch.tensor([token_ids[i] for i in rows], device=device)].tolist()
+    # One top-k for all rows at the largest n asked for; each row keeps its own n.
+    num_top = min(max(states[i].params.logprobs or 0 for i in rows), raw_logprobs.shape[1])
+    top_values: list[list[float]] = [[] for _ in rows]
+    top_ids: list[list[int]] = [[] for _ in rows]
+    if num_top > 0:
+        values, ids = raw_logprobs[torch.tensor(rows, device=device)].topk(num_top, dim=-1)
+        top_values, top_ids = values.tolist(), ids.tolist()
+    for j, i in enumerate(rows):
+        num = states[i].params.logprobs or 0
+        top = tuple(zip(top_ids[j][:num], top_values[j][:num]))
+        out[i] = TokenLogprobs(token_ids[i], chosen[j], top)
     return out
 
 
 def _apply_penalties(logits: torch.Tensor, states: list[SamplingState]) -> None:
-    """Repetition penalty over prompt + output, then frequency / presence over output; in place."""
+    """Repetition penalty over prompt + output, then frequency / presence over output.
+
+    In place, touching only the rows that have the penalty.
+    """
     device = logits.device
     rep_rows = [i for i, s in enumerate(states) if s.params.repetition_penalty != 1.0]
     if rep_rows:
-        seen = torch.zeros_like(logits, dtype=torch.bool)
-        rows, cols = _row_col_index(
-            rep_rows, [torch.cat((states[i].prompt_ids_tensor(),
-                                  torch.tensor(states[i].output_token_ids, dtype=torch.long)))
-                       for i in rep_rows], device)
-        seen[rows, cols] = True
-        penalty = torch.tensor([s.params.repetition_penalty for s in states],
-                               device=device).unsqueeze(1)
-        penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
-        logits.copy_(torch.where(seen, penalised, logits))
+        token_ids = [torch.cat((states[i].prompt_ids_tensor(),
+                                _ids_tensor(states[i].output_token_ids))) for i in rep_rows]
+        index = torch.tensor(rep_rows, device=device)
+        sub = logits[index]
+        seen = torch.zeros_like(sub, dtype=torch.bool)
+        seen[_row_col_index(token_ids, device)] = True
+        penalty = _column([states[i].params.repetition_penalty for i in rep_rows], device)
+        penalised = torch.where(sub > 0, sub / penalty, sub * penalty)
+        logits[index] = torch.where(seen, penalised, sub)
 
     count_rows = [i for i, s in enumerate(states)
                   if (s.params.frequency_penalty != 0.0 or s.params.presence_penalty != 0.0)
                   and s.output_token_ids]
     if count_rows:
-        counts = torch.zeros_like(logits)
+        index = torch.tensor(count_rows, device=device)
+        counts = torch.zeros(len(count_rows), logits.shape[1], device=device)
         rows, cols = _row_col_index(
-            count_rows, [torch.tensor(states[i].output_token_ids, dtype=torch.long)
-                         for i in count_rows], device)
-        counts.index_put_((rows, cols), torch.ones_like(rows, dtype=logits.dtype),
+            [_ids_tensor(states[i].output_token_ids) for i in count_rows], device)
+        counts.index_put_((rows, cols), torch.ones_like(rows, dtype=counts.dtype),
                           accumulate=True)
-        frequency = torch.tensor([s.params.frequency_penalty for s in states],
-                                 device=device).unsqueeze(1)
-        presence = torch.tensor([s.params.presence_penalty for s in states],
-                                device=device).unsqueeze(1)
-        logits -= frequency * counts + presence * (counts > 0).to(logits.dtype)
+        frequency = _column([states[i].params.frequency_penalty for i in count_rows], device)
+        presence = _column([states[i].params.presence_penalty for i in count_rows], device)
+        logits[index] -= frequency * counts + presence * (counts > 0).to(counts.dtype)
 
 
-def _row_col_index(rows: list[int], token_ids: list[torch.Tensor],
+def _ids_tensor(token_ids: list[int]) -> torch.Tensor:
+    return torch.tensor(token_ids, dtype=torch.long)
+
+
+def _column(values: list[float], device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32, device=device).unsqueeze(1)
+
+
+def _row_col_index(token_ids: list[torch.Tensor],
                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flat (row, column) index tensors for setting each row's token ids."""
-    row_index = torch.cat([torch.full((len(ids),), r, dtype=torch.long)
-                           for r, ids in zip(rows, token_ids)])
-    return row_index.to(device), torch.cat(token_ids).to(device)
+    """Flat (row, column) indices: row j of a sub-batch paired with each of token_ids[j]."""
+    rows = torch.cat([torch.full((len(ids),), j, dtype=torch.long)
+                      for j, ids in enumerate(token_ids)])
+    return rows.to(device), torch.cat(token_ids).to(device)
 
 
 def _apply_bans(logits: torch.Tensor, states: list[SamplingState]) -> None:
@@ -278,7 +290,8 @@ def _banned_token_ids(state: SamplingState) -> list[int]:
     return banned
 
 
-def _tail_equals(prompt_ids: list[int], output_ids: list[int], expected: tuple[int, ...]) -> bool:
+def _tail_equals(prompt_ids: list[int], output_ids: list[int],
+                 expected: Sequence[int]) -> bool:
     """Whether prompt_ids + output_ids ends with `expected`, without concatenating them."""
     num_expected = len(expected)
     if num_expected == 0:
@@ -290,29 +303,27 @@ def _tail_equals(prompt_ids: list[int], output_ids: list[int], expected: tuple[i
     tail = output_ids[len(output_ids) - num_from_output:]
     if num_from_prompt:
         tail = prompt_ids[len(prompt_ids) - num_from_prompt:] + tail
-    return tuple(tail) == expected
+    return tuple(tail) == tuple(expected)
 
 
 def _processed_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     """Temperature, top-k, top-p, min-p, softmax for sampled (non-greedy) rows."""
     device = logits.device
-    num_rows, vocab_size = logits.shape
-    temperature = torch.tensor([p.temperature for p in params], device=device)
-    logits = logits / temperature.unsqueeze(1)
+    vocab_size = logits.shape[1]
+    logits = logits / _column([p.temperature for p in params], device)
 
-    # top_k 0 means off and a top_k above the vocabulary is clamped to it.
-    top_k = torch.tensor([p.top_k if 0 < p.top_k < vocab_size else vocab_size
-                          for p in params], device=device)
-    top_p = torch.tensor([p.top_p for p in params], device=device)
-    truncate = (top_k < vocab_size) | (top_p < 1.0)
-    if bool(truncate.any()):
-        rows = torch.nonzero(truncate).flatten()
-        logits[rows] = _top_k_top_p(logits[rows], top_k[rows], top_p[rows])
+    # top_k 0 means off, and a top_k above the vocabulary is clamped to it.
+    top_k = [p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in params]
+    truncate = [j for j, p in enumerate(params) if top_k[j] < vocab_size or p.top_p < 1.0]
+    if truncate:
+        index = torch.tensor(truncate, device=device)
+        logits[index] = _top_k_top_p(
+            logits[index], torch.tensor([top_k[j] for j in truncate], device=device),
+            torch.tensor([params[j].top_p for j in truncate], device=device))
 
-    min_p = torch.tensor([p.min_p for p in params], device=device)
-    if bool((min_p > 0).any()):
+    if any(p.min_p > 0 for p in params):
         probs = torch.softmax(logits, dim=-1)
-        threshold = min_p.unsqueeze(1) * probs.max(dim=-1, keepdim=True).values
+        threshold = _column([p.min_p for p in params], device) * probs.amax(dim=-1, keepdim=True)
         logits = logits.masked_fill(probs < threshold, float("-inf"))
     return torch.softmax(logits, dim=-1)
 
@@ -328,7 +339,7 @@ def _top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor)
     mass_before = probs.cumsum(dim=-1) - probs
     # A token goes when the more likely tokens already reach top_p; top_p 1 keeps
     # everything (cumulative rounding may pass 1.0).
-    limit = torch.where(top_p >= 1.0, torch.full_like(top_p, float("inf")), top_p)
+    limit = torch.where(top_p >= 1.0, torch.full_like(top_p, float("inf")), top_p.float())
     drop = mass_before >= limit.unsqueeze(1)
     drop[:, 0] = False
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))

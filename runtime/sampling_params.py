@@ -110,7 +110,7 @@ def _check_int(name: str, value: object, low: int, high: int | None,
     """Require an int in [low, high]; high None means unbounded.
 
     bool is a subclass of int, but True is not a token count: it is refused.
-    `what` prefixes the message (e.g. "element 3") for sequence fields.
+    `what` prefixes the message (e.g. "token id at index 3") for sequence fields.
     """
     prefix = f"{what} " if what else ""
     if not isinstance(value, int) or isinstance(value, bool):
@@ -125,7 +125,10 @@ def _check_float(name: str, value: object, low: float, high: float,
     """Require a finite real number in [low, high] (or (low, high] when low_open)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise SamplingParamsError(name, f"must be a number, got {value!r}")
-    number = float(value)
+    try:
+        number = float(value)
+    except OverflowError:                     # an int beyond float range
+        number = math.inf
     if not math.isfinite(number):
         raise SamplingParamsError(name, f"must be finite, got {number}")
     in_range = (low < number if low_open else low <= number) and number <= high

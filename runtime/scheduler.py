@@ -141,6 +141,16 @@ class Scheduler:
     def num_waiting(self) -> int:
         return len(self._waiting)
 
+    @property
+    def waiting_request_ids(self) -> list[str]:
+        """Waiting and preempted requests in the order they will be admitted."""
+        return [request.request_id for request in self._waiting]
+
+    @property
+    def running_request_ids(self) -> list[str]:
+        """Running requests, oldest admitted first (the last is preempted first)."""
+        return [request.request_id for request in self._running]
+
     def get_request(self, request_id: str) -> Request | None:
         return self._requests.get(request_id)
 

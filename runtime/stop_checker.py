@@ -15,8 +15,9 @@ the client may see now. Rules, in order of precedence:
 3. a `stop_token_ids` entry -> FINISHED_STOPPED, stop_reason = that id;
 4. `max_tokens` output tokens -> FINISHED_LENGTH, stop_reason None.
 
-Rules 1-3 apply only once `num_output_tokens >= min_tokens` (vLLM's rule); the
-text of those first `min_tokens` tokens is emitted at once and never matched
+Rules 1-3 apply only once `num_output_tokens >= min_tokens` (vLLM's rule; the
+sampler bans EOS and stop tokens for the first `min_tokens` tokens anyway); the
+text of the first `min_tokens - 1` tokens is emitted at once and never matched
 against stop strings. The text of a stop token is emitted as the detokenizer
 produced it (empty for special tokens when `skip_special_tokens`). When the
 request finishes for a reason other than a stop string, everything held back is
@@ -82,7 +83,7 @@ class StopChecker:
         if finish is not None and flush is not None:
             text_delta += flush()
         if not may_stop:
-            # Text of the first min_tokens tokens is never a stop-string match
+            # Text before the min_tokens-th token is never a stop-string match
             # (and max_tokens >= min_tokens, so nothing finishes here).
             return StopDecision(self._take_all(text_delta), None, None)
 

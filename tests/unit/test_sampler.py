@@ -211,6 +211,9 @@ def test_bad_words() -> None:
     assert pick([1, 5], [6]) == 12              # tail spans prompt and output
     assert pick([5, 6], []) == 12               # tail in the prompt only
     assert pick([5], [6, 1]) == 11              # tail differs: 11 allowed
+    as_lists = SamplingParams(temperature=0.0,
+                              bad_words_ids=([5, 6, 10],))  # type: ignore[arg-type]
+    assert Sampler().sample(logits, [state(as_lists, [5], [6])]).sampled_token_ids == [11]
 
 
 def test_top_k_larger_than_vocab_is_clamped() -> None:
@@ -222,11 +225,12 @@ def test_top_k_larger_than_vocab_is_clamped() -> None:
 
 
 def test_logprobs_are_log_softmax_of_raw_logits() -> None:
-    logits = torch.randn(3, VOCAB, generator=torch.Generator().manual_seed(8)) * 2
+    logits = torch.randn(4, VOCAB, generator=torch.Generator().manual_seed(8)) * 2
     states = [state(SamplingParams(temperature=0.0, logprobs=5, repetition_penalty=2.0),
                     output=[0, 1]),
               state(SamplingParams(temperature=0.7, top_k=4, logprobs=0)),
-              state(SamplingParams(temperature=1.0))]
+              state(SamplingParams(temperature=1.0)),
+              state(SamplingParams(temperature=1.0, logprobs=2, min_tokens=3))]
     out = Sampler().sample(logits, states)
     expected = torch.log_softmax(logits.double(), dim=-1)
     first, second = out.logprobs[0], out.logprobs[1]
@@ -240,8 +244,24 @@ def test_logprobs_are_log_softmax_of_raw_logits() -> None:
         assert value == pytest.approx(float(expected[0, token_id]), abs=1e-5)
     assert second.top == ()
     assert second.logprob == pytest.approx(float(expected[1, second.token_id]), abs=1e-5)
+    fourth = out.logprobs[3]
+    assert fourth is not None and [t for t, _ in fourth.top] == \
+        expected[3].argsort(descending=True)[:2].tolist()
 
 
 def test_shape_mismatch_is_an_error() -> None:
     with pytest.raises(ValueError, match="num_requests=2"):
         Sampler().sample(torch.zeros(3, VOCAB), [state(SamplingParams())] * 2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu() -> None:
+    states = batch_states()
+    logits = torch.randn(len(states), VOCAB, generator=torch.Generator().manual_seed(9)) * 3
+    torch.testing.assert_close(sampling_probs(logits.cuda(), states).cpu(),
+                               sampling_probs(logits, states), atol=1e-5, rtol=0)
+    seeded = SamplingParams(temperature=1.0, seed=7)
+    cuda_state = SamplingState(seeded, [1], [], generator=make_generator(7, "cuda"))
+    out = Sampler(torch.Generator("cuda").manual_seed(0)).sample(
+        logits.cuda().half(), states + [cuda_state, state(seeded)])
+    assert len(out.sampled_token_ids) == len(states) + 2

@@ -15,7 +15,7 @@ INVALID = [
     ("max_tokens", 0), ("max_tokens", -1), ("max_tokens", 2**31), ("max_tokens", True),
     ("max_tokens", 1.5), ("max_tokens", None),
     ("temperature", NAN), ("temperature", INF), ("temperature", -INF), ("temperature", -0.1),
-    ("temperature", "1"),
+    ("temperature", "1"), ("temperature", 10**400),
     ("top_k", -1), ("top_k", 1.0), ("top_k", False),
     ("top_p", NAN), ("top_p", 0.0), ("top_p", -0.5), ("top_p", 1.0001), ("top_p", INF),
     ("min_p", NAN), ("min_p", -0.01), ("min_p", 1.5), ("min_p", INF),
