@@ -262,14 +262,14 @@ def test_reset_prefix_cache() -> None:
     assert_all_free(kv)
 
 
-@pytest.mark.parametrize("field_name, kwargs", [
-    ("num_blocks", {"num_blocks": 0, "block_size": 4}),
-    ("block_size", {"num_blocks": 4, "block_size": 0}),
-    ("block_size", {"num_blocks": 4, "block_size": True}),
+@pytest.mark.parametrize("field_name, num_blocks, block_size", [
+    ("num_blocks", 0, 4),
+    ("block_size", 4, 0),
+    ("block_size", 4, True),
 ])
-def test_constructor_rejects_bad_sizes(field_name: str, kwargs: dict[str, int]) -> None:
+def test_constructor_rejects_bad_sizes(field_name: str, num_blocks: int, block_size: int) -> None:
     with pytest.raises(KVCacheConfigError) as info:
-        KVCacheManager(**kwargs)
+        KVCacheManager(num_blocks, block_size)
     assert info.value.field == field_name and str(info.value).startswith(field_name)
 
 

@@ -92,7 +92,7 @@ class Engine:
         return output
 
     def run(self, max_steps: int = 1000) -> list[SchedulerOutput]:
-        outputs = []
+        outputs: list[SchedulerOutput] = []
         while self.scheduler.has_unfinished:
             assert len(outputs) < max_steps, "requests did not finish"
             outputs.append(self.step())
@@ -255,37 +255,25 @@ def test_config_validation_names_the_field(kwargs: dict[str, object], field_name
 
 # ------------------------------------------------------------ capacity policy
 
-def test_max_utilization_preempts_the_newest_and_it_completes() -> None:
-    engine = make_engine(num_blocks=6, block_size=4, max_seq_len=24)
+def test_max_utilization_preempts_the_newest_requeues_it_first_and_it_completes() -> None:
+    engine = make_engine(num_blocks=6, block_size=4, max_seq_len=24, max_batch_size=2)
     old, new = make_request("old", [1] * 8, max_tokens=12), make_request("new", [2] * 8, max_tokens=12)
-    engine.scheduler.add_request(old)
-    engine.scheduler.add_request(new)
-    preempted_steps = []
+    late = make_request("late", [3] * 4, max_tokens=2)                # waits: batch is full
+    for request in (old, new, late):
+        engine.scheduler.add_request(request)
+    num_preempted_steps = 0
     while engine.scheduler.has_unfinished:
         output = engine.step()
         if output.preempted_request_ids:
-            preempted_steps.append(output.preempted_request_ids)
-            assert new.status is RequestStatus.PREEMPTED and new.num_computed_tokens == 0
-            assert engine.scheduler.num_waiting == 1 and engine.kv.block_ids("new") == []
-        assert len(preempted_steps) < 50
-    assert preempted_steps and all(ids == ["new"] for ids in preempted_steps)
-    assert old.num_preemptions == 0 and new.num_preemptions == len(preempted_steps)
-    assert old.output_token_ids == expected_output(old)
-    assert new.output_token_ids == expected_output(new)               # recompute keeps outputs
-    assert engine.kv.num_used_blocks == 0
-
-
-def test_preempted_request_goes_to_the_front_of_waiting() -> None:
-    engine = make_engine(num_blocks=6, block_size=4, max_seq_len=24, max_batch_size=2)
-    old, new = make_request("old", [1] * 8, max_tokens=12), make_request("new", [2] * 8, max_tokens=12)
-    late = make_request("late", [3] * 4, max_tokens=2)
-    for request in (old, new, late):
-        engine.scheduler.add_request(request)
-    while not engine.step().preempted_request_ids:
-        pass
-    assert engine.scheduler.waiting_request_ids == ["new", "late"]
-    engine.run()
-    assert late.output_token_ids == expected_output(late)
+            num_preempted_steps += 1
+            assert output.preempted_request_ids == ["new"] and new.status is RequestStatus.PREEMPTED
+            assert new.num_computed_tokens == 0 and engine.kv.block_ids("new") == []
+            assert engine.scheduler.waiting_request_ids[0] == "new"  # front of the queue
+        assert num_preempted_steps < 50
+    assert num_preempted_steps > 0 and new.num_preemptions == num_preempted_steps
+    assert old.num_preemptions == 0 and engine.kv.num_used_blocks == 0
+    for request in (old, new, late):                                  # recompute keeps outputs
+        assert request.output_token_ids == expected_output(request)
 
 
 def test_guaranteed_no_evict_never_preempts() -> None:
