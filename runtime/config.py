@@ -13,14 +13,14 @@ from dataclasses import dataclass
 
 import torch
 
+from runtime.errors import FieldError
+
 CAPACITY_POLICIES = ("max_utilization", "guaranteed_no_evict")
 ENV_PREFIX = "TRTSERVE_"
 
 
-class EngineConfigError(ValueError):
-    def __init__(self, field_name: str, message: str) -> None:
-        super().__init__(f"{field_name}: {message}")
-        self.field = field_name
+class EngineConfigError(FieldError):
+    """An engine setting is out of range; `field` names it."""
 
 
 @dataclass(frozen=True, slots=True)

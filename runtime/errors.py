@@ -7,6 +7,14 @@ Not for: errors that belong to one module only (those live beside their code).
 from __future__ import annotations
 
 
+class FieldError(ValueError):
+    """A value is out of range or not allowed; `field` names it, the message gives the limit."""
+
+    def __init__(self, field_name: str, message: str) -> None:
+        super().__init__(f"{field_name}: {message}")
+        self.field = field_name
+
+
 class EngineLoadError(RuntimeError):
     """An engine directory is unusable. Names the file and, where known, the field."""
 

@@ -22,15 +22,12 @@ from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from runtime.errors import FieldError
 from runtime.request import Request
 
 
-class KVCacheConfigError(ValueError):
+class KVCacheConfigError(FieldError):
     """A KV cache setting or call argument is out of range; `field` names it."""
-
-    def __init__(self, field_name: str, message: str) -> None:
-        super().__init__(f"{field_name}: {message}")
-        self.field = field_name
 
 
 class KVCacheInvariantError(RuntimeError):

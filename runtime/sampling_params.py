@@ -14,18 +14,16 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from runtime.errors import FieldError
+
 MAX_TOKENS_LIMIT = 2**31          # max_tokens must be below this (INT32 on the wire)
 SEED_LIMIT = 2**64                # seed must be below this (UINT64 on the wire)
 MAX_LOGPROBS = 20                 # most top-n logprobs a request may ask for
 PENALTY_LIMIT = 2.0               # presence / frequency penalties lie in [-2, 2]
 
 
-class SamplingParamsError(ValueError):
+class SamplingParamsError(FieldError):
     """A sampling parameter is out of range; `field` names it."""
-
-    def __init__(self, field_name: str, message: str) -> None:
-        super().__init__(f"{field_name}: {message}")
-        self.field = field_name
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+from runtime.errors import FieldError
 from runtime.kv_cache import KVCacheManager
 from runtime.request import Request, RequestStatus
 
@@ -26,20 +27,12 @@ GUARANTEED_NO_EVICT = "guaranteed_no_evict"
 CAPACITY_POLICIES = (MAX_UTILIZATION, GUARANTEED_NO_EVICT)
 
 
-class SchedulerConfigError(ValueError):
+class SchedulerConfigError(FieldError):
     """A scheduler setting is out of range; `field` names it."""
 
-    def __init__(self, field_name: str, message: str) -> None:
-        super().__init__(f"{field_name}: {message}")
-        self.field = field_name
 
-
-class RequestRejectedError(ValueError):
+class RequestRejectedError(FieldError):
     """A request can never be served with this configuration; `field` names why."""
-
-    def __init__(self, field_name: str, message: str) -> None:
-        super().__init__(f"{field_name}: {message}")
-        self.field = field_name
 
 
 @dataclass(frozen=True, slots=True)
