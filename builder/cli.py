@@ -16,7 +16,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="trtserve-build", description=__doc__)
     parser.add_argument("--model", required=True,
                         help=f"preset ({', '.join(list_presets())}), HF checkpoint directory, or hub id")
-    parser.add_argument("--output", type=Path, help="engine directory (default engines/<model>-<dtype>)")
+    parser.add_argument("--output", type=Path, help="engine directory (default engines/<model>[-<dtype>])")
     parser.add_argument("--dtype", choices=DTYPES, help="weights / activations dtype (default: the preset's)")
     parser.add_argument("--random-weights", action="store_true",
                         help="for hub presets: build the same shapes with seeded random weights, offline")
@@ -33,7 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     from builder.progress import Progress
 
     args = parse_args(argv)
-    output = args.output or Path("engines") / f"{Path(args.model).name}-{args.dtype or 'default'}"
+    suffix = f"-{args.dtype}" if args.dtype else ""
+    output = args.output or Path("engines") / f"{Path(args.model.rstrip('/')).name}{suffix}"
     overrides = {k: getattr(args, k) for k in ("max_batch_size", "max_input_len", "max_seq_len",
                                                "max_num_tokens", "tokens_per_block")}
     request = BuildRequest(model=args.model, output=output, dtype=args.dtype, random_weights=args.random_weights,
