@@ -9,7 +9,7 @@ DTYPE ?= fp32
 RANDOM_WEIGHTS ?= 0
 ENGINE_DIR ?= engines/$(MODEL)-$(DTYPE)
 
-.PHONY: setup test demo engine clean
+.PHONY: setup test demo engine serve proto clean
 
 $(STAMP): pyproject.toml constraints-cpu.txt
 	$(PYTHON) -m venv $(VENV)
@@ -31,13 +31,25 @@ DEMO_ENGINE ?= engines/tiny-qwen2
 
 demo: $(STAMP)
 	$(VENV)/bin/trtserve-build --model tiny-qwen2 --output $(DEMO_ENGINE)
-	@echo "--- one chat request, streamed (random weights: the text is noise, the pipeline is real)"
-	$(VENV)/bin/trtserve-generate --engine $(DEMO_ENGINE) --chat --max-tokens 32 \
-		--prompt "Write one sentence about the sea."
-	@echo "--- four prompts in flight together, sampled with a seed"
+	@echo "--- four prompts in flight together, offline, sampled with a seed (random weights: the text is noise)"
 	$(VENV)/bin/trtserve-generate --engine $(DEMO_ENGINE) --max-tokens 16 --temperature 0.8 --seed 7 \
 		--prompt "The capital of France is" --prompt "def fibonacci(n):" \
 		--prompt "Once upon a time" --prompt "你好，世界"
+	$(PY) -m grpc_service.demo --engine $(DEMO_ENGINE) --max-tokens 32
+
+# make serve ENGINE=engines/tiny-qwen2 [HOST=0.0.0.0] [PORT=8001] [METRICS_PORT=8002]
+ENGINE ?= $(DEMO_ENGINE)
+HOST ?= 127.0.0.1
+PORT ?= 8001
+METRICS_PORT ?= 8002
+
+serve: $(STAMP)
+	$(VENV)/bin/trtserve-serve --engine $(ENGINE) --host $(HOST) --port $(PORT) --metrics-port $(METRICS_PORT)
+
+# Regenerate the committed gRPC code after editing grpc_service/proto/trtserve.proto.
+proto: $(STAMP)
+	$(PY) -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. --pyi_out=. \
+		grpc_service/proto/trtserve.proto
 
 clean:
 	rm -rf engines .cache

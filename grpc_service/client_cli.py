@@ -1,0 +1,126 @@
+"""`trtserve-client`: talk to a trtserve server (or any Triton TensorRT-LLM server) from the shell.
+
+  trtserve-client generate "The capital of France is" --max-tokens 16
+  trtserve-client stream "Once upon a time"            # prints the text as it arrives
+  trtserve-client chat "Write one sentence about the sea." --system "You are terse."
+  trtserve-client health
+  trtserve-client models
+  trtserve-client --api triton stream "Once upon a time"  # the same through KServe v2 / tritonclient
+
+`--api native` (default) uses trtserve.v1.LLMService; `--api triton` sends the
+tensors of Triton's TensorRT-LLM `ensemble` model with tritonclient (chat needs
+the native API: the ensemble takes raw text, without a chat template).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import grpc
+from tritonclient.utils import InferenceServerException
+
+from grpc_service.client import DEFAULT_TARGET, Completion, NativeClient, Sampling, TritonClient, collect
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="trtserve-client", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--url", default=DEFAULT_TARGET, help=f"server address (default {DEFAULT_TARGET})")
+    p.add_argument("--api", choices=("native", "triton"), default="native")
+    p.add_argument("--model", default="", help="native: engine name; triton: model name (default ensemble)")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds (the RPC deadline)")
+    commands = p.add_subparsers(dest="command", required=True)
+    for name in ("generate", "stream", "chat"):
+        sub = commands.add_parser(name)
+        sub.add_argument("prompt")
+        sub.add_argument("--max-tokens", type=int, default=64)
+        sub.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+        sub.add_argument("--top-k", type=int)
+        sub.add_argument("--top-p", type=float)
+        sub.add_argument("--seed", type=int)
+        sub.add_argument("--stop", action="append", default=[])
+        sub.add_argument("--ignore-eos", action="store_true", help="native only")
+        if name == "chat":
+            sub.add_argument("--system", help="system message")
+    commands.add_parser("health")
+    commands.add_parser("models")
+    return p.parse_args(argv)
+
+
+def sampling_from_args(args: argparse.Namespace) -> Sampling:
+    return Sampling(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                    seed=args.seed, ignore_eos=args.ignore_eos, stop=tuple(args.stop))
+
+
+def run_native(args: argparse.Namespace) -> int:
+    with NativeClient(args.url, timeout_s=args.timeout) as client:
+        if args.command == "health":
+            status = client.health()
+            print(status)
+            return 0 if status == "SERVING" else 1
+        if args.command == "models":
+            for card in client.models():
+                print(f"{card.name}\tready={card.ready}\tmax_input_len={card.max_input_len}\t"
+                      f"max_seq_len={card.max_seq_len}\tvocab={card.vocab_size}")
+            return 0
+        sampling = sampling_from_args(args)
+        if args.command == "chat":
+            messages = ([("system", args.system)] if args.system else []) + [("user", args.prompt)]
+            responses = client.stream_chat(messages, sampling, args.model)
+        else:
+            responses = client.stream(args.prompt, sampling, args.model)
+        if args.command == "generate":
+            print_completion(collect(responses))
+            return 0
+        last = None
+        for last in responses:
+            print(last.text, end="", flush=True)
+        if last is not None:
+            print(f"\n[{last.finish_reason}: {last.usage.prompt_tokens} prompt + "
+                  f"{last.usage.completion_tokens} generated tokens]")
+        return 0
+
+
+def print_completion(completion: Completion) -> None:
+    print(completion.text)
+    print(f"[{completion.finish_reason}: {completion.prompt_tokens} prompt + {completion.completion_tokens} "
+          f"generated tokens, {completion.cached_tokens} from the prefix cache]", file=sys.stderr)
+
+
+def run_triton(args: argparse.Namespace) -> int:
+    with TritonClient(args.url, model=args.model or "ensemble", timeout_s=args.timeout) as client:
+        if args.command == "health":
+            ready = client.ready()
+            print("SERVING" if ready else "NOT_SERVING")
+            return 0 if ready else 1
+        if args.command == "models":
+            for name, state in client.models():
+                print(f"{name}\t{state}")
+            return 0
+        if args.command == "chat":
+            print("trtserve-client: error: chat needs --api native (the ensemble takes raw text)", file=sys.stderr)
+            return 2
+        sampling = sampling_from_args(args)
+        if args.command == "generate":
+            print(client.generate(args.prompt, sampling))
+            return 0
+        for delta in client.stream(args.prompt, sampling):
+            print(delta, end="", flush=True)
+        print()
+        return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        return run_native(args) if args.api == "native" else run_triton(args)
+    except grpc.RpcError as exc:
+        print(f"trtserve-client: error: {exc.code().name}: {exc.details()}", file=sys.stderr)  # type: ignore[attr-defined]
+        return 1
+    except (RuntimeError, InferenceServerException) as exc:     # tritonclient's errors
+        print(f"trtserve-client: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

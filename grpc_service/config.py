@@ -1,0 +1,98 @@
+"""Server configuration: frozen defaults, and the only place grpc_service reads environment variables.
+
+What it is for: `ServerConfig`, every option of the network face (listen
+address, metrics port, queue and message limits, shutdown grace period, what
+to serve). Defaults live here; `from_env` lets `TRTSERVE_SERVER_*` variables
+and then CLI flags override them. Engine options (device, KV-cache size,
+scheduling policy) stay in `runtime.config.EngineConfig`.
+Not for: values measured at start-up (those belong to the runtime's layout).
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+ENV_PREFIX = "TRTSERVE_SERVER_"
+MIN_MESSAGE_BYTES = 1 << 16           # 64 KiB: below this even a short prompt would not fit
+MAX_MESSAGE_BYTES = (1 << 31) - 1     # gRPC's own ceiling
+MAX_PORT = 65535
+
+
+class ServerConfigError(ValueError):
+    """A server option is out of range; `field` names it."""
+
+    def __init__(self, field_name: str, message: str) -> None:
+        super().__init__(f"{field_name}: {message}")
+        self.field = field_name
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    engine_dirs: tuple[Path, ...] = ()        # serve these engine directories ...
+    model_repository: Path | None = None      # ... or a Triton-style model repository
+    host: str = "127.0.0.1"                   # 0.0.0.0 to listen on every interface
+    port: int = 8001                          # gRPC (Triton's default gRPC port); 0 picks a free one
+    metrics_port: int = 8002                  # Prometheus HTTP (Triton's default); 0 picks a free one
+    enable_metrics: bool = True
+    max_queue_size: int = 64                  # requests waiting beyond max_batch_size, per model
+    max_receive_message_bytes: int = 64 << 20
+    max_send_message_bytes: int = 64 << 20
+    grace_period_s: float = 30.0              # SIGTERM: how long in-flight requests may take to finish
+    warmup: bool = True                       # one short request per model before reporting SERVING
+
+    def validate(self) -> ServerConfig:
+        if bool(self.engine_dirs) == (self.model_repository is not None):
+            raise ServerConfigError("engine_dirs", "give engine directories or a model repository (exactly one)")
+        _check_port("port", self.port)
+        _check_port("metrics_port", self.metrics_port)
+        if not isinstance(self.max_queue_size, int) or self.max_queue_size < 0:
+            raise ServerConfigError("max_queue_size", f"must be an integer >= 0, got {self.max_queue_size!r}")
+        for name in ("max_receive_message_bytes", "max_send_message_bytes"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or not MIN_MESSAGE_BYTES <= value <= MAX_MESSAGE_BYTES:
+                raise ServerConfigError(name, f"must be in [{MIN_MESSAGE_BYTES}, {MAX_MESSAGE_BYTES}], got {value!r}")
+        if not math.isfinite(self.grace_period_s) or not self.grace_period_s >= 0:
+            raise ServerConfigError("grace_period_s", f"must be a finite number >= 0, got {self.grace_period_s}")
+        if not self.host:
+            raise ServerConfigError("host", "must not be empty")
+        return self
+
+    @property
+    def address(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    @classmethod
+    def from_env(cls, **overrides: object) -> ServerConfig:
+        """Defaults, then TRTSERVE_SERVER_* environment variables, then explicit overrides (None = unset)."""
+        values: dict[str, object] = {}
+        for field_ in fields(cls):
+            raw = os.environ.get(ENV_PREFIX + field_.name.upper())
+            if raw is not None:
+                values[field_.name] = _parse(field_.name, raw, str(field_.type))
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values).validate()  # type: ignore[arg-type]
+
+
+def _check_port(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_PORT:
+        raise ServerConfigError(name, f"must be an integer in [0, {MAX_PORT}], got {value!r}")
+
+
+def _parse(name: str, raw: str, type_name: str) -> object:
+    try:
+        if "tuple" in type_name:
+            return tuple(Path(p) for p in raw.split(os.pathsep) if p)
+        if "Path" in type_name:
+            return Path(raw)
+        if "bool" in type_name:
+            return raw.strip().lower() in ("1", "true", "yes", "on")
+        if "int" in type_name:
+            return int(raw)
+        if "float" in type_name:
+            return float(raw)
+    except ValueError:
+        raise ServerConfigError(name, f"cannot parse {ENV_PREFIX}{name.upper()}={raw!r}") from None
+    return raw

@@ -1,0 +1,85 @@
+"""`make demo`, second half: start the server on an engine, talk to it through both APIs, stop it.
+
+Starts `trtserve-serve` on free loopback ports, streams one chat answer over
+the native API and one answer over the Triton protocol (tritonclient against
+the `ensemble` model, exactly as a Triton TensorRT-LLM client would), prints a
+summary of the server's Prometheus metrics, then sends SIGTERM and reports the
+exit code. Not for: benchmarking (requests here are one at a time).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from grpc_service.client import NativeClient, Sampling, TritonClient
+from grpc_service.launcher import ServerProcess, metric_value
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m grpc_service.demo", description=__doc__)
+    p.add_argument("--engine", required=True, type=Path)
+    p.add_argument("--max-tokens", type=int, default=32)
+    return p.parse_args(argv)
+
+
+def native_chat(target: str, max_tokens: int) -> None:
+    print("--- native API (trtserve.v1.LLMService/Generate), a chat request, streamed")
+    messages = [("user", "Write one sentence about the sea.")]
+    with NativeClient(target, timeout_s=120) as client:
+        last = None
+        for last in client.stream_chat(messages, Sampling(max_tokens=max_tokens)):
+            print(last.text, end="", flush=True)
+    if last is not None:
+        print(f"\n[finish: {last.finish_reason}; {last.usage.prompt_tokens} prompt + "
+              f"{last.usage.completion_tokens} generated tokens]")
+
+
+def triton_stream(target: str, max_tokens: int) -> None:
+    print("--- Triton protocol (KServe v2 ModelStreamInfer, model 'ensemble', tritonclient), streamed")
+    with TritonClient(target, model="ensemble") as client:
+        pieces = []
+        for delta in client.stream("The capital of France is", Sampling(max_tokens=max_tokens)):
+            pieces.append(delta)
+            print(delta, end="", flush=True)
+    print(f"\n[finish: triton_final_response; {len(pieces)} streamed responses]")
+
+
+def metrics_summary(text: str, model: str) -> None:
+    print("--- server metrics (Prometheus, /metrics)")
+    outcomes = {api: metric_value(text, "trtserve_requests_total", model=model, api=api, outcome="length")
+                + metric_value(text, "trtserve_requests_total", model=model, api=api, outcome="stop")
+                for api in ("native", "kserve")}
+    print(f"requests completed: native {outcomes['native']:.0f}, kserve {outcomes['kserve']:.0f}")
+    for label, name in (("TTFT", "trtserve_time_to_first_token_seconds"),
+                        ("TPOT", "trtserve_time_per_output_token_seconds"),
+                        ("end-to-end", "trtserve_request_latency_seconds")):
+        count = sum(metric_value(text, f"{name}_count", model=model, api=api) for api in ("native", "kserve"))
+        total = sum(metric_value(text, f"{name}_sum", model=model, api=api) for api in ("native", "kserve"))
+        print(f"mean {label}: {1000 * total / max(count, 1):.1f} ms over {count:.0f} requests")
+    print(f"generated tokens: {metric_value(text, 'trtserve_generated_tokens_total', model=model):.0f}; "
+          f"KV blocks free {metric_value(text, 'trtserve_kv_blocks', model=model, state='free'):.0f} / "
+          f"{metric_value(text, 'trtserve_kv_blocks_total', model=model):.0f}, "
+          f"cached {metric_value(text, 'trtserve_kv_blocks', model=model, state='cached'):.0f}; "
+          f"prefix hit rate {metric_value(text, 'trtserve_prefix_cache_hit_rate', model=model):.2f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    print(f"--- starting trtserve-serve --engine {args.engine}")
+    server = ServerProcess.start(["--engine", str(args.engine), "--log-level", "WARNING"])
+    try:
+        print(f"serving on {server.target} (gRPC), metrics on 127.0.0.1:{server.metrics_port}")
+        native_chat(server.target, args.max_tokens)
+        triton_stream(server.target, args.max_tokens)
+        with NativeClient(server.target) as client:
+            model = client.models()[0].name
+        metrics_summary(server.metrics(), model)
+    finally:
+        code = server.terminate()
+    print(f"--- SIGTERM: server drained and exited with code {code}")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

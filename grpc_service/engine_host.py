@@ -1,0 +1,205 @@
+"""One served engine: its AsyncEngine, tokenizer, admission gate and metrics, behind one `generate`.
+
+What it is for: `ServedModel`, which both APIs (native and KServe) call. It
+loads an engine directory off the event loop, warms it up, turns text and chat
+messages into token ids (with its own tokenizer instance, used only on the
+event-loop thread; the engine thread keeps the runtime's), admits requests
+through a bounded `AdmissionGate` (beyond it: `Overloaded` at once), gives each
+request a fresh internal id, records metrics, and guarantees that leaving the
+stream early aborts the request (its KV blocks are freed within one step).
+Not for: wire formats (native_service / triton_*), status codes (errors.py).
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncGenerator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import cast
+
+from jinja2 import TemplateError
+
+from grpc_service.errors import InvalidArgument, Overloaded, outcome_for
+from grpc_service.metrics import EngineGaugeSource, ServerMetrics
+from runtime.async_engine import AsyncEngine
+from runtime.config import EngineConfig
+from runtime.engine_core import EngineCore, EngineRequest, EngineStats
+from runtime.outputs import RequestOutput
+from runtime.sampling_params import SamplingParams
+
+MAX_PROMPT_CHARS_PER_TOKEN = 32     # refuse absurd texts before spending time tokenizing them
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+
+
+@dataclass(frozen=True, slots=True)
+class ModelLimits:
+    vocab_size: int
+    max_batch_size: int
+    max_input_len: int
+    max_seq_len: int
+    tokens_per_block: int
+    eos_token_ids: tuple[int, ...]
+    pad_token_id: int | None
+
+
+class AdmissionGate:
+    """Counts requests admitted and not finished; refuses beyond `limit` instead of queueing without bound."""
+
+    def __init__(self, model_name: str, limit: int) -> None:
+        self.model_name = model_name
+        self.limit = limit
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    def acquire(self) -> None:
+        if self._in_flight >= self.limit:
+            raise Overloaded(self.model_name, self.limit)
+        self._in_flight += 1
+        self._idle.clear()
+
+    def release(self) -> None:
+        self._in_flight -= 1
+        if self._in_flight == 0:
+            self._idle.set()
+
+    async def wait_idle(self) -> None:
+        await self._idle.wait()
+
+
+class ServedModel:
+    def __init__(self, core: EngineCore, max_queue_size: int, metrics: ServerMetrics) -> None:
+        from transformers import AutoTokenizer
+
+        loaded = core.engine
+        self.core = core
+        self.name = loaded.name
+        self.engine_dir = loaded.root
+        self.limits = ModelLimits(core.vocab_size, core.scheduler_config.max_batch_size, loaded.build.max_input_len,
+                                  loaded.build.max_seq_len, loaded.build.tokens_per_block, loaded.eos_token_ids,
+                                  loaded.pad_token_id)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(loaded.tokenizer_dir))
+        self.has_chat_template = bool(getattr(self.tokenizer, "chat_template", None))
+        self.gate = AdmissionGate(self.name, self.limits.max_batch_size + max_queue_size)
+        self.metrics = metrics
+        self.engine = AsyncEngine(core)
+        self.ready = False
+
+    @classmethod
+    async def load(cls, engine_dir: Path, engine_config: EngineConfig, max_queue_size: int,
+                   metrics: ServerMetrics) -> ServedModel:
+        core = await asyncio.to_thread(EngineCore.from_dir, engine_dir, engine_config)
+        model = await asyncio.to_thread(cls, core, max_queue_size, metrics)
+        metrics.attach(EngineGaugeSource(model.name, model.stats, lambda: model.gate.in_flight, model.gate.limit),
+                       asyncio.get_running_loop())
+        return model
+
+    async def warm_up(self) -> None:
+        """One short greedy request through the whole path (not counted in metrics), then ready."""
+        ids = self.encode_text("warm up") or [0]
+        request = EngineRequest(f"warmup-{uuid.uuid4().hex}", ids, SamplingParams.greedy_params(2))
+        async for _ in self.engine.generate(request):
+            pass
+        self.ready = True
+
+    # ---------------------------------------------------------------- text
+
+    def encode_text(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        limit = self.limits.max_input_len * MAX_PROMPT_CHARS_PER_TOKEN
+        if len(text) > limit:
+            raise InvalidArgument("prompt", f"text of {len(text)} characters is too long (limit {limit}, "
+                                            f"max_input_len {self.limits.max_input_len} tokens)")
+        encoded = self.tokenizer(text, add_special_tokens=add_special_tokens)
+        return [int(t) for t in encoded["input_ids"]]
+
+    def encode_chat(self, messages: Sequence[tuple[str, str]], add_generation_prompt: bool = True) -> list[int]:
+        if not self.has_chat_template:
+            raise InvalidArgument("chat", f"model {self.name!r} has no chat template; send text or token ids")
+        if not messages:
+            raise InvalidArgument("chat.messages", "must hold at least 1 message")
+        total = 0
+        for i, (role, content) in enumerate(messages):
+            if role not in CHAT_ROLES:
+                raise InvalidArgument("chat.messages", f"message {i}: role must be one of {CHAT_ROLES}, got {role!r}")
+            total += len(content)
+        limit = self.limits.max_input_len * MAX_PROMPT_CHARS_PER_TOKEN
+        if total > limit:
+            raise InvalidArgument("chat.messages", f"{total} characters of content is too long (limit {limit})")
+        try:
+            rendered = self.tokenizer.apply_chat_template(
+                [{"role": role, "content": content} for role, content in messages],
+                add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=True)
+        except TemplateError as exc:      # the template's own raise_exception(...) messages are for users
+            raise InvalidArgument("chat.messages", f"the chat template refused them: {exc.message}") from None
+        return [int(t) for t in cast(dict[str, list[int]], rendered)["input_ids"]]
+
+    def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True, field: str = "token_ids") -> str:
+        self.check_token_ids(token_ids, field)
+        return str(self.tokenizer.decode(list(token_ids), skip_special_tokens=skip_special_tokens))
+
+    def check_token_ids(self, token_ids: Sequence[int], field: str) -> None:
+        vocab = self.limits.vocab_size
+        for i, token_id in enumerate(token_ids):
+            if not 0 <= int(token_id) < vocab:
+                raise InvalidArgument(field, f"token id {int(token_id)} at index {i} is outside the vocabulary "
+                                             f"[0, {vocab})")
+
+    def tokenize_words(self, words: Sequence[str]) -> tuple[tuple[int, ...], ...]:
+        """Each non-empty word as the token ids it would be generated as (for bad-word lists)."""
+        return tuple(tuple(self.encode_text(w)) for w in words if w)
+
+    # ---------------------------------------------------------- generation
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams, api: str, cache_salt: str | None = None,
+                       request_id: str | None = None) -> AsyncGenerator[RequestOutput, None]:
+        """Admit (or raise Overloaded), then stream the engine's deltas.
+
+        `request_id` (default: a fresh uuid) must be unique among requests in flight; `abort(request_id)`
+        then ends the request with finish_reason "abort". Close the iterator (`contextlib.aclosing`)
+        when leaving early: that aborts the request too.
+        """
+        if not prompt_ids:
+            self.metrics.count_refusal(self.name, api, "invalid_argument")
+            raise InvalidArgument("prompt", "is empty (needs at least 1 token)")
+        try:
+            self.gate.acquire()
+        except Overloaded:
+            self.metrics.count_refusal(self.name, api, "resource_exhausted")
+            raise
+        tracker = self.metrics.track(self.name, api)
+        outcome: str | None = None
+        request = EngineRequest(request_id or uuid.uuid4().hex, prompt_ids, params, cache_salt)
+        try:
+            # AsyncEngine.generate is an async generator; its annotation says only AsyncIterator.
+            engine_stream = cast(AsyncGenerator[RequestOutput, None], self.engine.generate(request))
+            async with contextlib.aclosing(engine_stream) as outputs:
+                async for output in outputs:
+                    tracker.on_output(output)
+                    if output.finished:
+                        outcome = output.finish_reason or "stop"
+                    yield output
+        except (GeneratorExit, asyncio.CancelledError):
+            outcome = outcome or "cancelled"     # the consumer left (client gone, deadline, stop)
+            raise
+        except BaseException as exc:
+            outcome = outcome or outcome_for(exc)
+            raise
+        finally:
+            self.gate.release()
+            tracker.finish(outcome or "cancelled")
+
+    def abort(self, request_id: str) -> None:
+        self.engine.abort(request_id)
+
+    async def stats(self) -> EngineStats:
+        return await self.engine.stats()
+
+    def shutdown(self) -> None:
+        self.ready = False
+        self.engine.shutdown()

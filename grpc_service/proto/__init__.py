@@ -1,0 +1,1 @@
+"""Generated gRPC code for trtserve.proto (committed; `make proto` regenerates it)."""

@@ -1,0 +1,77 @@
+"""`trtserve-serve`: serve engine directories (or a Triton-style model repository) over gRPC.
+
+Both APIs share one port: the native `trtserve.v1.LLMService` and KServe v2
+`inference.GRPCInferenceService` (Triton's TensorRT-LLM backend models
+ensemble / tensorrt_llm / preprocessing / postprocessing), plus grpc.health.v1
+and server reflection. Prometheus metrics are served over HTTP on their own port.
+Options not given on the command line come from TRTSERVE_SERVER_* (server) and
+TRTSERVE_* (engine) environment variables, then the defaults.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+from grpc_service.config import ServerConfig, ServerConfigError
+from grpc_service.repository import RepositoryError
+from runtime.config import CAPACITY_POLICIES, EngineConfig, EngineConfigError
+from runtime.errors import EngineLoadError
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="trtserve-serve", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--engine", type=Path, action="append", help="engine directory (repeatable)")
+    source.add_argument("--model-repository", type=Path, help="Triton-style model repository (trtserve-repo)")
+    p.add_argument("--host", help="listen address (default 127.0.0.1; 0.0.0.0 for every interface)")
+    p.add_argument("--port", type=int, help="gRPC port (default 8001; 0 picks a free one)")
+    p.add_argument("--metrics-port", type=int, help="Prometheus port (default 8002; 0 picks a free one)")
+    p.add_argument("--no-metrics", action="store_true", help="do not serve Prometheus metrics")
+    p.add_argument("--max-queue-size", type=int, help="requests waiting beyond max_batch_size per model (64)")
+    p.add_argument("--max-message-bytes", type=int, help="largest request / response message (64 MiB)")
+    p.add_argument("--grace-period", type=float, help="seconds in-flight requests get after SIGTERM (30)")
+    p.add_argument("--no-warmup", action="store_true", help="report SERVING without a warm-up request")
+    p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--num-kv-blocks", type=int, help="KV-cache blocks per engine (default: sized from memory)")
+    p.add_argument("--capacity-policy", choices=CAPACITY_POLICIES)
+    p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    return p.parse_args(argv)
+
+
+def configs_from_args(args: argparse.Namespace) -> tuple[ServerConfig, EngineConfig]:
+    message_bytes = args.max_message_bytes
+    server = ServerConfig.from_env(
+        engine_dirs=tuple(args.engine) if args.engine else None, model_repository=args.model_repository,
+        host=args.host, port=args.port, metrics_port=args.metrics_port,
+        enable_metrics=False if args.no_metrics else None, max_queue_size=args.max_queue_size,
+        max_receive_message_bytes=message_bytes, max_send_message_bytes=message_bytes,
+        grace_period_s=args.grace_period, warmup=False if args.no_warmup else None)
+    engine = EngineConfig.from_env(device=args.device, num_kv_blocks=args.num_kv_blocks,
+                                   capacity_policy=args.capacity_policy)
+    return server, engine
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        server_config, engine_config = configs_from_args(args)
+    except (ServerConfigError, EngineConfigError) as exc:
+        print(f"trtserve-serve: error: {exc}", file=sys.stderr)
+        return 2
+    from grpc_service.server import Server
+
+    try:
+        return asyncio.run(Server(server_config, engine_config).run())
+    except (EngineLoadError, RepositoryError, OSError, ValueError) as exc:
+        print(f"trtserve-serve: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
