@@ -17,6 +17,7 @@ import logging
 import grpc
 
 from runtime.async_engine import EngineDeadError
+from runtime.errors import FieldError
 
 LOG = logging.getLogger(__name__)
 INTERNAL_MESSAGE = "internal error; the request was not completed (details are in the server log)"
@@ -102,7 +103,7 @@ def outcome_for(exc: BaseException) -> str:
 def _known_status(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
     if isinstance(exc, ServiceError):
         return exc.code, exc.message
-    if isinstance(exc, ValueError) and isinstance(getattr(exc, "field", None), str):
+    if isinstance(exc, FieldError):
         # The runtime's typed refusals (SamplingParamsError, RequestRejectedError): "field: limit".
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
     if isinstance(exc, EngineDeadError):

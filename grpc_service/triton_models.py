@@ -158,11 +158,11 @@ class TritonModel:
         reused = usage.cached_tokens // block if usage else 0
         total = math.ceil((usage.prompt_tokens + usage.completion_tokens) / block) if usage else 0
         now = time.time_ns()
+        queued_ns = int(usage.time_in_queue_s * 1e9) if usage and usage.time_in_queue_s is not None else 0
         values = {"kv_cache_alloc_new_blocks": (max(total - reused, 0), np.int32),
                   "kv_cache_reused_blocks": (reused, np.int32), "kv_cache_alloc_total_blocks": (total, np.int32),
-                  # The engine does not report when it first scheduled a request; arrival is the honest bound.
                   "arrival_time_ns": (progress.arrival_ns, np.int64),
-                  "first_scheduled_time_ns": (progress.arrival_ns, np.int64),
+                  "first_scheduled_time_ns": (progress.arrival_ns + queued_ns, np.int64),
                   "first_token_time_ns": (progress.first_token_ns, np.int64),
                   "last_token_time_ns": (now, np.int64), "acceptance_rate": (0.0, np.float32),
                   "total_accepted_draft_tokens": (0, np.int32), "total_draft_tokens": (0, np.int32)}

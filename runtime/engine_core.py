@@ -177,9 +177,12 @@ class EngineCore:
 
     @staticmethod
     def _usage(request: Request) -> Usage:
-        ttft = None if request.first_token_time is None else request.first_token_time - request.arrival_time
-        return Usage(request.num_prompt_tokens, request.num_output_tokens, request.num_cached_tokens, ttft,
-                     request.num_preemptions)
+        def since_arrival(t: float | None) -> float | None:
+            return None if t is None else t - request.arrival_time
+
+        return Usage(request.num_prompt_tokens, request.num_output_tokens, request.num_cached_tokens,
+                     since_arrival(request.first_token_time), request.num_preemptions,
+                     since_arrival(request.first_scheduled_time))
 
     def stats(self) -> EngineStats:
         return EngineStats(self.scheduler.num_running, self.scheduler.num_waiting, self.kv_cache.stats(),

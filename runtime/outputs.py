@@ -17,6 +17,7 @@ class Usage:
     cached_tokens: int
     time_to_first_token_s: float | None
     num_preemptions: int = 0
+    time_in_queue_s: float | None = None    # arrival -> first scheduled
 
 
 @dataclass(frozen=True, slots=True)

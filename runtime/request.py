@@ -50,6 +50,7 @@ class Request:
     num_cached_tokens: int = 0          # prompt tokens served from the prefix cache
     num_preemptions: int = 0
     status: RequestStatus = RequestStatus.WAITING
+    first_scheduled_time: float | None = None
     first_token_time: float | None = None
 
     @property

@@ -15,6 +15,8 @@ conditions (EOS, stop strings, max_tokens are judged elsewhere, which then calls
 """
 from __future__ import annotations
 
+import time
+
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -266,6 +268,7 @@ class Scheduler:
             self._waiting.popleft()
             if request.status is RequestStatus.WAITING:   # first admission, not a resume
                 request.num_cached_tokens = min(num_hit_tokens, request.num_prompt_tokens)
+                request.first_scheduled_time = time.monotonic()
             request.num_computed_tokens = num_hit_tokens
             request.status = RequestStatus.RUNNING
             self._running.append(request)

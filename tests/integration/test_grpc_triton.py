@@ -303,6 +303,8 @@ def test_usage_of_the_backends_example_clients(client: tc.InferenceServerClient,
         assert error is None, error
         got.append(result)
     assert {o.name for o in got[-1].get_response().outputs} == set(names)
+    times = [int(got[-1].as_numpy(n)[0, 0]) for n in names if n.endswith("_time_ns")]
+    assert times[0] > 0 and times == sorted(times), times      # arrival <= scheduled <= first <= last token
     assert "".join(texts(got)) == expected and got[-1].as_numpy("acceptance_rate")[0, 0] == 0.0
 
     ids = reference.encode(prompt)
