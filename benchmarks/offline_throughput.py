@@ -11,8 +11,10 @@ request is done. Output tok/s counts only the tokens each request asked for.
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
 import platform
+import pstats
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -102,6 +104,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--systems", default="trtserve,hf")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--profile", action="store_true",
+                        help="cProfile the engine runs; print the top functions by own time at the end")
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
     engine_dir = args.engine_dir or Path("engines") / f"{args.model}-fp32"
@@ -116,6 +120,7 @@ def main() -> None:
         hf = AutoModelForCausalLM.from_pretrained(core.engine.manifest["source"]["path"], dtype=torch.float32).eval()
         hf.generation_config.eos_token_id = None
     results: list[Result] = []
+    profiler = cProfile.Profile() if args.profile else None
     warm = Workload("warmup", workloads[0].prompts[:2], [4, 4])
     run_engine(core, warm, 2)
     if hf is not None:
@@ -123,12 +128,18 @@ def main() -> None:
     print(f"{'workload':<16}{'conc':>5}{'trtserve tok/s':>16}{'hf tok/s':>12}{'ratio':>8}")
     for work in workloads:
         for c in levels:
+            if profiler:
+                profiler.enable()
             ours = run_engine(core, work, c) if "trtserve" in systems else None
+            if profiler:
+                profiler.disable()
             theirs = run_hf(hf, work, c, core.engine.pad_token_id or 0) if hf is not None else None
             results += [r for r in (ours, theirs) if r is not None]
             o = ours.output_tok_s if ours else float("nan")
             t = theirs.output_tok_s if theirs else float("nan")
             print(f"{work.name:<16}{c:>5}{o:>16.1f}{t:>12.1f}{o / t:>8.2f}", flush=True)
+    if profiler:
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(15)
     if args.json:
         meta = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "threads": torch.get_num_threads(),
                 "cpu": platform.processor() or platform.machine(), "model": args.model, "requests": args.requests,
