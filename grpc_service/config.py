@@ -1,18 +1,20 @@
-"""Server configuration: frozen defaults, and the only place grpc_service reads environment variables.
+"""Server configuration: frozen defaults for the network face.
 
 What it is for: `ServerConfig`, every option of the network face (listen
 address, metrics port, queue and message limits, shutdown grace period, what
 to serve). Defaults live here; `from_env` lets `TRTSERVE_SERVER_*` variables
-and then CLI flags override them. Engine options (device, KV-cache size,
-scheduling policy) stay in `runtime.config.EngineConfig`.
+(read by `runtime.config.env_values`, the one reader) and then CLI flags
+override them. Engine options (device, KV-cache size, scheduling policy) stay
+in `runtime.config.EngineConfig`.
 Not for: values measured at start-up (those belong to the runtime's layout).
 """
 from __future__ import annotations
 
 import math
-import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
+
+from runtime.config import env_values
 
 ENV_PREFIX = "TRTSERVE_SERVER_"
 MIN_MESSAGE_BYTES = 1 << 16           # 64 KiB: below this even a short prompt would not fit
@@ -67,11 +69,7 @@ class ServerConfig:
     @classmethod
     def from_env(cls, **overrides: object) -> ServerConfig:
         """Defaults, then TRTSERVE_SERVER_* environment variables, then explicit overrides (None = unset)."""
-        values: dict[str, object] = {}
-        for field_ in fields(cls):
-            raw = os.environ.get(ENV_PREFIX + field_.name.upper())
-            if raw is not None:
-                values[field_.name] = _parse(field_.name, raw, str(field_.type))
+        values = env_values(cls, ENV_PREFIX, ServerConfigError)
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values).validate()  # type: ignore[arg-type]
 
@@ -79,20 +77,3 @@ class ServerConfig:
 def _check_port(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_PORT:
         raise ServerConfigError(name, f"must be an integer in [0, {MAX_PORT}], got {value!r}")
-
-
-def _parse(name: str, raw: str, type_name: str) -> object:
-    try:
-        if "tuple" in type_name:
-            return tuple(Path(p) for p in raw.split(os.pathsep) if p)
-        if "Path" in type_name:
-            return Path(raw)
-        if "bool" in type_name:
-            return raw.strip().lower() in ("1", "true", "yes", "on")
-        if "int" in type_name:
-            return int(raw)
-        if "float" in type_name:
-            return float(raw)
-    except ValueError:
-        raise ServerConfigError(name, f"cannot parse {ENV_PREFIX}{name.upper()}={raw!r}") from None
-    return raw

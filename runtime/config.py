@@ -1,4 +1,4 @@
-"""Runtime configuration: frozen defaults, and the only place environment variables are read.
+"""Runtime configuration: frozen defaults, and the only place environment variables are read (`env_values`).
 
 What it is for: `EngineConfig` (how to serve an engine directory: device,
 KV-cache size, scheduling policy and limits) and `EngineLayout` (what was
@@ -9,7 +9,9 @@ Not for: build settings (those are in engine.json) or wire options.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -59,11 +61,7 @@ class EngineConfig:
     @classmethod
     def from_env(cls, **overrides: object) -> "EngineConfig":
         """Defaults, then TRTSERVE_* environment variables, then explicit overrides."""
-        values: dict[str, object] = {}
-        for name, field_ in cls.__dataclass_fields__.items():
-            raw = os.environ.get(ENV_PREFIX + name.upper())
-            if raw is not None:
-                values[name] = _parse(raw, field_.type, name)
+        values = env_values(cls, ENV_PREFIX, EngineConfigError)
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values).validate()  # type: ignore[arg-type]
 
@@ -78,15 +76,32 @@ class EngineLayout:
     kv_bytes_per_block: int
 
 
-def _parse(raw: str, type_name: object, name: str) -> object:
-    text = str(type_name)
-    try:
-        if "bool" in text:
-            return raw.strip().lower() in ("1", "true", "yes", "on")
-        if "int" in text:
-            return int(raw)
-        if "float" in text:
-            return float(raw)
-    except ValueError:
-        raise EngineConfigError(name, f"cannot parse {ENV_PREFIX}{name.upper()}={raw!r}") from None
+def env_values(cls: type, prefix: str, error: Callable[[str, str], Exception]) -> dict[str, object]:
+    """Fields of dataclass `cls` given as PREFIX + FIELD environment variables, parsed by their annotation.
+
+    The only reader of environment variables in trtserve; `error(field, message)`
+    builds the caller's typed error for a value that does not parse.
+    """
+    values: dict[str, object] = {}
+    for field_ in fields(cls):
+        raw = os.environ.get(prefix + field_.name.upper())
+        if raw is not None:
+            try:
+                values[field_.name] = _parse(raw, str(field_.type))
+            except ValueError:
+                raise error(field_.name, f"cannot parse {prefix}{field_.name.upper()}={raw!r}") from None
+    return values
+
+
+def _parse(raw: str, type_name: str) -> object:
+    if "tuple" in type_name:
+        return tuple(Path(p) for p in raw.split(os.pathsep) if p)
+    if "Path" in type_name:
+        return Path(raw)
+    if "bool" in type_name:
+        return raw.strip().lower() in ("1", "true", "yes", "on")
+    if "int" in type_name:
+        return int(raw)
+    if "float" in type_name:
+        return float(raw)
     return raw
