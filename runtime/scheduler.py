@@ -16,7 +16,6 @@ conditions (EOS, stop strings, max_tokens are judged elsewhere, which then calls
 from __future__ import annotations
 
 import time
-
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -85,8 +84,12 @@ class ScheduledRequest:
 
     @property
     def token_ids(self) -> list[int]:
-        start = self.num_computed_tokens
-        return self.request.all_token_ids[start:start + self.num_new_tokens]
+        # Slice prompt and output separately: building all_token_ids each step is O(sequence).
+        start, end = self.num_computed_tokens, self.num_computed_tokens + self.num_new_tokens
+        prompt = self.request.prompt_token_ids
+        if start >= len(prompt):
+            return self.request.output_token_ids[start - len(prompt):end - len(prompt)]
+        return prompt[start:end] + self.request.output_token_ids[:max(0, end - len(prompt))]
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,9 +2,12 @@
 `EngineCore` run in-process on the same engine, which the server's greedy output must reproduce."""
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
+from grpc_service.client import NativeClient
 from grpc_service.launcher import ServerProcess, metric_value
+from grpc_service.proto import trtserve_pb2 as pb
 from runtime.engine_core import EngineCore, EngineRequest, collect_text
 from runtime.sampling_params import SamplingParams
 
@@ -33,3 +36,13 @@ class Reference:
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0, **kw)  # type: ignore[arg-type]
         outputs = self.core.generate_all([EngineRequest(rid, prompt_ids, params)])
         return collect_text(outputs[rid])
+
+
+def wait_idle(client: NativeClient, timeout_s: float = 10.0) -> pb.EngineStatus:
+    """Poll ModelInfo until nothing is in flight and no KV block is held (or the timeout passes)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status = client.model_info().status
+        if (status.num_in_flight == 0 and status.kv_used_blocks == 0) or time.monotonic() > deadline:
+            return status
+        time.sleep(0.02)

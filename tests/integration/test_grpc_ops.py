@@ -19,18 +19,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_service.client import NativeClient, Sampling
 from grpc_service.proto import trtserve_pb2 as pb
 from grpc_service.proto import trtserve_pb2_grpc
-from tests.integration.grpc_fixtures import Reference, ServerProcess, metric_value
+from tests.integration.grpc_fixtures import (
+    Reference,
+    ServerProcess,
+    metric_value,
+    wait_idle,
+)
 
 LONG = pb.SamplingParameters(max_tokens=1500, ignore_eos=True, temperature=0.0)
-
-
-def wait_idle(client: NativeClient, timeout_s: float = 10.0) -> pb.EngineStatus:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        status = client.model_info().status
-        if (status.num_in_flight == 0 and status.kv_used_blocks == 0) or time.monotonic() > deadline:
-            return status
-        time.sleep(0.02)
 
 
 def assert_back_to_baseline(client: NativeClient, baseline: pb.EngineStatus, within_s: float) -> None:
