@@ -9,13 +9,13 @@ DTYPE ?= fp32
 RANDOM_WEIGHTS ?= 0
 ENGINE_DIR ?= engines/$(MODEL)-$(DTYPE)
 
-.PHONY: setup test demo engine serve proto clean
+.PHONY: setup test demo engine serve proto clean bench
 
 $(STAMP): pyproject.toml constraints-cpu.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -c constraints-cpu.txt torch==2.13.0
-	$(PY) -m pip install --quiet -c constraints-cpu.txt -e ".[dev]"
+	$(PY) -m pip install --quiet -c constraints-cpu.txt -e ".[dev,bench,video]"
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -28,14 +28,16 @@ engine: $(STAMP)
 		$(if $(filter 1 true yes,$(RANDOM_WEIGHTS)),--random-weights,)
 
 DEMO_ENGINE ?= engines/tiny-qwen2
+DEMO_VL_ENGINE ?= engines/tiny-qwen2-vl
 
 demo: $(STAMP)
 	$(VENV)/bin/trtserve-build --model tiny-qwen2 --output $(DEMO_ENGINE)
+	$(VENV)/bin/trtserve-build --model tiny-qwen2-vl --output $(DEMO_VL_ENGINE)
 	@echo "--- four prompts in flight together, offline, sampled with a seed (random weights: the text is noise)"
 	$(VENV)/bin/trtserve-generate --engine $(DEMO_ENGINE) --max-tokens 16 --temperature 0.8 --seed 7 \
 		--prompt "The capital of France is" --prompt "def fibonacci(n):" \
 		--prompt "Once upon a time" --prompt "你好，世界"
-	$(PY) -m grpc_service.demo --engine $(DEMO_ENGINE) --max-tokens 32
+	$(PY) -m grpc_service.demo --engine $(DEMO_ENGINE) --vl-engine $(DEMO_VL_ENGINE) --max-tokens 32
 
 # make serve ENGINE=engines/tiny-qwen2 [HOST=0.0.0.0] [PORT=8001] [METRICS_PORT=8002]
 ENGINE ?= $(DEMO_ENGINE)
@@ -45,6 +47,26 @@ METRICS_PORT ?= 8002
 
 serve: $(STAMP)
 	$(VENV)/bin/trtserve-serve --engine $(ENGINE) --host $(HOST) --port $(PORT) --metrics-port $(METRICS_PORT)
+
+# CPU benchmark sweep (trtserve-bench, both protocols, HF baseline side by side) against a server it starts;
+# writes table (.md), .json and .png under docs/perf/. GPU protocol: docs/perf/README.md.
+BENCH_OUT ?= docs/perf
+BENCH_LEVELS ?= 1,4,16
+BENCH_REQUESTS ?= 32
+BENCH_NOTE ?=
+
+bench: $(STAMP)
+	$(VENV)/bin/trtserve-build --model small-qwen2 --output engines/small-qwen2-fp32
+	$(VENV)/bin/trtserve-build --model tiny-qwen2-vl --output engines/tiny-qwen2-vl-fp32
+	$(VENV)/bin/trtserve-bench --engine engines/small-qwen2-fp32 --protocol native,triton \
+		--concurrency $(BENCH_LEVELS) --requests $(BENCH_REQUESTS) --warmup 4 --input-len 128 --output-len 64 \
+		--baseline hf --note "$(BENCH_NOTE)" --out $(BENCH_OUT)/bench_small-qwen2_cpu
+	$(VENV)/bin/trtserve-bench --engine engines/tiny-qwen2-vl-fp32 --protocol native,triton \
+		--concurrency $(BENCH_LEVELS) --requests $(BENCH_REQUESTS) --warmup 4 --input-len 64 --output-len 32 \
+		--images-per-request 1 --image-size 224 --baseline hf --note "$(BENCH_NOTE)" \
+		--out $(BENCH_OUT)/bench_tiny-qwen2-vl_cpu
+	$(VENV)/bin/trtserve-bench plot $(BENCH_OUT)/bench_small-qwen2_cpu.json $(BENCH_OUT)/bench_tiny-qwen2-vl_cpu.json \
+		--title "trtserve-bench, 2-core CPU" --out $(BENCH_OUT)/bench_cpu.png
 
 # Regenerate the committed gRPC code after editing grpc_service/proto/trtserve.proto.
 proto: $(STAMP)

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from builder.pipeline import BuildRequest, build_engine
+from grpc_service.bench.baseline import generate_static_batch
 from runtime.config import EngineConfig
 from runtime.engine_core import EngineCore, EngineRequest
 from runtime.sampling_params import SamplingParams
@@ -76,20 +77,13 @@ def run_engine(core: EngineCore, work: Workload, concurrency: int) -> Result:
     return Result("trtserve", work.name, concurrency, len(work.prompts), produced, seconds)
 
 
-@torch.inference_mode()
 def run_hf(model, work: Workload, concurrency: int, pad_id: int) -> Result:
     start = time.perf_counter()
     produced = 0
     for first in range(0, len(work.prompts), concurrency):
-        batch = work.prompts[first:first + concurrency]
         lens = work.output_lens[first:first + concurrency]
-        width = max(len(p) for p in batch)
-        ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in batch])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
-        out = model.generate(ids, attention_mask=mask, max_new_tokens=max(lens), min_new_tokens=max(lens),
-                             do_sample=False, pad_token_id=pad_id)
-        assert out.shape[1] == width + max(lens)
-        produced += sum(lens)          # tokens past a request's own length are waste, not output
+        timing = generate_static_batch(model, work.prompts[first:first + concurrency], lens, pad_id)
+        produced += sum(len(ids) for ids in timing.output_ids)   # tokens past a request's own length: waste
     seconds = time.perf_counter() - start
     return Result("hf-generate", work.name, concurrency, len(work.prompts), produced, seconds)
 

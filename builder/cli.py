@@ -9,6 +9,7 @@ from builder.pipeline import BuildRequest, build_engine
 from builder.presets import DTYPES, PresetError, list_presets
 from builder.source import SourceError
 from builder.convert import ConversionError
+from builder.vision_export import VisionExportError
 from runtime.errors import EngineLoadError
 
 
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
                            overrides=overrides)
     try:
         result = build_engine(request, Progress(6, enabled=not args.quiet))
-    except (PresetError, SourceError, ConversionError, EngineLoadError) as exc:
+    except (PresetError, SourceError, ConversionError, VisionExportError, EngineLoadError) as exc:
         print(f"trtserve-build: error: {exc}", file=sys.stderr)
         return 2
     status = "up to date" if result.skipped else "built"

@@ -1,10 +1,13 @@
-"""Convert an HF Llama / Qwen2 checkpoint to TensorRT-LLM's checkpoint layout.
+"""Convert an HF Llama / Qwen2 / Qwen2-VL checkpoint's LLM to TensorRT-LLM's checkpoint layout.
 
 What it is for: the per-family weight mapping of REFERENCE.md section 3 (qkv
 concatenation, gate_proj -> mlp.fc, up_proj -> mlp.gate, tied embeddings) and
-the matching `llm/config.json`. The output feeds `trtllm-build` unchanged and
-is exactly what the PyTorch executor reads.
-Not for: quantization (a later stage) or loading checkpoints for serving.
+the matching `llm/config.json`, including the language model of Qwen2-VL /
+Qwen2.5-VL (M-RoPE, both the hub's `model.layers.*` and transformers 5's
+`model.language_model.layers.*` key layouts). The output feeds `trtllm-build`
+unchanged and is exactly what the PyTorch executor reads.
+Not for: quantization (a later stage), the vision tower (builder/vision_convert.py)
+or loading checkpoints for serving.
 """
 from __future__ import annotations
 
@@ -15,22 +18,36 @@ from typing import Any
 import torch
 
 from runtime.checkpoint_layout import expected_tensor_shapes, layer_prefix
-from runtime.llm_config import SHORT_DTYPES, LLMConfig
+from runtime.llm_config import QWEN_TYPES, SHORT_DTYPES, VL_ARCHITECTURES, LLMConfig
 
-HF_PREFIX = "model."
+HF_PREFIX = "model."                       # text models and the hub's Qwen2-VL checkpoints
+HF_VL_TEXT_PREFIX = "model.language_model."   # transformers 5 in-memory names of the VL language model
 
 
 class ConversionError(RuntimeError):
     """The HF checkpoint cannot be converted; names the tensor or config field."""
 
 
-def llm_config_from_hf(hf_config: dict[str, Any], architecture: str, dtype: str) -> LLMConfig:
+def text_config(hf_config: dict[str, Any]) -> dict[str, Any]:
+    """The language model's fields: transformers 5 nests them in `text_config`, hub VL configs are flat."""
+    sub = hf_config.get("text_config")
+    if not isinstance(sub, dict) or "hidden_size" not in sub:
+        return hf_config
+    return {**sub, "tie_word_embeddings": hf_config.get("tie_word_embeddings", sub.get("tie_word_embeddings", False))}
+
+
+def llm_config_from_hf(full_config: dict[str, Any], architecture: str, dtype: str) -> LLMConfig:
+    hf_config = text_config(full_config)
     heads = hf_config["num_attention_heads"]
     hidden = hf_config["hidden_size"]
+    head_size = hf_config.get("head_dim") or hidden // heads
     rope = dict(hf_config.get("rope_parameters") or hf_config.get("rope_scaling") or {})
     rope_theta = rope.pop("rope_theta", hf_config.get("rope_theta", 10000.0))
     rope_type = rope.pop("rope_type", rope.pop("type", "default"))
-    if rope_type == "default":
+    mrope_section = rope.pop("mrope_section", None)
+    if architecture in VL_ARCHITECTURES:
+        scaling = _mrope_scaling(mrope_section, rope_type, head_size)
+    elif rope_type == "default":
         scaling = None
     elif rope_type in ("llama3", "linear"):
         scaling = {"type": rope_type, **rope}
@@ -38,16 +55,26 @@ def llm_config_from_hf(hf_config: dict[str, Any], architecture: str, dtype: str)
         raise ConversionError(f"config.json: rope type {rope_type!r} is not supported (default, linear, llama3)")
     if hf_config.get("hidden_act", "silu") != "silu":
         raise ConversionError(f"config.json: hidden_act {hf_config['hidden_act']!r} is not supported (silu)")
-    is_qwen2 = architecture == "Qwen2ForCausalLM"
     return LLMConfig(
         architecture=architecture, dtype=SHORT_DTYPES[dtype], vocab_size=hf_config["vocab_size"],
         hidden_size=hidden, num_hidden_layers=hf_config["num_hidden_layers"], num_attention_heads=heads,
         num_key_value_heads=hf_config.get("num_key_value_heads") or heads,
-        head_size=hf_config.get("head_dim") or hidden // heads,
+        head_size=head_size,
         intermediate_size=hf_config["intermediate_size"], norm_epsilon=float(hf_config["rms_norm_eps"]),
         max_position_embeddings=hf_config["max_position_embeddings"], rotary_base=float(rope_theta),
         rotary_scaling=scaling, tie_word_embeddings=bool(hf_config.get("tie_word_embeddings", False)),
-        attn_bias=True if is_qwen2 else bool(hf_config.get("attention_bias", False)))
+        attn_bias=True if architecture in QWEN_TYPES else bool(hf_config.get("attention_bias", False)),
+        position_embedding_type="mrope" if scaling and scaling["type"] == "mrope" else "rope_gpt_neox")
+
+
+def _mrope_scaling(section: Any, rope_type: str, head_size: int) -> dict[str, Any]:
+    """TensorRT-LLM's spelling for Qwen2-VL: rotary_scaling = {"type": "mrope", "mrope_section": [t, h, w]}."""
+    if rope_type not in ("default", "mrope"):
+        raise ConversionError(f"config.json: rope type {rope_type!r} is not supported for Qwen2-VL (mrope)")
+    if not (isinstance(section, list) and len(section) == 3 and sum(section) == head_size // 2):
+        raise ConversionError(f"config.json: rope mrope_section must be 3 integers summing to head_dim / 2 "
+                              f"({head_size // 2}), got {section!r}")
+    return {"type": "mrope", "mrope_section": [int(x) for x in section]}
 
 
 def read_hf_state_dict(hf_dir: Path) -> dict[str, torch.Tensor]:
@@ -62,12 +89,19 @@ def read_hf_state_dict(hf_dir: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def llm_prefix(hf: dict[str, torch.Tensor]) -> str:
+    """Prefix of the language model's tensors: `model.language_model.` (transformers 5) or `model.`."""
+    return HF_VL_TEXT_PREFIX if any(k.startswith(HF_VL_TEXT_PREFIX) for k in hf) else HF_PREFIX
+
+
 def convert_state_dict(hf: dict[str, torch.Tensor], cfg: LLMConfig) -> dict[str, torch.Tensor]:
     """Map HF tensors to checkpoint tensors, cast to the config dtype, shapes checked."""
+    prefix = llm_prefix(hf)
+
     def take(name: str) -> torch.Tensor:
-        if HF_PREFIX + name not in hf:
-            raise ConversionError(f"HF checkpoint is missing tensor {HF_PREFIX + name!r}")
-        return hf[HF_PREFIX + name]
+        if prefix + name not in hf:
+            raise ConversionError(f"HF checkpoint is missing tensor {prefix + name!r}")
+        return hf[prefix + name]
 
     out: dict[str, torch.Tensor] = {
         "transformer.vocab_embedding.weight": take("embed_tokens.weight"),

@@ -1,4 +1,5 @@
-"""The build pipeline: source -> convert -> (quantize) -> (compile) -> validate -> manifest.
+"""The build pipeline: source -> convert -> (vision: convert, export ONNX, compile) -> (quantize) ->
+(compile) -> validate -> manifest.
 
 What it is for: composing the build stages into one function that writes a
 complete engine directory atomically (a failed build leaves no half engine),
@@ -20,6 +21,10 @@ from builder.presets import BuildSettings
 from builder.progress import Progress
 from builder.source import ResolvedSource, resolve_source
 from builder.validate import validate_engine
+from builder.validate_vision import add_vision_report, validate_vision, vision_summary, vision_summary_line
+from builder.vision_build import NUM_STAGES as VISION_STAGES
+from builder.vision_build import build_vision
+from runtime.llm_config import VL_ARCHITECTURES
 from runtime.engine_dir import FORMAT_VERSION, EngineLoadError, read_manifest, verify_files, write_manifest
 
 TRTSERVE_VERSION = "0.1.0"
@@ -49,6 +54,8 @@ def build_engine(request: BuildRequest, progress: Progress | None = None) -> Bui
     progress = progress or Progress(6)
     with progress.stage("resolve model source"):
         source = resolve_source(request.model, request.cache_dir, request.random_weights)
+        if source.architecture in VL_ARCHITECTURES:
+            progress.num_stages += VISION_STAGES
         settings = _settings(source, request)
         input_hash = _input_hash(source, settings, request.validate)
     if not request.force and _up_to_date(request.output, input_hash):
@@ -72,8 +79,14 @@ def _build_into(work: Path, source: ResolvedSource, settings: BuildSettings, req
     hf_config = json.loads((source.hf_dir / "config.json").read_text())
     with progress.stage("convert weights to the TensorRT-LLM checkpoint layout"):
         cfg = llm_config_from_hf(hf_config, source.architecture, settings.dtype)
-        write_checkpoint(work / "llm", cfg, convert_state_dict(read_hf_state_dict(source.hf_dir), cfg))
+        hf_state = read_hf_state_dict(source.hf_dir)
+        write_checkpoint(work / "llm", cfg, convert_state_dict(hf_state, cfg))
         progress.note(f"{cfg.architecture}, {cfg.num_hidden_layers} layers, dtype {cfg.dtype}")
+    vision = None
+    if cfg.mrope_section is not None:
+        preprocessing = source.preset.preprocessing if source.preset else None
+        vision = build_vision(work, source.hf_dir, settings.dtype, preprocessing, hf_state, progress)
+    del hf_state
     with progress.stage("copy tokenizer"):
         eos_ids, pad_id = _copy_tokenizer(source, work / "tokenizer", hf_config)
     progress.skip("quantize", "quantization 'none'")
@@ -88,15 +101,23 @@ def _build_into(work: Path, source: ResolvedSource, settings: BuildSettings, req
         "compile": {"tensorrt_llm": {"built": False, "reason": _trtllm_missing_reason()}},
         "generation": {"eos_token_ids": eos_ids, "pad_token_id": pad_id},
     }
+    if vision is not None:
+        manifest["components"]["vision"] = vision.component
+        manifest["compile"]["tensorrt_vision"] = vision.compile
     write_manifest(work, manifest)
     if request.validate:
         with progress.stage("validate against the HF reference"):
             report = validate_engine(work, source.hf_dir)
-            (work / "validation.json").write_text(json.dumps(report, indent=2) + "\n")
             progress.note(f"max abs err {report['max_abs_err']:.2e}, greedy agreement "
                           f"{report['greedy_agreement']:.3f}, passed: {report['passed']}")
+            if vision is not None:
+                report = add_vision_report(report, validate_vision(work, source.hf_dir))
+                progress.note(vision_summary_line(report["vision"]))
+            (work / "validation.json").write_text(json.dumps(report, indent=2) + "\n")
         manifest["validation"] = {k: report[k] for k in ("passed", "max_abs_err", "max_rel_err",
                                                            "greedy_agreement", "decisive_disagreements")}
+        if vision is not None:
+            manifest["validation"]["vision"] = vision_summary(report["vision"])
         manifest["validation"]["file"] = "validation.json"
     else:
         progress.skip("validate against the HF reference", "--no-validate")

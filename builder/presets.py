@@ -16,7 +16,15 @@ import yaml
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 PRESETS_DIR = CONFIGS_DIR / "models"
 
-FAMILIES = ("llama", "qwen2")
+ARCHITECTURES = {
+    "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+    "qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+}
+FAMILIES = tuple(ARCHITECTURES)
+VL_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
+# Image-processor parameters a vision-language preset must state (vision/config.json "preprocessing").
+PREPROCESSING_KEYS = ("patch_size", "temporal_patch_size", "merge_size", "min_pixels", "max_pixels",
+                      "image_mean", "image_std", "rescale_factor")
 SOURCES = ("random", "hub")
 TOKENIZERS = ("offline", "source")
 DTYPES = ("fp32", "fp16", "bf16")
@@ -62,11 +70,16 @@ class ModelPreset:
     tokenizer: str = "offline"
     hub_id: str | None = None
     revision: str | None = None
+    preprocessing: dict[str, Any] | None = None     # vision-language families only
     origin: str = field(default="", compare=False)
 
     @property
     def architecture(self) -> str:
-        return {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}[self.family]
+        return ARCHITECTURES[self.family]
+
+    @property
+    def is_vision_language(self) -> bool:
+        return self.family in VL_FAMILIES
 
 
 def list_presets() -> list[str]:
@@ -107,8 +120,31 @@ def preset_from_dict(data: Any, origin: str) -> ModelPreset:
         raise PresetError(f"{origin}: unknown build keys {sorted(unknown)}")
     build = BuildSettings(**build_data)
     build.validate(origin)
+    preprocessing = _preprocessing(data, origin)
     return ModelPreset(
         name=str(data["name"]), family=data["family"], source=data["source"],
         hf_config=dict(data["hf_config"]), build=build, seed=int(data.get("seed", 0)),
         init_std=float(data.get("init_std", 0.02)), tokenizer=data.get("tokenizer", "offline"),
-        hub_id=data.get("hub_id"), revision=data.get("revision"), origin=origin)
+        hub_id=data.get("hub_id"), revision=data.get("revision"), preprocessing=preprocessing, origin=origin)
+
+
+def _preprocessing(data: dict[str, Any], origin: str) -> dict[str, Any] | None:
+    value = data.get("preprocessing")
+    if data["family"] not in VL_FAMILIES:
+        if value is not None:
+            raise PresetError(f"{origin}: preprocessing is only for the families {VL_FAMILIES}")
+        return None
+    if not isinstance(value, dict):
+        raise PresetError(f"{origin}: family {data['family']!r} needs a preprocessing mapping "
+                          f"({', '.join(PREPROCESSING_KEYS)})")
+    missing = [k for k in PREPROCESSING_KEYS if k not in value]
+    unknown = sorted(set(value) - set(PREPROCESSING_KEYS))
+    if missing or unknown:
+        raise PresetError(f"{origin}: preprocessing: missing keys {missing}, unknown keys {unknown}")
+    for key in ("image_mean", "image_std"):
+        if not (isinstance(value[key], list) and len(value[key]) == 3):
+            raise PresetError(f"{origin}: preprocessing.{key} must be a list of 3 numbers, got {value[key]!r}")
+    if not 0 < value["min_pixels"] <= value["max_pixels"]:
+        raise PresetError(f"{origin}: preprocessing.min_pixels ({value['min_pixels']}) must be positive and "
+                          f"at most max_pixels ({value['max_pixels']})")
+    return dict(value)

@@ -13,11 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from builder.presets import ModelPreset, is_preset, load_preset
-from builder.tokenizer import offline_tokenizer_dir
+from builder.presets import ARCHITECTURES, ModelPreset, is_preset, load_preset
+from builder.tokenizer import offline_tokenizer_dir, special_token_ids
 
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 RANDOM_CHECKPOINT_VERSION = 1
+VL_TOKEN_IDS = {"image_token_id": "<|image_pad|>", "video_token_id": "<|video_pad|>",
+                "vision_start_token_id": "<|vision_start|>", "vision_end_token_id": "<|vision_end|>"}
 
 
 class SourceError(RuntimeError):
@@ -102,30 +103,50 @@ def hf_config_dict(preset: ModelPreset, tokenizer_dir: Path) -> dict[str, Any]:
                   pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
     if preset.family == "qwen2":
         config.setdefault("attention_bias", True)
+    if preset.is_vision_language:
+        ids = special_token_ids(tokenizer_dir)
+        config.update({key: ids[token] for key, token in VL_TOKEN_IDS.items()})
+        config["vision_config"] = {"initializer_range": preset.init_std, **config["vision_config"]}
     return config
 
 
 def make_random_checkpoint(preset: ModelPreset, tokenizer_dir: Path, cache_dir: Path) -> Path:
     """Write (once, cached by content) an HF checkpoint with seeded random weights."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 
     config_kwargs = hf_config_dict(preset, tokenizer_dir)
     key = json.dumps({"v": RANDOM_CHECKPOINT_VERSION, "family": preset.family, "seed": preset.seed,
-                      "config": config_kwargs, "tokenizer": tokenizer_dir.name}, sort_keys=True)
+                      "config": config_kwargs, "preprocessing": preset.preprocessing,
+                      "tokenizer": tokenizer_dir.name}, sort_keys=True)
     out_dir = cache_dir / "random-checkpoints" / f"{preset.name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
     if (out_dir / "model.safetensors").is_file() or (out_dir / "model.safetensors.index.json").is_file():
         return out_dir
     config = AutoConfig.for_model(preset.family, **config_kwargs)
     config.architectures = [ARCHITECTURES[preset.family]]
     torch.manual_seed(preset.seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    auto_class = AutoModelForImageTextToText if preset.is_vision_language else AutoModelForCausalLM
+    model = auto_class.from_config(config, dtype=torch.float32)
     _perturb_defaults(model, preset.seed)
     tmp_dir = out_dir.with_name(out_dir.name + ".tmp")
     model.save_pretrained(str(tmp_dir))
     AutoTokenizer.from_pretrained(str(tokenizer_dir)).save_pretrained(str(tmp_dir))
+    if preset.preprocessing is not None:
+        (tmp_dir / "preprocessor_config.json").write_text(
+            json.dumps(hf_preprocessor_config(preset.preprocessing, preset.family), indent=2) + "\n")
     tmp_dir.replace(out_dir)
     return out_dir
+
+
+def hf_preprocessor_config(preprocessing: dict[str, Any], family: str) -> dict[str, Any]:
+    """An HF `preprocessor_config.json` for the Qwen2-VL image processor (both spellings of the pixel limits)."""
+    processor = {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor"}[family]
+    return {
+        "image_processor_type": "Qwen2VLImageProcessor", "processor_class": processor,
+        "do_resize": True, "do_rescale": True, "do_normalize": True, "do_convert_rgb": True,
+        **preprocessing,
+        "size": {"shortest_edge": preprocessing["min_pixels"], "longest_edge": preprocessing["max_pixels"]},
+    }
 
 
 def _perturb_defaults(model: Any, seed: int) -> None:

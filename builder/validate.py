@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from runtime.engine_dir import load_engine
+from runtime.llm_config import VL_ARCHITECTURES
 from runtime.model import DecoderModel
 from runtime.sequential import SequentialRunner
 
@@ -30,13 +31,22 @@ PROMPTS = (
 TOLERANCE = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 6e-2}
 
 
+def load_hf_reference(hf_dir: Path, architecture: str, dtype: torch.dtype) -> Any:
+    """The HF model an engine is compared with (VL architectures load through the image-text-to-text class)."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    auto_class = AutoModelForImageTextToText if architecture in VL_ARCHITECTURES else AutoModelForCausalLM
+    return auto_class.from_pretrained(str(hf_dir), dtype=dtype).eval()
+
+
 def validate_engine(engine_dir: Path, hf_dir: Path, num_new_tokens: int = 16) -> dict[str, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Text prompts only: on a VL engine M-RoPE with three equal axes is 1-D RoPE, in HF and here."""
+    from transformers import AutoTokenizer
 
     engine = load_engine(engine_dir)
     dtype = getattr(torch, engine.llm_config.dtype)
     tokenizer = AutoTokenizer.from_pretrained(str(engine.tokenizer_dir))
-    hf = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=dtype).eval()
+    hf = load_hf_reference(hf_dir, engine.llm_config.architecture, dtype)
     model = DecoderModel(engine.llm_config, engine.weights, torch.device("cpu"))
     tol = TOLERANCE[engine.llm_config.dtype]
     prompts = []

@@ -4,7 +4,11 @@ What it is for: `NativeClient` (generate / stream / chat / tokenize /
 detokenize / models / model_info / health over `trtserve.v1.LLMService` and
 grpc.health.v1) and `TritonClient` (streamed or whole text from the `ensemble`
 model, readiness and the model list, with nothing but tritonclient on the
-wire, exactly as an existing Triton client would talk). Both are synchronous
+wire, exactly as an existing Triton client would talk). Images and videos
+(vision-language engines) go with a text prompt or into the last user chat
+message, as encoded bytes or URLs (`image_part`, `video_part`); the Triton
+client sends images as the multimodal ensemble's `image_bytes_input` pixels
+or `image_url_input`. Both are synchronous
 and small on purpose: scripts, the CLI, tests and the demo use them.
 Not for: load generation (the benchmark has its own asyncio client).
 """
@@ -24,6 +28,23 @@ from grpc_service.proto import trtserve_pb2_grpc
 
 DEFAULT_TARGET = "127.0.0.1:8001"
 Message = tuple[str, str]              # (role, content)
+ImageInput = bytes | str               # encoded image, or a URL (data:, file://, http(s)://)
+
+
+def image_proto(image: ImageInput) -> pb.Image:
+    return pb.Image(data=image) if isinstance(image, bytes) else pb.Image(url=image)
+
+
+def video_proto(video: ImageInput | Sequence[bytes], fps: float | None = None) -> pb.Video:
+    """An encoded video / animated image, a URL, or a list of encoded frames."""
+    message = pb.Video(fps=fps) if fps is not None else pb.Video()
+    if isinstance(video, bytes):
+        message.data = video
+    elif isinstance(video, str):
+        message.url = video
+    else:
+        message.frames.frames.extend(video)
+    return message
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,28 +96,34 @@ class NativeClient:
         self.close()
 
     def stream(self, prompt: str | Sequence[int], sampling: Sampling = Sampling(), model: str = "",
-               request_id: str = "") -> Iterator[pb.GenerateResponse]:
+               request_id: str = "", images: Sequence[ImageInput] = (),
+               videos: Sequence[pb.Video] = ()) -> Iterator[pb.GenerateResponse]:
         """Responses as the server streams them (text and token-id deltas; the last has usage)."""
-        request = pb.GenerateRequest(model=model, request_id=request_id, sampling=sampling.to_proto())
+        request = pb.GenerateRequest(model=model, request_id=request_id, sampling=sampling.to_proto(),
+                                     images=[image_proto(i) for i in images], videos=list(videos))
         if isinstance(prompt, str):
             request.text = prompt
         else:
             request.token_ids.ids.extend(prompt)
         return self.stub.Generate(request, timeout=self.timeout_s)
 
-    def stream_chat(self, messages: Sequence[Message], sampling: Sampling = Sampling(), model: str = "",
-                    request_id: str = "") -> Iterator[pb.GenerateResponse]:
+    def stream_chat(self, messages: Sequence[Message | pb.ChatMessage], sampling: Sampling = Sampling(),
+                    model: str = "", request_id: str = "") -> Iterator[pb.GenerateResponse]:
+        """`messages`: (role, text) pairs, or ChatMessages with parts (see `chat_message`)."""
         request = pb.GenerateRequest(model=model, request_id=request_id, sampling=sampling.to_proto(),
                                      chat=_chat(messages))
         return self.stub.Generate(request, timeout=self.timeout_s)
 
-    def generate(self, prompt: str | Sequence[int], sampling: Sampling = Sampling(), model: str = "") -> Completion:
-        return collect(self.stream(prompt, sampling, model))
+    def generate(self, prompt: str | Sequence[int], sampling: Sampling = Sampling(), model: str = "",
+                 images: Sequence[ImageInput] = (), videos: Sequence[pb.Video] = ()) -> Completion:
+        return collect(self.stream(prompt, sampling, model, images=images, videos=videos))
 
-    def chat(self, messages: Sequence[Message], sampling: Sampling = Sampling(), model: str = "") -> Completion:
+    def chat(self, messages: Sequence[Message | pb.ChatMessage], sampling: Sampling = Sampling(),
+             model: str = "") -> Completion:
         return collect(self.stream_chat(messages, sampling, model))
 
-    def tokenize(self, text: str | Sequence[Message], model: str = "", add_special_tokens: bool = False) -> list[int]:
+    def tokenize(self, text: str | Sequence[Message | pb.ChatMessage], model: str = "",
+                 add_special_tokens: bool = False) -> list[int]:
         request = pb.TokenizeRequest(model=model, add_special_tokens=add_special_tokens)
         if isinstance(text, str):
             request.text = text
@@ -132,8 +159,22 @@ def collect(responses: Iterator[pb.GenerateResponse]) -> Completion:
                       usage.cached_tokens)
 
 
-def _chat(messages: Sequence[Message]) -> pb.ChatMessages:
-    return pb.ChatMessages(messages=[pb.ChatMessage(role=role, content=content) for role, content in messages])
+def chat_message(role: str, *parts: str | pb.Image | pb.Video) -> pb.ChatMessage:
+    """A chat message of text, image and video parts, in order (images before text is Qwen-VL's habit)."""
+    message = pb.ChatMessage(role=role)
+    for part in parts:
+        if isinstance(part, str):
+            message.parts.add(text=part)
+        elif isinstance(part, pb.Image):
+            message.parts.add(image=part)
+        else:
+            message.parts.add(video=part)
+    return message
+
+
+def _chat(messages: Sequence[Message | pb.ChatMessage]) -> pb.ChatMessages:
+    return pb.ChatMessages(messages=[m if isinstance(m, pb.ChatMessage) else pb.ChatMessage(role=m[0], content=m[1])
+                                     for m in messages])
 
 
 class TritonClient:
@@ -156,7 +197,10 @@ class TritonClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def inputs(self, prompt: str, sampling: Sampling, stream: bool) -> list[object]:
+    def inputs(self, prompt: str, sampling: Sampling, stream: bool, images: Sequence[np.ndarray] = (),
+               image_urls: Sequence[str] = ()) -> list[object]:
+        """`images`: uint8 [H, W, 3] pixel arrays of one size (the multimodal ensemble's image_bytes_input);
+        `image_urls`: its image_url_input."""
         values: list[tuple[str, str, np.ndarray]] = [
             ("text_input", "BYTES", np.array([[prompt.encode("utf-8")]], dtype=object)),
             ("max_tokens", "INT32", np.array([[sampling.max_tokens]], dtype=np.int32)),
@@ -173,6 +217,11 @@ class TritonClient:
             values.append(("seed", "UINT64", np.array([[sampling.seed]], dtype=np.uint64)))
         if sampling.stop:
             values.append(("stop_words", "BYTES", np.array([[s.encode() for s in sampling.stop]], dtype=object)))
+        if len(images):
+            pixels = np.stack([np.asarray(image, dtype=np.uint8) for image in images])[None]
+            values.append(("image_bytes_input", "UINT8", pixels))
+        if image_urls:
+            values.append(("image_url_input", "BYTES", np.array([[u.encode() for u in image_urls]], dtype=object)))
         tensors = []
         for name, datatype, array in values:
             tensor = self._grpc.InferInput(name, list(array.shape), datatype)
@@ -180,12 +229,13 @@ class TritonClient:
             tensors.append(tensor)
         return tensors
 
-    def stream(self, prompt: str, sampling: Sampling = Sampling(), stream: bool = True) -> Iterator[str]:
+    def stream(self, prompt: str, sampling: Sampling = Sampling(), stream: bool = True,
+               images: Sequence[np.ndarray] = (), image_urls: Sequence[str] = ()) -> Iterator[str]:
         """Text deltas from ModelStreamInfer until the response flagged triton_final_response."""
         results: queue.Queue[tuple[object, object]] = queue.Queue()
         self.client.start_stream(callback=lambda result, error: results.put((result, error)))
         try:
-            self.client.async_stream_infer(self.model, self.inputs(prompt, sampling, stream),
+            self.client.async_stream_infer(self.model, self.inputs(prompt, sampling, stream, images, image_urls),
                                            request_id=uuid.uuid4().hex)
             while True:
                 result, error = results.get(timeout=self.timeout_s)
@@ -199,8 +249,9 @@ class TritonClient:
         finally:
             self.client.stop_stream(cancel_requests=True)
 
-    def generate(self, prompt: str, sampling: Sampling = Sampling()) -> str:
-        return "".join(self.stream(prompt, sampling, stream=False))
+    def generate(self, prompt: str, sampling: Sampling = Sampling(), images: Sequence[np.ndarray] = (),
+                 image_urls: Sequence[str] = ()) -> str:
+        return "".join(self.stream(prompt, sampling, stream=False, images=images, image_urls=image_urls))
 
     def ready(self) -> bool:
         return bool(self.client.is_server_ready())

@@ -6,10 +6,18 @@
   trtserve-client health
   trtserve-client models
   trtserve-client --api triton stream "Once upon a time"  # the same through KServe v2 / tritonclient
+  trtserve-client chat "Describe the image." --image cat.png             # vision-language engines
+  trtserve-client generate "What happens?" --video clip.gif --video-fps 4
+  trtserve-client --api triton generate "Describe it." --image cat.png  # image_bytes_input pixels
 
 `--api native` (default) uses trtserve.v1.LLMService; `--api triton` sends the
 tensors of Triton's TensorRT-LLM `ensemble` model with tritonclient (chat needs
 the native API: the ensemble takes raw text, without a chat template).
+`--image` (repeatable) and `--video` take a file (sent as bytes) or a URL
+(data:, file://, http(s)://: the server resolves it under its URL policy);
+`--video` may also be given several times with `--video-frames` to send the
+files as one video's frames. With `chat` they go into the user message before
+the text; with `generate` / `stream` they go with the text prompt.
 """
 from __future__ import annotations
 
@@ -17,9 +25,24 @@ import argparse
 import sys
 
 import grpc
+import numpy as np
 from tritonclient.utils import InferenceServerException
 
-from grpc_service.client import DEFAULT_TARGET, Completion, NativeClient, Sampling, TritonClient, collect
+from grpc_service.client import (
+    DEFAULT_TARGET,
+    Completion,
+    ImageInput,
+    NativeClient,
+    Sampling,
+    TritonClient,
+    chat_message,
+    collect,
+    image_proto,
+    video_proto,
+)
+from grpc_service.proto import trtserve_pb2 as pb
+
+URL_SCHEMES = ("data:", "file:", "http:", "https:")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -42,6 +65,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         sub.add_argument("--ignore-eos", action="store_true", help="native only")
         if name == "chat":
             sub.add_argument("--system", help="system message")
+        sub.add_argument("--image", action="append", default=[], help="image file or URL (repeatable)")
+        sub.add_argument("--video", action="append", default=[],
+                         help="video / animated image file or URL (repeatable)")
+        sub.add_argument("--video-frames", action="store_true",
+                         help="the --video files are the frames of one video, in order")
+        sub.add_argument("--video-fps", type=float, help="frames per second of the video(s)")
     commands.add_parser("health")
     commands.add_parser("models")
     return p.parse_args(argv)
@@ -50,6 +79,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def sampling_from_args(args: argparse.Namespace) -> Sampling:
     return Sampling(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                     seed=args.seed, ignore_eos=args.ignore_eos, stop=tuple(args.stop))
+
+
+def media_input(value: str) -> ImageInput:
+    """A URL as is, a file as its bytes."""
+    if value.lower().startswith(URL_SCHEMES):
+        return value
+    with open(value, "rb") as handle:
+        return handle.read()
+
+
+def videos_from_args(args: argparse.Namespace) -> list[pb.Video]:
+    if args.video_frames and args.video:
+        frames = [media_input(v) for v in args.video]
+        if any(isinstance(f, str) for f in frames):
+            raise ValueError("--video-frames needs files, not URLs")
+        return [video_proto([f for f in frames if isinstance(f, bytes)], args.video_fps)]
+    return [video_proto(media_input(v), args.video_fps) for v in args.video]
 
 
 def run_native(args: argparse.Namespace) -> int:
@@ -64,11 +110,14 @@ def run_native(args: argparse.Namespace) -> int:
                       f"max_seq_len={card.max_seq_len}\tvocab={card.vocab_size}")
             return 0
         sampling = sampling_from_args(args)
+        images = [media_input(i) for i in args.image]
+        videos = videos_from_args(args)
         if args.command == "chat":
-            messages = ([("system", args.system)] if args.system else []) + [("user", args.prompt)]
-            responses = client.stream_chat(messages, sampling, args.model)
+            system = [pb.ChatMessage(role="system", content=args.system)] if args.system else []
+            user = chat_message("user", *[image_proto(i) for i in images], *videos, args.prompt)
+            responses = client.stream_chat(system + [user], sampling, args.model)
         else:
-            responses = client.stream(args.prompt, sampling, args.model)
+            responses = client.stream(args.prompt, sampling, args.model, images=images, videos=videos)
         if args.command == "generate":
             print_completion(collect(responses))
             return 0
@@ -101,13 +150,27 @@ def run_triton(args: argparse.Namespace) -> int:
             print("trtserve-client: error: chat needs --api native (the ensemble takes raw text)", file=sys.stderr)
             return 2
         sampling = sampling_from_args(args)
+        if args.video:
+            print("trtserve-client: error: --video needs --api native", file=sys.stderr)
+            return 2
+        pixels = [image_pixels(i) for i in args.image if not i.lower().startswith(URL_SCHEMES)]
+        urls = [i for i in args.image if i.lower().startswith(URL_SCHEMES)]
         if args.command == "generate":
-            print(client.generate(args.prompt, sampling))
+            print(client.generate(args.prompt, sampling, images=pixels, image_urls=urls))
             return 0
-        for delta in client.stream(args.prompt, sampling):
+        for delta in client.stream(args.prompt, sampling, images=pixels, image_urls=urls):
             print(delta, end="", flush=True)
         print()
         return 0
+
+
+def image_pixels(path: str) -> np.ndarray:
+    """A file as the uint8 [H, W, 3] pixels the multimodal ensemble takes (images of one request must
+    share a size, as in Triton's client)."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -120,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     except (RuntimeError, InferenceServerException) as exc:     # tritonclient's errors
         print(f"trtserve-client: error: {exc}", file=sys.stderr)
         return 1
+    except (OSError, ValueError) as exc:                          # unreadable --image / --video
+        print(f"trtserve-client: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

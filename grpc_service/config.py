@@ -2,7 +2,9 @@
 
 What it is for: `ServerConfig`, every option of the network face (listen
 address, metrics port, queue and message limits, shutdown grace period, what
-to serve). Defaults live here; `from_env` lets `TRTSERVE_SERVER_*` variables
+to serve, and the image policy: limits per request and image, and where image
+URLs may point). Defaults live here (the image limits' are
+runtime.image_io.ImageLimits'); `from_env` lets `TRTSERVE_SERVER_*` variables
 (read by `runtime.config.env_values`, the one reader) and then CLI flags
 override them. Engine options (device, KV-cache size, scheduling policy) stay
 in `runtime.config.EngineConfig`.
@@ -11,15 +13,18 @@ Not for: values measured at start-up (those belong to the runtime's layout).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+from grpc_service.image_urls import UrlPolicy
 from runtime.config import env_values
+from runtime.image_io import ImageLimits
 
 ENV_PREFIX = "TRTSERVE_SERVER_"
 MIN_MESSAGE_BYTES = 1 << 16           # 64 KiB: below this even a short prompt would not fit
 MAX_MESSAGE_BYTES = (1 << 31) - 1     # gRPC's own ceiling
 MAX_PORT = 65535
+_IMAGE_DEFAULTS = ImageLimits()
 
 
 class ServerConfigError(ValueError):
@@ -43,6 +48,14 @@ class ServerConfig:
     max_send_message_bytes: int = 64 << 20
     grace_period_s: float = 30.0              # SIGTERM: how long in-flight requests may take to finish
     warmup: bool = True                       # one short request per model before reporting SERVING
+    # vision-language engines (the defaults are runtime.image_io.ImageLimits')
+    max_images_per_request: int = _IMAGE_DEFAULTS.max_images_per_request    # images plus videos
+    max_image_pixels: int = _IMAGE_DEFAULTS.max_image_pixels                # per image / frame, from its header
+    max_image_bytes: int = _IMAGE_DEFAULTS.max_image_bytes                  # per encoded image
+    max_video_frames: int = _IMAGE_DEFAULTS.max_video_frames
+    allowed_image_dir: Path | None = None     # file:// URLs and paths: only inside it; None refuses them
+    allow_image_url_fetch: bool = False       # http(s):// image URLs (the server then makes outgoing requests)
+    image_fetch_timeout_s: float = 10.0
 
     def validate(self) -> ServerConfig:
         if bool(self.engine_dirs) == (self.model_repository is not None):
@@ -59,7 +72,25 @@ class ServerConfig:
             raise ServerConfigError("grace_period_s", f"must be a finite number >= 0, got {self.grace_period_s}")
         if not self.host:
             raise ServerConfigError("host", "must not be empty")
+        for name in ("max_images_per_request", "max_image_pixels", "max_image_bytes", "max_video_frames"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ServerConfigError(name, f"must be an integer >= 1, got {value!r}")
+        if not math.isfinite(self.image_fetch_timeout_s) or not self.image_fetch_timeout_s > 0:
+            raise ServerConfigError("image_fetch_timeout_s", f"must be a finite number > 0, got "
+                                                             f"{self.image_fetch_timeout_s}")
+        if self.allowed_image_dir is not None and not self.allowed_image_dir.is_dir():
+            raise ServerConfigError("allowed_image_dir", f"{self.allowed_image_dir} is not a directory")
         return self
+
+    def image_limits(self) -> ImageLimits:
+        return replace(_IMAGE_DEFAULTS, max_images_per_request=self.max_images_per_request,
+                       max_image_pixels=self.max_image_pixels, max_image_bytes=self.max_image_bytes,
+                       max_video_frames=self.max_video_frames)
+
+    def url_policy(self) -> UrlPolicy:
+        return UrlPolicy(self.allowed_image_dir, self.allow_image_url_fetch, self.image_fetch_timeout_s,
+                         max(self.max_image_bytes, _IMAGE_DEFAULTS.max_video_bytes))
 
     @property
     def address(self) -> str:

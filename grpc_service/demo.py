@@ -4,15 +4,27 @@ Starts `trtserve-serve` on free loopback ports, streams one chat answer over
 the native API and one answer over the Triton protocol (tritonclient against
 the `ensemble` model, exactly as a Triton TensorRT-LLM client would), prints a
 summary of the server's Prometheus metrics, then sends SIGTERM and reports the
-exit code. Not for: benchmarking (requests here are one at a time).
+exit code. With `--vl-engine`, it then serves a vision-language engine the same
+way and sends one chat request holding an image made in code (a gradient PNG).
+Not for: benchmarking (requests here are one at a time).
 """
 from __future__ import annotations
 
 import argparse
+import io
 import sys
 from pathlib import Path
 
-from grpc_service.client import NativeClient, Sampling, TritonClient
+import numpy as np
+from PIL import Image
+
+from grpc_service.client import (
+    NativeClient,
+    Sampling,
+    TritonClient,
+    chat_message,
+    image_proto,
+)
 from grpc_service.launcher import ServerProcess, metric_value
 
 
@@ -20,7 +32,37 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m grpc_service.demo", description=__doc__)
     p.add_argument("--engine", required=True, type=Path)
     p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--vl-engine", type=Path, help="a vision-language engine: one image request after the rest")
     return p.parse_args(argv)
+
+
+def gradient_png(width: int = 96, height: int = 64) -> bytes:
+    """A small RGB gradient, encoded as PNG (the demo's image: no files, no downloads)."""
+    ys, xs = np.mgrid[0:height, 0:width]
+    pixels = np.stack([xs * 255 // (width - 1), ys * 255 // (height - 1), np.full_like(xs, 128)], axis=-1)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels.astype(np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def image_chat(engine: Path, max_tokens: int) -> int:
+    print(f"--- starting trtserve-serve --engine {engine} (vision-language)")
+    server = ServerProcess.start(["--engine", str(engine), "--log-level", "WARNING"])
+    try:
+        png = gradient_png()
+        print(f"--- native API, a chat request with one image (a {len(png)}-byte 96x64 gradient PNG made in code)")
+        with NativeClient(server.target, timeout_s=120) as client:
+            message = chat_message("user", image_proto(png), "Describe this image.")
+            last = None
+            for last in client.stream_chat([message], Sampling(max_tokens=max_tokens)):
+                print(last.text, end="", flush=True)
+        if last is not None:
+            print(f"\n[finish: {last.finish_reason}; {last.usage.prompt_tokens} prompt tokens (image placeholders "
+                  f"included) + {last.usage.completion_tokens} generated]")
+    finally:
+        code = server.terminate()
+    print(f"--- SIGTERM: server drained and exited with code {code}")
+    return code
 
 
 def native_chat(target: str, max_tokens: int) -> None:
@@ -78,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         code = server.terminate()
     print(f"--- SIGTERM: server drained and exited with code {code}")
+    if code == 0 and args.vl_engine is not None:
+        code = image_chat(args.vl_engine, args.max_tokens)
     return code
 
 

@@ -7,6 +7,9 @@ event-loop thread; the engine thread keeps the runtime's), admits requests
 through a bounded `AdmissionGate` (beyond it: `Overloaded` at once), gives each
 request a fresh internal id, records metrics, and guarantees that leaving the
 stream early aborts the request (its KV blocks are freed within one step).
+A vision-language engine also has a `VisualFrontend` (`visual`), which turns
+images and videos into prompt ids plus `MultimodalInputs` off the event loop;
+a text-only engine refuses them.
 Not for: wire formats (native_service / triton_*), status codes (errors.py).
 """
 from __future__ import annotations
@@ -23,9 +26,18 @@ from jinja2 import TemplateError
 
 from grpc_service.errors import InvalidArgument, Overloaded, outcome_for
 from grpc_service.metrics import EngineGaugeSource, ServerMetrics
+from grpc_service.visual_inputs import (
+    ChatContent,
+    FieldNames,
+    ImageSource,
+    MediaPolicy,
+    VideoSource,
+    VisualFrontend,
+)
 from runtime.async_engine import AsyncEngine
 from runtime.config import EngineConfig
 from runtime.engine_core import EngineCore, EngineRequest, EngineStats
+from runtime.multimodal import MultimodalInputs
 from runtime.outputs import RequestOutput
 from runtime.sampling_params import SamplingParams
 
@@ -74,7 +86,8 @@ class AdmissionGate:
 
 
 class ServedModel:
-    def __init__(self, core: EngineCore, max_queue_size: int, metrics: ServerMetrics) -> None:
+    def __init__(self, core: EngineCore, max_queue_size: int, metrics: ServerMetrics,
+                 media: MediaPolicy | None = None) -> None:
         from transformers import AutoTokenizer
 
         loaded = core.engine
@@ -88,14 +101,16 @@ class ServedModel:
         self.has_chat_template = bool(getattr(self.tokenizer, "chat_template", None))
         self.gate = AdmissionGate(self.name, self.limits.max_batch_size + max_queue_size)
         self.metrics = metrics
+        self.visual = (VisualFrontend(loaded, media or MediaPolicy(), self.gate.limit)
+                       if loaded.vision is not None else None)
         self.engine = AsyncEngine(core)
         self.ready = False
 
     @classmethod
     async def load(cls, engine_dir: Path, engine_config: EngineConfig, max_queue_size: int,
-                   metrics: ServerMetrics) -> ServedModel:
+                   metrics: ServerMetrics, media: MediaPolicy | None = None) -> ServedModel:
         core = await asyncio.to_thread(EngineCore.from_dir, engine_dir, engine_config)
-        model = await asyncio.to_thread(cls, core, max_queue_size, metrics)
+        model = await asyncio.to_thread(cls, core, max_queue_size, metrics, media)
         metrics.attach(EngineGaugeSource(model.name, model.stats, lambda: model.gate.in_flight, model.gate.limit),
                        asyncio.get_running_loop())
         return model
@@ -118,19 +133,21 @@ class ServedModel:
         encoded = self.tokenizer(text, add_special_tokens=add_special_tokens)
         return [int(t) for t in encoded["input_ids"]]
 
-    def encode_chat(self, messages: Sequence[tuple[str, str]], add_generation_prompt: bool = True) -> list[int]:
+    def check_chat(self, roles: Sequence[str], num_chars: int) -> None:
+        """What every chat prompt must satisfy: a template, 1+ messages, known roles, bounded text."""
         if not self.has_chat_template:
             raise InvalidArgument("chat", f"model {self.name!r} has no chat template; send text or token ids")
-        if not messages:
+        if not roles:
             raise InvalidArgument("chat.messages", "must hold at least 1 message")
-        total = 0
-        for i, (role, content) in enumerate(messages):
+        for i, role in enumerate(roles):
             if role not in CHAT_ROLES:
                 raise InvalidArgument("chat.messages", f"message {i}: role must be one of {CHAT_ROLES}, got {role!r}")
-            total += len(content)
         limit = self.limits.max_input_len * MAX_PROMPT_CHARS_PER_TOKEN
-        if total > limit:
-            raise InvalidArgument("chat.messages", f"{total} characters of content is too long (limit {limit})")
+        if num_chars > limit:
+            raise InvalidArgument("chat.messages", f"{num_chars} characters of content is too long (limit {limit})")
+
+    def encode_chat(self, messages: Sequence[tuple[str, str]], add_generation_prompt: bool = True) -> list[int]:
+        self.check_chat([role for role, _ in messages], sum(len(content) for _, content in messages))
         try:
             rendered = self.tokenizer.apply_chat_template(
                 [{"role": role, "content": content} for role, content in messages],
@@ -150,6 +167,35 @@ class ServedModel:
                 raise InvalidArgument(field, f"token id {int(token_id)} at index {i} is outside the vocabulary "
                                              f"[0, {vocab})")
 
+    # ------------------------------------------------------- images, video
+
+    @property
+    def supports_images(self) -> bool:
+        return self.visual is not None
+
+    def _visual_frontend(self, field_name: str) -> VisualFrontend:
+        if self.visual is None:
+            raise InvalidArgument(field_name, f"model {self.name!r} is text-only; it accepts no images or videos")
+        return self.visual
+
+    async def encode_visual_chat(self, messages: Sequence[tuple[str, ChatContent]], add_generation_prompt: bool,
+                                 names: FieldNames, visual_field: str) -> tuple[list[int], MultimodalInputs]:
+        """Chat turns with image / video parts -> prompt ids and MultimodalInputs (INVALID_ARGUMENT on
+        a text-only engine, naming `visual_field`)."""
+        visual = self._visual_frontend(visual_field)
+        self.check_chat([role for role, _ in messages],
+                        sum(len(part) for _, content in messages for part in content if isinstance(part, str)))
+        return await visual.chat(messages, add_generation_prompt, names)
+
+    async def encode_visual_text(self, text: str, images: Sequence[ImageSource], videos: Sequence[VideoSource],
+                                 names: FieldNames, visual_field: str) -> tuple[list[int], MultimodalInputs]:
+        """A raw prompt (placeholders per image / video, or none) with its images and videos."""
+        visual = self._visual_frontend(visual_field)
+        limit = self.limits.max_input_len * MAX_PROMPT_CHARS_PER_TOKEN
+        if len(text) > limit:
+            raise InvalidArgument(names.rename("text"), f"text of {len(text)} characters is too long (limit {limit})")
+        return await visual.text(text, images, videos, names)
+
     def tokenize_words(self, words: Sequence[str]) -> tuple[tuple[int, ...], ...]:
         """Each non-empty word as the token ids it would be generated as (for bad-word lists)."""
         return tuple(tuple(self.encode_text(w)) for w in words if w)
@@ -157,7 +203,8 @@ class ServedModel:
     # ---------------------------------------------------------- generation
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams, api: str, cache_salt: str | None = None,
-                       request_id: str | None = None) -> AsyncGenerator[RequestOutput, None]:
+                       request_id: str | None = None,
+                       multimodal: MultimodalInputs | None = None) -> AsyncGenerator[RequestOutput, None]:
         """Admit (or raise Overloaded), then stream the engine's deltas.
 
         `request_id` (default: a fresh uuid) must be unique among requests in flight; `abort(request_id)`
@@ -174,7 +221,7 @@ class ServedModel:
             raise
         tracker = self.metrics.track(self.name, api)
         outcome: str | None = None
-        request = EngineRequest(request_id or uuid.uuid4().hex, prompt_ids, params, cache_salt)
+        request = EngineRequest(request_id or uuid.uuid4().hex, prompt_ids, params, cache_salt, multimodal=multimodal)
         try:
             # AsyncEngine.generate is an async generator; its annotation says only AsyncIterator.
             engine_stream = cast(AsyncGenerator[RequestOutput, None], self.engine.generate(request))
@@ -203,3 +250,5 @@ class ServedModel:
     def shutdown(self) -> None:
         self.ready = False
         self.engine.shutdown()
+        if self.visual is not None:
+            self.visual.shutdown()

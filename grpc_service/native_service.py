@@ -5,12 +5,17 @@ What it is for: turning native messages into prompt ids and `SamplingParams`
 and `RequestOutput` deltas back into `GenerateResponse`s. A client deadline
 ends the request with DEADLINE_EXCEEDED; a cancelled or vanished client
 cancels this coroutine, and leaving the stream aborts the engine request.
+Images and videos (vision-language engines) come as chat message parts or,
+with a text prompt, as `images` / `videos`; they become `ImageSource` /
+`VideoSource`s named by their field path (`chat.messages[0].parts[1].image`,
+`images[0]`) for engine_host's visual path.
 Not for: status codes (errors.py via handlers.py) or admission (engine_host).
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
@@ -20,6 +25,8 @@ from grpc_service.engine_host import ServedModel
 from grpc_service.errors import DeadlineExceeded, InvalidArgument, RequestFailed
 from grpc_service.proto import trtserve_pb2 as pb
 from grpc_service.registry import ModelRegistry
+from grpc_service.visual_inputs import ChatContent, FieldNames, ImageSource, VideoSource
+from runtime.multimodal import MultimodalInputs
 from runtime.outputs import RequestOutput
 from runtime.sampling_params import SamplingParams
 
@@ -39,13 +46,10 @@ class NativeService:
     async def Generate(self, request: pb.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
         model = self.registry.served_model(request.model)
-        if request.images or request.videos:
-            raise InvalidArgument("images" if request.images else "videos",
-                                  f"model {model.name!r} is text-only; it accepts no images or videos")
-        prompt_ids = prompt_token_ids(request, model)
         params = sampling_params(request.sampling, model)
+        prompt_ids, multimodal = await prompt_inputs(request, model)
         salt = request.cache_salt if request.HasField("cache_salt") else None
-        stream = model.generate(prompt_ids, params, API_LABEL, cache_salt=salt)
+        stream = model.generate(prompt_ids, params, API_LABEL, cache_salt=salt, multimodal=multimodal)
         remaining = context.time_remaining()
         loop = asyncio.get_running_loop()
         deadline = None if remaining is None else loop.time() + remaining
@@ -66,7 +70,12 @@ class NativeService:
     async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
         model = self.registry.served_model(request.model)
         if request.WhichOneof("input") == "chat":
-            ids = model.encode_chat(chat_messages(request.chat), _add_generation_prompt(request.chat))
+            turns, names = chat_turns(request.chat)
+            if names is not None:
+                ids, _ = await model.encode_visual_chat(turns, _add_generation_prompt(request.chat), names,
+                                                        "chat.messages")
+            else:
+                ids = model.encode_chat(_text_turns(turns), _add_generation_prompt(request.chat))
         else:
             ids = model.encode_text(request.text, add_special_tokens=request.add_special_tokens)
         return pb.TokenizeResponse(token_ids=ids, num_tokens=len(ids), max_input_len=model.limits.max_input_len)
@@ -94,21 +103,96 @@ class NativeService:
         return pb.ModelInfoResponse(model=model_card(model), status=status)
 
 
-def prompt_token_ids(request: pb.GenerateRequest, model: ServedModel) -> list[int]:
+async def prompt_inputs(request: pb.GenerateRequest,
+                        model: ServedModel) -> tuple[list[int], MultimodalInputs | None]:
+    """Prompt ids, plus the images / videos they hold (None for a text-only prompt)."""
     kind = request.WhichOneof("prompt")
+    images = [image_source(image, f"images[{i}]") for i, image in enumerate(request.images)]
+    videos = [video_source(video, f"videos[{i}]") for i, video in enumerate(request.videos)]
+    visual_field = "images" if images else "videos"
+    if (images or videos) and not model.supports_images:
+        raise InvalidArgument(visual_field, f"model {model.name!r} is text-only; it accepts no images or videos")
+    if kind == "chat":
+        turns, names = chat_turns(request.chat)
+        if images or videos:
+            raise InvalidArgument(visual_field, "with a chat prompt, put images and videos into the messages' parts")
+        if names is not None:
+            return await model.encode_visual_chat(turns, _add_generation_prompt(request.chat), names,
+                                                  "chat.messages")
+        return model.encode_chat(_text_turns(turns), _add_generation_prompt(request.chat)), None
+    if images or videos:
+        if kind != "text":
+            raise InvalidArgument(visual_field, "need a text or chat prompt (token ids cannot carry images)")
+        return await model.encode_visual_text(request.text, images, videos, FieldNames({}), visual_field)
     if kind == "text":
-        return model.encode_text(request.text)
+        return model.encode_text(request.text), None
     if kind == "token_ids":
         ids = list(request.token_ids.ids)
         model.check_token_ids(ids, "token_ids")
-        return ids
-    if kind == "chat":
-        return model.encode_chat(chat_messages(request.chat), _add_generation_prompt(request.chat))
+        return ids, None
     raise InvalidArgument("prompt", "set one of text, token_ids or chat")
 
 
-def chat_messages(chat: pb.ChatMessages) -> list[tuple[str, str]]:
-    return [(m.role, m.content) for m in chat.messages]
+def chat_turns(chat: pb.ChatMessages) -> tuple[list[tuple[str, ChatContent]], FieldNames | None]:
+    """(role, content) per message, content being text or a list of parts; FieldNames (runtime field ->
+    this API's) when some message holds an image or video, else None."""
+    turns: list[tuple[str, ChatContent]] = []
+    aliases = {"messages": "chat.messages"}
+    has_visuals = False
+    for i, message in enumerate(chat.messages):
+        if not message.parts:
+            turns.append((message.role, message.content))
+            continue
+        if message.content:
+            raise InvalidArgument(f"chat.messages[{i}]", "set content or parts, not both")
+        parts: list[str | ImageSource | VideoSource] = []
+        for j, part in enumerate(message.parts):
+            field = f"chat.messages[{i}].parts[{j}]"
+            aliases[f"messages[{i}].content[{j}]"] = field
+            which = part.WhichOneof("part")
+            if which == "text":
+                parts.append(part.text)
+            elif which == "image":
+                parts.append(image_source(part.image, f"{field}.image"))
+            elif which == "video":
+                parts.append(video_source(part.video, f"{field}.video"))
+            else:
+                raise InvalidArgument(field, "set one of text, image or video")
+            has_visuals = has_visuals or which != "text"
+        aliases[f"messages[{i}].content"] = f"chat.messages[{i}].parts"
+        turns.append((message.role, parts))
+    return turns, (FieldNames(aliases) if has_visuals else None)
+
+
+def _text_turns(turns: list[tuple[str, ChatContent]]) -> list[tuple[str, str]]:
+    """Messages without images: text parts joined as chat templates join them."""
+    return [(role, content if isinstance(content, str) else "".join(p for p in content if isinstance(p, str)))
+            for role, content in turns]
+
+
+def image_source(image: pb.Image, field: str) -> ImageSource:
+    which = image.WhichOneof("source")
+    if which == "data":
+        return ImageSource(field, data=image.data)
+    if which == "url":
+        return ImageSource(field, url=image.url)
+    raise InvalidArgument(field, "set data or url")
+
+
+def video_source(video: pb.Video, field: str) -> VideoSource:
+    fps = video.fps if video.HasField("fps") else None
+    if fps is not None and not (math.isfinite(fps) and fps > 0):
+        raise InvalidArgument(f"{field}.fps", f"must be a finite number > 0, got {fps}")
+    which = video.WhichOneof("source")
+    if which == "data":
+        return VideoSource(field, data=video.data, fps=fps)
+    if which == "url":
+        return VideoSource(field, url=video.url, fps=fps)
+    if which == "frames":
+        if not video.frames.frames:
+            raise InvalidArgument(f"{field}.frames", "must hold at least 1 frame")
+        return VideoSource(field, frames=tuple(video.frames.frames), fps=fps)
+    raise InvalidArgument(field, "set data, url or frames")
 
 
 def _add_generation_prompt(chat: pb.ChatMessages) -> bool:
@@ -153,8 +237,14 @@ def generate_response(request_id: str, out: RequestOutput) -> pb.GenerateRespons
 
 def model_card(model: ServedModel) -> pb.ModelCard:
     limits = model.limits
-    return pb.ModelCard(name=model.name, ready=model.ready, vocab_size=limits.vocab_size,
+    card = pb.ModelCard(name=model.name, ready=model.ready, vocab_size=limits.vocab_size,
                         max_batch_size=limits.max_batch_size, max_input_len=limits.max_input_len,
                         max_seq_len=limits.max_seq_len, tokens_per_block=limits.tokens_per_block,
-                        has_chat_template=model.has_chat_template, supports_images=False,
+                        has_chat_template=model.has_chat_template, supports_images=model.supports_images,
                         eos_token_ids=list(limits.eos_token_ids))
+    if model.visual is not None:
+        image_limits = model.visual.limits
+        card.max_images_per_request = image_limits.max_images_per_request
+        card.max_image_pixels = image_limits.max_image_pixels
+        card.max_image_bytes = image_limits.max_image_bytes
+    return card

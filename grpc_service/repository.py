@@ -4,8 +4,9 @@ What it is for: `write_repository` lays out `OUT/<model>/config.pbtxt` plus the
 version folder `1/` for the four models of an engine (`trtserve-repo`);
 `read_repository` parses each `config.pbtxt` with the model_config protobuf's
 text format into a `RepositoryModel` (name, role, config, engine directory).
-Every directory name is checked as a model name before any file inside it is
-touched; config files are size-capped; each config must declare only tensors
+A repository may declare the image inputs only for an engine with a vision
+tower (the server checks once the engine is loaded). Every directory name is
+checked as a model name before any file inside it is touched; config files are size-capped; each config must declare only tensors
 this server implements, and every tensor its role requires, with the same
 dtype (so a hand-edited config cannot make a request reach a missing tensor).
 Not for: loading engines (server.py) or serving (triton_*).
@@ -24,6 +25,7 @@ from grpc_service.registry import check_model_name
 from grpc_service.triton_schema import (
     ENGINE_PARAMETER,
     ENSEMBLE,
+    ENSEMBLE_VISION_INPUTS,
     ROLE_PARAMETER,
     ROLE_TENSORS,
     ROLES,
@@ -54,10 +56,11 @@ class RepositoryModel:
 
 
 def write_repository(output: Path, engine_dir: Path, names: RepositoryNames, max_batch_size: int,
-                     decoupled: bool = True) -> list[Path]:
-    """Write the four models' folders; `engine_dir` is recorded relative to each model folder when possible."""
+                     decoupled: bool = True, vision: bool = False) -> list[Path]:
+    """Write the four models' folders; `engine_dir` is recorded relative to each model folder when possible.
+    `vision`: the engine is a vision-language one (its ensemble declares the image inputs)."""
     written = []
-    for config in default_configs(names, max_batch_size, "", decoupled):
+    for config in default_configs(names, max_batch_size, "", decoupled, vision):
         model_dir = output / check_model_name(config.name)
         (model_dir / VERSION_DIR).mkdir(parents=True, exist_ok=True)
         config.parameters[ENGINE_PARAMETER].string_value = os.path.relpath(engine_dir.resolve(), model_dir.resolve())
@@ -121,6 +124,8 @@ def _role(config: mc.ModelConfig, where: str) -> str:
 
 def _check_tensors(config: mc.ModelConfig, role: str, where: str) -> None:
     inputs, outputs = ROLE_TENSORS[role]
+    if role == ENSEMBLE:
+        inputs = inputs + ENSEMBLE_VISION_INPUTS      # the server checks the engine has a vision tower
     for kind, declared, table in (("input", config.input, inputs), ("output", config.output, outputs)):
         known = {row[0]: row for row in table}
         for spec in declared:

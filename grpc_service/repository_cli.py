@@ -6,7 +6,8 @@
 Writes OUT/<model>/config.pbtxt and the version folder OUT/<model>/1/ for the
 TensorRT-LLM backend's four models (ensemble, tensorrt_llm, preprocessing,
 postprocessing), with the backend's tensor names and dtypes and the engine's
-max_batch_size. Each config records the engine directory (parameter
+max_batch_size (a vision-language engine's ensemble also declares the image
+inputs). Each config records the engine directory (parameter
 `engine_dir`, relative to the model folder) and its role (`trtserve_role`).
 `--decoupled false` makes ensemble and tensorrt_llm non-decoupled: unary
 ModelInfer then works and streaming is refused, as in Triton.
@@ -39,9 +40,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        build = parse_build(read_manifest(args.engine)["build"])
+        manifest = read_manifest(args.engine)
+        build = parse_build(manifest["build"])
+        vision = isinstance(manifest.get("components"), dict) and "vision" in manifest["components"]
         names = RepositoryNames.prefixed(check_model_name(args.prefix, "prefix")) if args.prefix else RepositoryNames()
-        written = write_repository(args.output, args.engine, names, build.max_batch_size, args.decoupled == "true")
+        written = write_repository(args.output, args.engine, names, build.max_batch_size, args.decoupled == "true",
+                                   vision)
     except (EngineLoadError, InvalidArgument, OSError) as exc:
         print(f"trtserve-repo: error: {exc}", file=sys.stderr)
         return 2

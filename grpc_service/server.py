@@ -31,10 +31,16 @@ from grpc_service.metrics import ServerMetrics
 from grpc_service.native_service import NativeService
 from grpc_service.proto import trtserve_pb2
 from grpc_service.registry import ModelRegistry
-from grpc_service.repository import read_repository
+from grpc_service.repository import RepositoryError, read_repository
 from grpc_service.triton_models import TritonModel
-from grpc_service.triton_schema import ROLES, RepositoryNames, default_configs
+from grpc_service.triton_schema import (
+    ROLES,
+    VISION_INPUT_NAMES,
+    RepositoryNames,
+    default_configs,
+)
 from grpc_service.triton_service import TritonService
+from grpc_service.visual_inputs import MediaPolicy
 from runtime.config import EngineConfig
 
 LOG = logging.getLogger(__name__)
@@ -50,6 +56,7 @@ class Server:
         self.config = config.validate()
         self.engine_config = engine_config
         self.registry = ModelRegistry()
+        self.media_policy = MediaPolicy(config.image_limits(), config.url_policy())
         self.metrics = ServerMetrics()
         self.health = health.aio.HealthServicer()
         self.accepting = True
@@ -133,7 +140,7 @@ class Server:
             served = await self._load_engine(engine_dir)
             names = RepositoryNames() if len(engine_dirs) == 1 else RepositoryNames.prefixed(served.name)
             for role, config in zip(ROLES, default_configs(names, served.limits.max_batch_size,
-                                                          str(served.engine_dir))):
+                                                          str(served.engine_dir), vision=served.supports_images)):
                 self.registry.add_triton(TritonModel(config, role, served))
 
     async def _load_repository(self, root: Path) -> None:
@@ -142,11 +149,17 @@ class Server:
         for entry in entries:
             if entry.engine_dir not in engines:
                 engines[entry.engine_dir] = await self._load_engine(entry.engine_dir)
-            self.registry.add_triton(TritonModel(entry.config, entry.role, engines[entry.engine_dir]))
+            served = engines[entry.engine_dir]
+            declared = sorted(VISION_INPUT_NAMES & {spec.name for spec in entry.config.input})
+            if declared and not served.supports_images:
+                raise RepositoryError(f"{entry.name}/config.pbtxt", f"inputs {declared} need a vision-language "
+                                                                   f"engine; {served.name!r} is text-only")
+            self.registry.add_triton(TritonModel(entry.config, entry.role, served))
 
     async def _load_engine(self, engine_dir: Path) -> ServedModel:
         LOG.info("loading engine %s", engine_dir)
-        served = await ServedModel.load(engine_dir, self.engine_config, self.config.max_queue_size, self.metrics)
+        served = await ServedModel.load(engine_dir, self.engine_config, self.config.max_queue_size, self.metrics,
+                                        self.media_policy)
         self.registry.add_served(served)
         return served
 

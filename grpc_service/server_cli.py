@@ -35,6 +35,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-message-bytes", type=int, help="largest request / response message (64 MiB)")
     p.add_argument("--grace-period", type=float, help="seconds in-flight requests get after SIGTERM (30)")
     p.add_argument("--no-warmup", action="store_true", help="report SERVING without a warm-up request")
+    images = p.add_argument_group("images and video (vision-language engines)")
+    images.add_argument("--max-images-per-request", type=int, help="images plus videos in one request (8)")
+    images.add_argument("--max-image-pixels", type=int, help="width x height of one image or frame (4096 x 4096)")
+    images.add_argument("--max-image-bytes", type=int, help="one encoded image or video (20 MiB)")
+    images.add_argument("--max-video-frames", type=int, help="frames of one video (64)")
+    images.add_argument("--allowed-image-dir", type=Path,
+                        help="file:// image URLs and paths are read from inside this directory only "
+                             "(default: none, every local path is refused)")
+    images.add_argument("--allow-image-url-fetch", action="store_true",
+                        help="fetch http(s):// image URLs (off by default: the server makes no outgoing requests)")
+    images.add_argument("--image-fetch-timeout", type=float, help="seconds per http(s) image download (10)")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--num-kv-blocks", type=int, help="KV-cache blocks per engine (default: sized from memory)")
     p.add_argument("--capacity-policy", choices=CAPACITY_POLICIES)
@@ -49,7 +60,11 @@ def configs_from_args(args: argparse.Namespace) -> tuple[ServerConfig, EngineCon
         host=args.host, port=args.port, metrics_port=args.metrics_port,
         enable_metrics=False if args.no_metrics else None, max_queue_size=args.max_queue_size,
         max_receive_message_bytes=message_bytes, max_send_message_bytes=message_bytes,
-        grace_period_s=args.grace_period, warmup=False if args.no_warmup else None)
+        grace_period_s=args.grace_period, warmup=False if args.no_warmup else None,
+        max_images_per_request=args.max_images_per_request, max_image_pixels=args.max_image_pixels,
+        max_image_bytes=args.max_image_bytes, max_video_frames=args.max_video_frames,
+        allowed_image_dir=args.allowed_image_dir, allow_image_url_fetch=True if args.allow_image_url_fetch else None,
+        image_fetch_timeout_s=args.image_fetch_timeout)
     engine = EngineConfig.from_env(device=args.device, num_kv_blocks=args.num_kv_blocks,
                                    capacity_policy=args.capacity_policy)
     return server, engine

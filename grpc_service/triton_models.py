@@ -92,7 +92,7 @@ class TritonModel:
             yield ResponsePart(self._select(self._postprocess(arrays), wanted, ()), True)
             return
         if self.role == ENSEMBLE:
-            generation, prompt_text = ensemble_request(arrays, self.served)
+            generation, prompt_text = await ensemble_request(arrays, self.served)
         else:
             generation, prompt_text = tensorrt_llm_request(arrays, self.served), ""
         if generation.stream and not self.decoupled:
@@ -110,7 +110,8 @@ class TritonModel:
         token_ids: list[int] = [] if generation.exclude_input_in_output or generation.stream else list(
             generation.prompt_ids)
         log_probs: list[float] = []
-        stream = self.served.generate(generation.prompt_ids, generation.params, API_LABEL, request_id=request_id)
+        stream = self.served.generate(generation.prompt_ids, generation.params, API_LABEL, request_id=request_id,
+                                      multimodal=generation.multimodal)
         async with contextlib.aclosing(stream) as outputs, \
                 contextlib.aclosing(_tensor_errors(outputs, self.role)) as named_outputs:
             async for out in named_outputs:

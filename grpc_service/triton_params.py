@@ -16,7 +16,12 @@ TensorRT-LLM's semantics:
 * streaming sends only new tokens; `exclude_input_in_output` (default false)
   applies to non-streaming responses, which then begin with the prompt;
 * beam search, several return sequences and context / generation logits are
-  refused with INVALID_ARGUMENT naming the tensor.
+  refused with INVALID_ARGUMENT naming the tensor;
+* a vision-language ensemble also reads the multimodal ensemble's
+  `image_bytes_input` (uint8 pixels, or encoded images as [N, 1, 1, bytes]),
+  `image_url_input` (one URL per image) and `video_bytes_input` (one video's
+  frames); `text_input` then holds the prompt with one vision block per image
+  (or none: one block per image goes first).
 
 Every error names the tensor the client sent (SamplingParams' own field names
 are translated back). Not for: tensor decoding (triton_tensors.py) or
@@ -31,6 +36,14 @@ import numpy as np
 
 from grpc_service.engine_host import ServedModel
 from grpc_service.errors import InvalidArgument
+from grpc_service.visual_inputs import (
+    FieldNames,
+    ImageSource,
+    VideoSource,
+    pixel_images,
+    pixel_video,
+)
+from runtime.multimodal import MultimodalInputs
 from runtime.sampling_params import SamplingParams, SamplingParamsError
 
 # SamplingParams field -> tensor name, per vocabulary
@@ -49,17 +62,48 @@ class TritonGeneration:
     exclude_input_in_output: bool
     return_log_probs: bool
     return_perf_metrics: bool
+    multimodal: MultimodalInputs | None = None
 
 
-def ensemble_request(arrays: Mapping[str, np.ndarray], model: ServedModel) -> tuple[TritonGeneration, str]:
-    """The generation an `ensemble` request asks for, and its prompt text."""
+async def ensemble_request(arrays: Mapping[str, np.ndarray],
+                           model: ServedModel) -> tuple[TritonGeneration, str]:
+    """The generation an `ensemble` request asks for, and its prompt text. Images and videos are
+    decoded (off the event loop) only after every other tensor has been judged."""
     text = decode_utf8("text_input", arrays["text_input"].reshape(-1)[0])
-    prompt_ids = model.encode_text(text)
+    images, videos = ensemble_visuals(arrays)
     stop = tuple(decode_utf8("stop_words", w) for w in _bytes_list(arrays.get("stop_words")))
     bad = model.tokenize_words([decode_utf8("bad_words", w) for w in _bytes_list(arrays.get("bad_words"))])
+    multimodal = None
+    if images or videos:
+        # judge every other tensor before decoding anything
+        _generation(arrays, ENSEMBLE_NAMES, [], tuple(s for s in stop if s), bad, "stream", model.limits.vocab_size)
+        image_field = images[0].field.partition("[")[0] if images else "video_bytes_input"
+        aliases = {"text": "text_input", "images": image_field, "videos": "video_bytes_input",
+                   "videos[0]": "video_bytes_input", **{f"images[{i}]": src.field for i, src in enumerate(images)}}
+        prompt_ids, multimodal = await model.encode_visual_text(text, images, videos, FieldNames(aliases),
+                                                                image_field)
+    else:
+        prompt_ids = model.encode_text(text)
     generation = _generation(arrays, ENSEMBLE_NAMES, prompt_ids, tuple(s for s in stop if s), bad, "stream",
-                             model.limits.vocab_size)
+                             model.limits.vocab_size, multimodal=multimodal)
     return generation, text
+
+
+def ensemble_visuals(arrays: Mapping[str, np.ndarray]) -> tuple[list[ImageSource], list[VideoSource]]:
+    """The images and video a multimodal-ensemble request carries (empty tensors count as absent)."""
+    present = {name for name in ("image_bytes_input", "image_url_input", "video_bytes_input")
+               if name in arrays and arrays[name].size}
+    if {"image_bytes_input", "image_url_input"} <= present:
+        raise InvalidArgument("image_url_input", "give image_bytes_input or image_url_input, not both")
+    images: list[ImageSource] = []
+    if "image_bytes_input" in present:
+        images = pixel_images(arrays["image_bytes_input"][0], "image_bytes_input")
+    elif "image_url_input" in present:
+        images = [ImageSource(f"image_url_input[{i}]", url=decode_utf8(f"image_url_input[{i}]", url))
+                  for i, url in enumerate(arrays["image_url_input"].reshape(-1))]
+    videos = [pixel_video(arrays["video_bytes_input"][0], "video_bytes_input")] if "video_bytes_input" in present \
+        else []
+    return images, videos
 
 
 def tensorrt_llm_request(arrays: Mapping[str, np.ndarray], model: ServedModel) -> TritonGeneration:
@@ -82,7 +126,8 @@ def tensorrt_llm_request(arrays: Mapping[str, np.ndarray], model: ServedModel) -
 
 def _generation(arrays: Mapping[str, np.ndarray], names: Mapping[str, str], prompt_ids: list[int],
                 stop: tuple[str, ...], bad_words: tuple[tuple[int, ...], ...], stream_name: str,
-                vocab_size: int, extra_stop_ids: tuple[int, ...] = ()) -> TritonGeneration:
+                vocab_size: int, extra_stop_ids: tuple[int, ...] = (),
+                multimodal: MultimodalInputs | None = None) -> TritonGeneration:
     for name in ("beam_width", "num_return_sequences"):
         value = scalar_int(arrays, name)
         if value is not None and value != 1:
@@ -123,7 +168,7 @@ def _generation(arrays: Mapping[str, np.ndarray], names: Mapping[str, str], prom
     return TritonGeneration(prompt_ids, params, bool(scalar_bool(arrays, stream_name)),
                             bool(scalar_bool(arrays, "exclude_input_in_output")),
                             bool(scalar_bool(arrays, "return_log_probs")),
-                            bool(scalar_bool(arrays, "return_perf_metrics")))
+                            bool(scalar_bool(arrays, "return_perf_metrics")), multimodal)
 
 
 def tensor_error(exc: ValueError, names: Mapping[str, str]) -> InvalidArgument:

@@ -4,7 +4,10 @@ What it is for: the tensor names, dtypes and dims of `ensemble`,
 `tensorrt_llm`, `preprocessing` and `postprocessing` exactly as the
 tensorrtllm_backend's `inflight_batcher_llm` repository declares them
 (REFERENCE.md section 2), restricted to the tensors this server implements,
-plus `default_configs(...)`, which fills them in for one engine. The server
+plus `default_configs(...)`, which fills them in for one engine. The ensemble
+of a vision-language engine also declares the multimodal ensemble's image
+inputs (`ENSEMBLE_VISION_INPUTS`); a text engine's schema does not, so its
+ensemble refuses them as unknown tensors. The server
 serves these when started with `--engine`; `trtserve-repo` writes them as
 `config.pbtxt`; a loaded repository's own config.pbtxt replaces them.
 Not for: judging request values (triton_params.py) or decoding tensors
@@ -55,6 +58,15 @@ ENSEMBLE_INPUTS: tuple[TensorRow, ...] = (
     ("length_penalty", "TYPE_FP32", (1,), True),
     ("stream", "TYPE_BOOL", (1,), True),
 ) + _SAMPLING_COMMON
+
+# The backend's multimodal ensemble (all_models/multimodal/ensemble): raw uint8 pixels
+# [num_images, H, W, C] or [num_images, C, H, W] per request, or URLs; a video as its frames.
+ENSEMBLE_VISION_INPUTS: tuple[TensorRow, ...] = (
+    ("image_bytes_input", "TYPE_UINT8", (-1, -1, -1, -1), True),
+    ("image_url_input", "TYPE_STRING", (-1,), True),
+    ("video_bytes_input", "TYPE_UINT8", (-1, -1, -1, -1), True),
+)
+VISION_INPUT_NAMES = frozenset(row[0] for row in ENSEMBLE_VISION_INPUTS)
 
 TENSORRT_LLM_INPUTS: tuple[TensorRow, ...] = (
     ("input_ids", "TYPE_INT32", (-1,), False),
@@ -151,9 +163,12 @@ def kserve_datatype(data_type: int) -> str:
 
 
 def model_config(role: str, names: RepositoryNames, max_batch_size: int, engine_dir: str,
-                 decoupled: bool = True) -> mc.ModelConfig:
-    """The config of one of the four models. `decoupled` applies to ensemble and tensorrt_llm only."""
+                 decoupled: bool = True, vision: bool = False) -> mc.ModelConfig:
+    """The config of one of the four models. `decoupled` applies to ensemble and tensorrt_llm only;
+    `vision` (a vision-language engine) adds the image inputs to the ensemble."""
     inputs, outputs = ROLE_TENSORS[role]
+    if vision and role == ENSEMBLE:
+        inputs = inputs + ENSEMBLE_VISION_INPUTS
     config = mc.ModelConfig(name=names.of(role), max_batch_size=max_batch_size)
     if role == ENSEMBLE:
         config.platform = "ensemble"
@@ -174,8 +189,8 @@ def model_config(role: str, names: RepositoryNames, max_batch_size: int, engine_
 
 
 def default_configs(names: RepositoryNames, max_batch_size: int, engine_dir: str,
-                    decoupled: bool = True) -> list[mc.ModelConfig]:
-    return [model_config(role, names, max_batch_size, engine_dir, decoupled) for role in ROLES]
+                    decoupled: bool = True, vision: bool = False) -> list[mc.ModelConfig]:
+    return [model_config(role, names, max_batch_size, engine_dir, decoupled, vision) for role in ROLES]
 
 
 def _add_ensemble_steps(config: mc.ModelConfig, names: RepositoryNames) -> None:

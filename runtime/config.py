@@ -9,15 +9,16 @@ Not for: build settings (those are in engine.json) or wire options.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from runtime.errors import FieldError
 
 CAPACITY_POLICIES = ("max_utilization", "guaranteed_no_evict")
+VISION_BACKENDS = ("auto", "onnxruntime", "pytorch")
 ENV_PREFIX = "TRTSERVE_"
 
 
@@ -37,8 +38,11 @@ class EngineConfig:
     max_batch_size: int | None = None          # None: the engine's build limit
     max_num_tokens: int | None = None          # None: the engine's build limit
     seed: int = 0                              # stream for requests without their own seed
+    vision_backend: str = "auto"               # auto (onnxruntime on CPU, pytorch on CUDA) | onnxruntime | pytorch
+    max_encoder_patches: int = 16384           # vision patches per encoder call (batched across requests)
+    encoder_cache_tokens: int = 16384          # vision embeddings (LLM tokens) kept for reuse, across requests
 
-    def validate(self) -> "EngineConfig":
+    def validate(self) -> EngineConfig:
         if self.capacity_policy not in CAPACITY_POLICIES:
             raise EngineConfigError("capacity_policy", f"must be one of {CAPACITY_POLICIES}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
@@ -47,10 +51,14 @@ class EngineConfig:
             raise EngineConfigError("gpu_memory_fraction", "must be in (0, 1]")
         if not self.kv_cache_memory_gib > 0:
             raise EngineConfigError("kv_cache_memory_gib", "must be > 0")
-        for name in ("max_batch_size", "max_num_tokens"):
+        for name in ("max_batch_size", "max_num_tokens", "max_encoder_patches"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise EngineConfigError(name, f"must be >= 1, got {value}")
+        if self.encoder_cache_tokens < 0:
+            raise EngineConfigError("encoder_cache_tokens", f"must be >= 0, got {self.encoder_cache_tokens}")
+        if self.vision_backend not in VISION_BACKENDS:
+            raise EngineConfigError("vision_backend", f"must be one of {VISION_BACKENDS}, got {self.vision_backend!r}")
         return self
 
     def torch_device(self) -> torch.device:
@@ -59,7 +67,7 @@ class EngineConfig:
         return torch.device(self.device)
 
     @classmethod
-    def from_env(cls, **overrides: object) -> "EngineConfig":
+    def from_env(cls, **overrides: object) -> EngineConfig:
         """Defaults, then TRTSERVE_* environment variables, then explicit overrides."""
         values = env_values(cls, ENV_PREFIX, EngineConfigError)
         values.update({k: v for k, v in overrides.items() if v is not None})

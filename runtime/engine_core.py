@@ -16,9 +16,11 @@ import torch
 
 from runtime.config import EngineConfig
 from runtime.detokenizer import IncrementalDetokenizer
+from runtime.encoder_cache import EncoderCacheStats
 from runtime.engine_dir import LoadedEngine, load_engine
 from runtime.executor import PyTorchExecutor
 from runtime.kv_cache import KVCacheManager, KVCacheStats
+from runtime.multimodal import MultimodalInputs, check_multimodal, mrope_spec_of
 from runtime.outputs import RequestOutput, Usage
 from runtime.request import Request, RequestStatus
 from runtime.sampler import Sampler, SamplingState, TokenLogprobs
@@ -36,6 +38,7 @@ class EngineRequest:
     prompt_token_ids: list[int]
     sampling_params: SamplingParams
     cache_salt: str | None = None
+    multimodal: MultimodalInputs | None = None     # images / videos of the prompt (VL engines)
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +50,7 @@ class EngineStats:
     num_generated_tokens: int
     num_computed_prompt_tokens: int
     num_preemptions: int
+    encoder: EncoderCacheStats | None = None       # VL engines: vision encoder cache and calls
 
 
 @dataclass(slots=True)
@@ -77,6 +81,7 @@ class EngineCore:
         self.sampler = Sampler(torch.Generator(layout.device).manual_seed(self.config.seed))
         self.tokenizer = AutoTokenizer.from_pretrained(str(engine.tokenizer_dir))
         self.vocab_size = engine.llm_config.vocab_size
+        self.mrope_spec = mrope_spec_of(engine)
         self._states: dict[str, _RequestState] = {}
         self._num_steps = 0
         self._num_generated_tokens = 0
@@ -84,7 +89,7 @@ class EngineCore:
         self._num_preemptions = 0
 
     @classmethod
-    def from_dir(cls, path: str | Path, config: EngineConfig | None = None) -> "EngineCore":
+    def from_dir(cls, path: str | Path, config: EngineConfig | None = None) -> EngineCore:
         return cls(load_engine(path), config)
 
     # ------------------------------------------------------------- requests
@@ -100,8 +105,10 @@ class EngineCore:
         if bad is not None:
             raise RequestRejectedError("prompt_token_ids", f"token id {bad!r} is outside the vocabulary "
                                        f"[0, {self.vocab_size})")
+        mm = engine_request.multimodal
+        check_multimodal(ids, mm, self.mrope_spec)
         request = Request(engine_request.request_id, ids, params, self.engine.eos_token_ids,
-                          cache_salt=engine_request.cache_salt)
+                          cache_salt=engine_request.cache_salt, mm_spans=mm.spans if mm else (), multimodal=mm)
         self.scheduler.add_request(request)
         self._states[request.request_id] = _RequestState(
             request, SamplingState.from_request(request, self.executor.layout.device),
@@ -187,7 +194,7 @@ class EngineCore:
     def stats(self) -> EngineStats:
         return EngineStats(self.scheduler.num_running, self.scheduler.num_waiting, self.kv_cache.stats(),
                            self._num_steps, self._num_generated_tokens, self._num_computed_prompt_tokens,
-                           self._num_preemptions)
+                           self._num_preemptions, self.executor.encoder_stats())
 
     def generate_all(self, requests: list[EngineRequest], max_steps: int = 1_000_000) -> dict[str, list[RequestOutput]]:
         """Run requests to completion synchronously (tests, offline tools); outputs per request id."""

@@ -3,7 +3,8 @@
 What it is for: everything that makes an engine directory self-describing and
 safe to load: `engine.json` (format_version, source, build config, components,
 checksums), path containment, checksum verification, and loading the LLM
-checkpoint with every tensor checked against the config. Loading either
+checkpoint and the vision tower (`vision/`) with every tensor checked against
+its config. Loading either
 returns a complete `LoadedEngine` or raises `EngineLoadError` naming the file
 and the field; nothing half-loads.
 Not for: running the model (runtime/model.py) or building (builder/).
@@ -20,6 +21,7 @@ from runtime.checkpoint_layout import expected_tensor_shapes
 from runtime.errors import EngineLoadError
 from runtime.llm_config import LLMConfig
 from runtime.safetensors_check import read_safetensors_header
+from runtime.vision_config import VisionConfig, vision_tensor_shapes
 
 FORMAT_VERSION = 1
 MANIFEST = "engine.json"
@@ -43,6 +45,14 @@ class EngineBuildConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class VisionComponent:
+    config: VisionConfig
+    weights: dict[str, Any]          # HF tower names without prefix -> torch.Tensor (CPU)
+    onnx_path: Path                  # vision/encoder.onnx (its external data, if any, lies beside it)
+    plan_path: Path | None = None    # vision/encoder.plan, only where TensorRT built it
+
+
+@dataclass(frozen=True, slots=True)
 class LoadedEngine:
     root: Path
     manifest: dict[str, Any]
@@ -52,6 +62,7 @@ class LoadedEngine:
     tokenizer_dir: Path
     eos_token_ids: tuple[int, ...]
     pad_token_id: int | None
+    vision: VisionComponent | None = None
 
     @property
     def name(self) -> str:
@@ -166,27 +177,62 @@ def load_engine(root: str | Path, verify_checksums: bool = True) -> LoadedEngine
     if not isinstance(eos, list) or not all(isinstance(t, int) and 0 <= t < llm_config.vocab_size for t in eos):
         raise EngineLoadError(MANIFEST, f"expected a list of token ids below vocab_size ({llm_config.vocab_size})",
                               "generation.eos_token_ids")
+    if llm_config.mrope_section is not None and "vision" not in comps:
+        raise EngineLoadError(MANIFEST, f"{llm_config.architecture} needs a vision tower", "components.vision")
+    vision = _load_vision(root, comps["vision"], llm_config) if "vision" in comps else None
     return LoadedEngine(root, manifest, build, llm_config, weights, tokenizer_dir, tuple(eos),
-                        gen.get("pad_token_id"))
+                        gen.get("pad_token_id"), vision)
 
 
-def _read_llm_config(path: Path, rel: str) -> LLMConfig:
+def _read_json(path: Path, rel: str) -> Any:
     if not path.is_file():
         raise EngineLoadError(rel, "missing")
     try:
-        data = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise EngineLoadError(rel, f"invalid JSON ({exc.__class__.__name__})") from None
-    return LLMConfig.from_json(data, rel)
+
+
+def _read_llm_config(path: Path, rel: str) -> LLMConfig:
+    return LLMConfig.from_json(_read_json(path, rel), rel)
+
+
+def _load_vision(root: Path, comp: Any, llm: LLMConfig) -> VisionComponent:
+    if not isinstance(comp, dict):
+        raise EngineLoadError(MANIFEST, "expected an object", "components.vision")
+    paths = {key: inside(root, comp.get(key), MANIFEST, f"components.vision.{key}")
+             for key in ("config", "weights", "onnx")}
+    config = VisionConfig.from_json(_read_json(paths["config"], comp["config"]), comp["config"])
+    if llm.mrope_section is None:
+        raise EngineLoadError(comp["config"], f"a vision tower needs an M-RoPE language model; "
+                              f"llm architecture is {llm.architecture}", "model_type")
+    if config.out_hidden_size != llm.hidden_size:
+        raise EngineLoadError(comp["config"], f"{config.out_hidden_size} disagrees with the LLM hidden_size "
+                              f"{llm.hidden_size}", "out_hidden_size")
+    for key in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
+        if not 0 <= getattr(config, key) < llm.vocab_size:
+            raise EngineLoadError(comp["config"], f"outside the vocabulary (vocab_size {llm.vocab_size})", key)
+    weights = _load_checked(paths["weights"], comp["weights"], vision_tensor_shapes(config), config.dtype,
+                            comp["config"])
+    for key in ("onnx", "onnx_data", "plan"):
+        if key in comp and not inside(root, comp[key], MANIFEST, f"components.vision.{key}").is_file():
+            raise EngineLoadError(comp[key], "missing (listed in engine.json components.vision)")
+    plan = inside(root, comp["plan"], MANIFEST, "components.vision.plan") if "plan" in comp else None
+    return VisionComponent(config, weights, paths["onnx"], plan)
 
 
 def _load_weights(path: Path, rel: str, cfg: LLMConfig) -> dict[str, Any]:
+    return _load_checked(path, rel, expected_tensor_shapes(cfg), cfg.dtype, "llm/config.json")
+
+
+def _load_checked(path: Path, rel: str, expected: dict[str, tuple[int, ...]], dtype: str,
+                  config_name: str) -> dict[str, Any]:
+    """Load a safetensors file after checking its names, shapes and dtype against its config."""
     from safetensors.torch import load_file
 
     if not path.is_file():
         raise EngineLoadError(rel, "missing")
     header = read_safetensors_header(path, rel)
-    expected = expected_tensor_shapes(cfg)
     missing = sorted(set(expected) - set(header))
     if missing:
         raise EngineLoadError(rel, f"missing tensor (and {len(missing) - 1} more)" if len(missing) > 1
@@ -194,11 +240,11 @@ def _load_weights(path: Path, rel: str, cfg: LLMConfig) -> dict[str, Any]:
     unexpected = sorted(set(header) - set(expected))
     if unexpected:
         raise EngineLoadError(rel, "unexpected tensor for this config", unexpected[0])
-    want_dtype = SAFETENSORS_DTYPES[cfg.dtype]
+    want_dtype = SAFETENSORS_DTYPES[dtype]
     for name, shape in expected.items():
-        dtype, got = header[name]
+        got_dtype, got = header[name]
         if got != shape:
-            raise EngineLoadError(rel, f"shape {list(got)} disagrees with llm/config.json (expected {list(shape)})", name)
-        if dtype != want_dtype:
-            raise EngineLoadError(rel, f"dtype {dtype} disagrees with llm/config.json dtype {cfg.dtype}", name)
+            raise EngineLoadError(rel, f"shape {list(got)} disagrees with {config_name} (expected {list(shape)})", name)
+        if got_dtype != want_dtype:
+            raise EngineLoadError(rel, f"dtype {got_dtype} disagrees with {config_name} dtype {dtype}", name)
     return load_file(str(path))

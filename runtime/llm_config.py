@@ -14,7 +14,11 @@ from runtime.errors import EngineLoadError
 
 TORCH_DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
 SHORT_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM")
+VL_ARCHITECTURES = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", *VL_ARCHITECTURES)
+# TensorRT-LLM's QWenConfig: qwen_type per architecture (it uses "qwen2_vl" for both VL generations).
+QWEN_TYPES = {"Qwen2ForCausalLM": "qwen2", "Qwen2VLForConditionalGeneration": "qwen2_vl",
+              "Qwen2_5_VLForConditionalGeneration": "qwen2_vl"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +48,14 @@ class LLMConfig:
     def num_queries_per_kv(self) -> int:
         return self.num_attention_heads // self.num_key_value_heads
 
+    @property
+    def mrope_section(self) -> tuple[int, int, int] | None:
+        """M-RoPE split of the head_size / 2 rotary frequencies over (temporal, height, width), or None."""
+        if self.rotary_scaling is None or self.rotary_scaling.get("type") != "mrope":
+            return None
+        t, h, w = self.rotary_scaling["mrope_section"]
+        return int(t), int(h), int(w)
+
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {
             "architecture": self.architecture, "dtype": self.dtype, "logits_dtype": self.logits_dtype,
@@ -58,8 +70,10 @@ class LLMConfig:
             "mapping": {"world_size": 1, "tp_size": 1, "pp_size": 1},
             "quantization": {"quant_algo": self.quant_algo, "kv_cache_quant_algo": self.kv_cache_quant_algo},
         }
-        if self.architecture == "Qwen2ForCausalLM":
-            data["qwen_type"] = "qwen2"
+        if self.architecture in QWEN_TYPES:
+            data["qwen_type"] = QWEN_TYPES[self.architecture]
+        if self.position_embedding_type == "mrope":
+            data["rotary_embedding_dim"] = self.head_size
         return data
 
     @classmethod
@@ -91,17 +105,36 @@ class LLMConfig:
         scaling = data.get("rotary_scaling")
         if scaling is not None and not isinstance(scaling, dict):
             raise EngineLoadError(file, "expected an object or null", "rotary_scaling")
+        position_type = str(data.get("position_embedding_type", "rope_gpt_neox"))
+        _check_mrope(position_type, scaling, ints["head_size"], arch, file)
         return cls(
             architecture=arch, dtype=dtype, **ints,
             norm_epsilon=_get(data, "norm_epsilon", float, file),
             rotary_base=_get(data, "rotary_base", float, file),
             rotary_scaling=scaling,
             tie_word_embeddings=bool(data.get("tie_word_embeddings", False)),
-            attn_bias=bool(data.get("attn_bias", arch == "Qwen2ForCausalLM")),
+            attn_bias=bool(data.get("attn_bias", arch in QWEN_TYPES)),
             hidden_act=str(data.get("hidden_act", "silu")),
-            position_embedding_type=str(data.get("position_embedding_type", "rope_gpt_neox")),
+            position_embedding_type=position_type,
             logits_dtype=str(data.get("logits_dtype", "float32")),
             quant_algo=quant.get("quant_algo"), kv_cache_quant_algo=quant.get("kv_cache_quant_algo"))
+
+
+def _check_mrope(position_type: str, scaling: dict[str, Any] | None, head_size: int, arch: str, file: str) -> None:
+    """VL architectures use M-RoPE: position_embedding_type "mrope" and a 3-part mrope_section."""
+    is_mrope = scaling is not None and scaling.get("type") == "mrope"
+    if (arch in VL_ARCHITECTURES) != (position_type == "mrope") or (position_type == "mrope") != is_mrope:
+        raise EngineLoadError(file, f"{arch} needs position_embedding_type 'mrope' with rotary_scaling.type 'mrope' "
+                              f"exactly when it is a VL architecture ({', '.join(VL_ARCHITECTURES)}); got "
+                              f"{position_type!r}", "position_embedding_type")
+    if not is_mrope:
+        return
+    section = scaling.get("mrope_section")
+    if (not isinstance(section, list) or len(section) != 3
+            or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in section)
+            or sum(section) != head_size // 2):
+        raise EngineLoadError(file, f"expected 3 non-negative integers summing to head_size / 2 ({head_size // 2}), "
+                              f"got {section!r}", "rotary_scaling.mrope_section")
 
 
 def _get(data: dict[str, Any], key: str, kind: type, file: str) -> Any:

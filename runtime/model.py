@@ -1,18 +1,20 @@
-"""The Llama / Qwen2 decoder over a flat packed batch with a paged KV cache.
+"""The Llama / Qwen2 / Qwen2-VL decoder over a flat packed batch with a paged KV cache.
 
 What it is for: one forward pass, reading exactly the TensorRT-LLM checkpoint
 tensors (REFERENCE.md section 3), for any mix of prefill chunks and decode
 tokens. Custom ops come from the plugin registry. Qwen2 differs from Llama
-only by the qkv bias, so one model class serves both.
-Not for: scheduling, sampling or KV block ownership.
+only by the qkv bias, so one model class serves both; the Qwen2-VL / 2.5-VL
+language model is Qwen2 with M-RoPE ([3, T] positions, `cfg.mrope_section`)
+and vision embeddings in place of placeholder token embeddings.
+Not for: scheduling, sampling, KV block ownership or the vision tower.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from plugins.registry import OpSet, get_ops
 from plugins.reference.rope import rope_inv_freq
+from plugins.registry import OpSet, get_ops
 from runtime.checkpoint_layout import layer_prefix
 from runtime.forward_batch import ForwardBatch
 from runtime.kv_storage import KVStorage
@@ -28,6 +30,7 @@ class DecoderModel:
         self.ops = ops or get_ops(device)
         self.w = {name: t.to(device) for name, t in weights.items()}
         self.inv_freq = rope_inv_freq(cfg.head_size, cfg.rotary_base, cfg.rotary_scaling).to(device)
+        self.mrope_section = cfg.mrope_section
         self.scale = cfg.head_size ** -0.5
         self.q_size = cfg.num_attention_heads * cfg.head_size
         self.kv_size = cfg.num_key_value_heads * cfg.head_size
@@ -37,7 +40,9 @@ class DecoderModel:
         """Return float32 logits [len(batch.logits_indices), vocab_size]."""
         cfg, w, ops = self.cfg, self.w, self.ops
         hidden = F.embedding(batch.token_ids, w["transformer.vocab_embedding.weight"])
-        cos, sin = ops.rope_cos_sin(batch.positions, self.inv_freq, self.dtype)
+        if batch.embed_rows is not None and batch.embeds is not None:
+            hidden = hidden.index_copy(0, batch.embed_rows, batch.embeds.to(hidden.dtype))
+        cos, sin = self._cos_sin(batch.positions)
         for i in range(cfg.num_hidden_layers):
             p = layer_prefix(i)
             x = ops.rms_norm(hidden, w[f"{p}.input_layernorm.weight"], cfg.norm_epsilon)
@@ -47,6 +52,13 @@ class DecoderModel:
         hidden = hidden.index_select(0, batch.logits_indices)
         hidden = ops.rms_norm(hidden, w["transformer.ln_f.weight"], cfg.norm_epsilon)
         return F.linear(hidden, w["lm_head.weight"]).float()
+
+    def _cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.mrope_section is None:
+            return self.ops.rope_cos_sin(positions, self.inv_freq, self.dtype)
+        if positions.dim() == 1:        # text on an M-RoPE model: all three axes are the 1-D position
+            positions = positions.expand(3, -1)
+        return self.ops.rope_cos_sin(positions, self.inv_freq, self.dtype, self.mrope_section)
 
     def _attention(self, layer: int, p: str, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                    batch: ForwardBatch, kv: KVStorage) -> torch.Tensor:

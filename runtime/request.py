@@ -9,8 +9,12 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from runtime.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from runtime.multimodal import MultimodalInputs
 
 
 class RequestStatus(enum.Enum):
@@ -44,6 +48,7 @@ class Request:
     eos_token_ids: tuple[int, ...] = ()
     cache_salt: str | None = None
     mm_spans: tuple[MultimodalSpan, ...] = ()
+    multimodal: MultimodalInputs | None = None   # visuals and M-RoPE positions (VL engines)
     arrival_time: float = field(default_factory=time.monotonic)
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0

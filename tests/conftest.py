@@ -40,8 +40,9 @@ def hf_dir_of(engine_dir: Path) -> Path:
 
 
 def load_hf(engine_dir: Path, dtype: torch.dtype = torch.float32):
-    from transformers import AutoModelForCausalLM
+    from builder.validate import load_hf_reference
 
-    model = AutoModelForCausalLM.from_pretrained(str(hf_dir_of(engine_dir)), dtype=dtype).eval()
+    architecture = json.loads((engine_dir / "engine.json").read_text())["source"]["architecture"]
+    model = load_hf_reference(hf_dir_of(engine_dir), architecture, dtype)   # VL: the image-text-to-text class
     model.generation_config.eos_token_id = None     # compare full lengths, never stop early
     return model

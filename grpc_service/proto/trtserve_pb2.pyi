@@ -13,12 +13,24 @@ class TokenIds(_message.Message):
     def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ChatMessage(_message.Message):
-    __slots__ = ("role", "content")
+    __slots__ = ("role", "content", "parts")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     CONTENT_FIELD_NUMBER: _ClassVar[int]
+    PARTS_FIELD_NUMBER: _ClassVar[int]
     role: str
     content: str
-    def __init__(self, role: _Optional[str] = ..., content: _Optional[str] = ...) -> None: ...
+    parts: _containers.RepeatedCompositeFieldContainer[ContentPart]
+    def __init__(self, role: _Optional[str] = ..., content: _Optional[str] = ..., parts: _Optional[_Iterable[_Union[ContentPart, _Mapping]]] = ...) -> None: ...
+
+class ContentPart(_message.Message):
+    __slots__ = ("text", "image", "video")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    VIDEO_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    image: Image
+    video: Video
+    def __init__(self, text: _Optional[str] = ..., image: _Optional[_Union[Image, _Mapping]] = ..., video: _Optional[_Union[Video, _Mapping]] = ...) -> None: ...
 
 class ChatMessages(_message.Message):
     __slots__ = ("messages", "add_generation_prompt")
@@ -36,13 +48,23 @@ class Image(_message.Message):
     url: str
     def __init__(self, data: _Optional[bytes] = ..., url: _Optional[str] = ...) -> None: ...
 
+class VideoFrames(_message.Message):
+    __slots__ = ("frames",)
+    FRAMES_FIELD_NUMBER: _ClassVar[int]
+    frames: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, frames: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
 class Video(_message.Message):
-    __slots__ = ("data", "url")
+    __slots__ = ("data", "url", "frames", "fps")
     DATA_FIELD_NUMBER: _ClassVar[int]
     URL_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_FIELD_NUMBER: _ClassVar[int]
+    FPS_FIELD_NUMBER: _ClassVar[int]
     data: bytes
     url: str
-    def __init__(self, data: _Optional[bytes] = ..., url: _Optional[str] = ...) -> None: ...
+    frames: VideoFrames
+    fps: float
+    def __init__(self, data: _Optional[bytes] = ..., url: _Optional[str] = ..., frames: _Optional[_Union[VideoFrames, _Mapping]] = ..., fps: _Optional[float] = ...) -> None: ...
 
 class SamplingParameters(_message.Message):
     __slots__ = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "seed", "min_tokens", "ignore_eos", "stop_token_ids", "stop", "bad_words", "logprobs", "skip_special_tokens")
@@ -197,7 +219,7 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelCard(_message.Message):
-    __slots__ = ("name", "ready", "vocab_size", "max_batch_size", "max_input_len", "max_seq_len", "tokens_per_block", "has_chat_template", "supports_images", "eos_token_ids")
+    __slots__ = ("name", "ready", "vocab_size", "max_batch_size", "max_input_len", "max_seq_len", "tokens_per_block", "has_chat_template", "supports_images", "eos_token_ids", "max_images_per_request", "max_image_pixels", "max_image_bytes")
     NAME_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -208,6 +230,9 @@ class ModelCard(_message.Message):
     HAS_CHAT_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
     SUPPORTS_IMAGES_FIELD_NUMBER: _ClassVar[int]
     EOS_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    MAX_IMAGES_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
+    MAX_IMAGE_PIXELS_FIELD_NUMBER: _ClassVar[int]
+    MAX_IMAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     name: str
     ready: bool
     vocab_size: int
@@ -218,7 +243,10 @@ class ModelCard(_message.Message):
     has_chat_template: bool
     supports_images: bool
     eos_token_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, name: _Optional[str] = ..., ready: _Optional[bool] = ..., vocab_size: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_input_len: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., tokens_per_block: _Optional[int] = ..., has_chat_template: _Optional[bool] = ..., supports_images: _Optional[bool] = ..., eos_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    max_images_per_request: int
+    max_image_pixels: int
+    max_image_bytes: int
+    def __init__(self, name: _Optional[str] = ..., ready: _Optional[bool] = ..., vocab_size: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_input_len: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., tokens_per_block: _Optional[int] = ..., has_chat_template: _Optional[bool] = ..., supports_images: _Optional[bool] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., max_images_per_request: _Optional[int] = ..., max_image_pixels: _Optional[int] = ..., max_image_bytes: _Optional[int] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models",)

@@ -14,7 +14,7 @@ import torch
 
 def rope_inv_freq(head_size: int, base: float, scaling: dict[str, Any] | None) -> torch.Tensor:
     inv_freq = 1.0 / (base ** (torch.arange(0, head_size, 2, dtype=torch.int64).float() / head_size))
-    if scaling is None:
+    if scaling is None or scaling.get("type", scaling.get("rope_type")) == "mrope":   # M-RoPE: default frequencies
         return inv_freq
     kind = scaling.get("type", scaling.get("rope_type"))
     factor = float(scaling["factor"])
@@ -33,8 +33,23 @@ def rope_inv_freq(head_size: int, base: float, scaling: dict[str, Any] | None) -
     return torch.where(is_medium, smoothed, scaled)
 
 
-def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    freqs = positions.float()[:, None] * inv_freq[None, :]
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype,
+                 mrope_section: tuple[int, int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """positions [T] -> cos / sin [T, D]; with `mrope_section`, positions [3, T] (M-RoPE).
+
+    M-RoPE (Qwen2-VL, as HF): the D/2 frequencies are split into chunks of
+    mrope_section = (t, h, w) sizes; chunk i takes its angle from axis i % 3
+    (time, height, width), then the halves are concatenated as for 1-D RoPE.
+    """
+    if mrope_section is None:
+        freqs = positions.float()[:, None] * inv_freq[None, :]
+    else:
+        if positions.dim() != 2 or positions.shape[0] != 3 or sum(mrope_section) != inv_freq.shape[0]:
+            raise ValueError(f"positions: M-RoPE needs [3, T] positions and a section summing to "
+                             f"{inv_freq.shape[0]}, got {tuple(positions.shape)} and {tuple(mrope_section)}")
+        per_axis = positions.float()[:, :, None] * inv_freq[None, None, :]      # [3, T, D/2]
+        chunks = per_axis.split(list(mrope_section), dim=-1)
+        freqs = torch.cat([chunk[i % 3] for i, chunk in enumerate(chunks)], dim=-1)
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
 

@@ -21,12 +21,14 @@ def test_readme_starts_with_the_two_commands() -> None:
 
 
 def test_make_demo_runs(tmp_path: Path) -> None:
-    engine_dir = tmp_path / "demo-engine"
-    result = subprocess.run(["make", "-s", "demo", f"DEMO_ENGINE={engine_dir}"], cwd=ROOT, capture_output=True,
-                            text=True, timeout=600)
+    engine_dir, vl_engine_dir = tmp_path / "demo-engine", tmp_path / "demo-vl-engine"
+    result = subprocess.run(["make", "-s", "demo", f"DEMO_ENGINE={engine_dir}", f"DEMO_VL_ENGINE={vl_engine_dir}"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert (engine_dir / "engine.json").is_file()
+    assert (engine_dir / "engine.json").is_file() and (vl_engine_dir / "vision" / "config.json").is_file()
     assert re.search(r"finish|->", result.stdout), result.stdout[-2000:]
+    image_part = result.stdout.split("a chat request with one image", 1)
+    assert len(image_part) == 2 and "[finish: " in image_part[1], result.stdout[-2000:]
 
 
 @pytest.mark.slow

@@ -1,0 +1,179 @@
+"""Parity of the built vision tower: ONNX Runtime, our PyTorch tower and transformers' tower.
+
+What it is for: the `vision` key of `validation.json`. polygraphy's Comparator
+runs three runners over the same feed dicts (a data loader of a few grids, none
+of them the grids the ONNX graph was traced on, including several images in one
+call and a video): ONNX Runtime on `vision/encoder.onnx` (CPU, the runtime's
+session options), our PyTorch tower on `vision/encoder.safetensors`, and HF's
+tower built from the checkpoint's own tensors (rounded to the engine dtype, so
+the comparison isolates the implementation and the conversion, not the dtype).
+All run in float32. Errors are max |a - b| and that over max(1, max |HF|); a pair
+passes when the latter is within its tolerance.
+Not for: the LLM parity (builder/validate.py) or unit-test assertions.
+"""
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from polygraphy.backend.base import BaseRunner
+
+from builder.vision_convert import VISION_PREFIXES
+from builder.vision_export import OUTPUT_NAME, example_inputs, input_names
+from runtime.engine_dir import load_engine
+from runtime.vision_config import VisionConfig
+from runtime.vision_encoder import session_options
+from runtime.vision_inputs import GridTHW
+from runtime.vision_model import vision_forward
+
+# Several images per call, a video (t > 1), sizes above one Qwen2.5-VL window at real shape (8 x 8 patches).
+GRIDS: tuple[tuple[GridTHW, ...], ...] = (((1, 2, 2),), ((1, 6, 8), (1, 10, 4)), ((2, 4, 6),),
+                                          ((1, 12, 20), (3, 2, 4)))
+TOLERANCE = 1e-5                      # float32 everywhere: max |a - b| / max(1, max |HF|)
+PAIRS = (("pytorch", "hf"), ("onnxruntime", "pytorch"), ("onnxruntime", "hf"))
+
+
+class TowerRunner(BaseRunner):
+    """A polygraphy runner over a PyTorch callable taking the feed dict as tensors."""
+
+    def __init__(self, name: str, metadata: list[tuple[str, Any, tuple[int, ...]]], forward: Any) -> None:
+        super().__init__(name=name)
+        self.metadata = metadata
+        self.forward = forward
+
+    def get_input_metadata_impl(self) -> Any:
+        from polygraphy.common import TensorMetadata
+
+        meta = TensorMetadata()
+        for name, dtype, shape in self.metadata:
+            meta.add(name, dtype, shape)
+        return meta
+
+    @torch.inference_mode()
+    def infer_impl(self, feed_dict: dict[str, Any]) -> OrderedDict:
+        tensors = {name: torch.from_numpy(np.ascontiguousarray(value)) for name, value in feed_dict.items()}
+        start = time.perf_counter()
+        out = self.forward(tensors)
+        self.inference_time = time.perf_counter() - start
+        return OrderedDict([(OUTPUT_NAME, out.float().numpy())])
+
+
+def _ours(cfg: VisionConfig, weights: dict[str, torch.Tensor]) -> TowerRunner:
+    w32 = {name: t.float() for name, t in weights.items()}
+    meta = [("pixel_values", np.float32, (-1, cfg.patch_dim)), ("position_ids", np.int64, (-1, 2)),
+            ("cu_seqlens", np.int32, (-1,))]
+    if cfg.uses_windows:
+        meta += [("window_index", np.int64, (-1,)), ("cu_window_seqlens", np.int32, (-1,))]
+    return TowerRunner("pytorch", meta, lambda f: vision_forward(
+        cfg, w32, f["pixel_values"], f["position_ids"], f["cu_seqlens"], f.get("window_index"),
+        f.get("cu_window_seqlens")))
+
+
+def hf_tower(hf_dir: Path, dtype: torch.dtype) -> Any:
+    """transformers' vision tower with the checkpoint's own tensors, rounded to `dtype`, in float32."""
+    from safetensors import safe_open
+    from transformers import AutoConfig
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
+
+    config = AutoConfig.from_pretrained(str(hf_dir))
+    tower_class = {"qwen2_vl": Qwen2VisionTransformerPretrainedModel,
+                   "qwen2_5_vl": Qwen2_5_VisionTransformerPretrainedModel}[config.model_type]
+    tower = tower_class._from_config(config.vision_config, dtype=torch.float32).eval()
+    state: dict[str, torch.Tensor] = {}
+    for path in sorted(hf_dir.glob("*.safetensors")):
+        with safe_open(str(path), "pt") as f:
+            for key in f.keys():
+                prefix = next((p for p in VISION_PREFIXES if key.startswith(p)), None)
+                if prefix:
+                    state[key[len(prefix):]] = f.get_tensor(key).to(dtype).float()
+    tower.load_state_dict(state, strict=True)
+    return tower
+
+
+def _hf(cfg: VisionConfig, hf_dir: Path) -> TowerRunner:
+    tower = hf_tower(hf_dir, getattr(torch, cfg.dtype))
+    meta = [("pixel_values", np.float32, (-1, cfg.patch_dim)), ("grid_thw", np.int64, (-1, 3))]
+    return TowerRunner("hf", meta, lambda f: tower(f["pixel_values"], grid_thw=f["grid_thw"]).pooler_output)
+
+
+def _onnxruntime(onnx_path: Path) -> Any:
+    import onnxruntime
+    from polygraphy.backend.onnxrt import OnnxrtRunner
+
+    return OnnxrtRunner(lambda: onnxruntime.InferenceSession(str(onnx_path), session_options(),
+                                                             providers=["CPUExecutionProvider"]),
+                        name="onnxruntime")
+
+
+def data_loader(cfg: VisionConfig) -> list[OrderedDict]:
+    """One feed dict per entry of GRIDS: every runner's inputs (each takes the ones it declares)."""
+    feeds = []
+    for i, grids in enumerate(GRIDS):
+        feed = OrderedDict((name, t.numpy()) for name, t in example_inputs(cfg, grids, seed=i).items())
+        feed["grid_thw"] = np.array(grids, dtype=np.int64)
+        feeds.append(feed)
+    return feeds
+
+
+def validate_vision(engine_dir: Path, hf_dir: Path) -> dict[str, Any]:
+    from polygraphy.comparator import Comparator
+    from polygraphy.logger import G_LOGGER
+
+    engine = load_engine(engine_dir)
+    assert engine.vision is not None, "validate_vision needs a VL engine"
+    cfg = engine.vision.config
+    runners = [_onnxruntime(engine.vision.onnx_path), _ours(cfg, engine.vision.weights), _hf(cfg, hf_dir)]
+    index = {runner.name: i for i, runner in enumerate(runners)}
+    with G_LOGGER.verbosity(G_LOGGER.ERROR):
+        results = Comparator.run(runners, data_loader=data_loader(cfg))
+        ref = [np.abs(out[OUTPUT_NAME]).max() for out in results[index["hf"]][1]]
+        scale = max(1.0, float(max(ref)))
+        accuracy = Comparator.compare_accuracy(
+            results, comparisons=[(index[a], index[b]) for a, b in PAIRS],
+            compare_func=_simple_compare(atol=TOLERANCE * scale))
+    if hasattr(accuracy, "lst"):       # polygraphy >= 0.50: one AccuracyResult per compare function
+        accuracy = accuracy[0]
+    pairs: dict[str, Any] = {}
+    for a, b in PAIRS:
+        per_iteration = accuracy[(a, b)]
+        max_abs = max(float(it[OUTPUT_NAME].max_absdiff) for it in per_iteration)
+        pairs[f"{a}_vs_{b}"] = {"max_abs_err": max_abs, "max_rel_err": max_abs / scale,
+                                "passed": all(bool(it[OUTPUT_NAME]) for it in per_iteration)}
+    return {
+        "reference": f"transformers {__import__('transformers').__version__} vision tower, float32, weights "
+                     f"rounded to {cfg.dtype}; onnxruntime {__import__('onnxruntime').__version__} CPU",
+        "comparator": f"polygraphy {__import__('polygraphy').__version__} Comparator",
+        "grids": [[list(g) for g in grids] for grids in GRIDS],
+        "num_patches": [int(sum(t * h * w for t, h, w in grids)) for grids in GRIDS],
+        "scale": scale, "tolerance": {"max_abs_err_over_scale": TOLERANCE},
+        "pairs": pairs, "passed": all(p["passed"] for p in pairs.values()),
+    }
+
+
+def _simple_compare(atol: float) -> Any:
+    """Elementwise |a - b| <= atol (rtol 0); SimpleCompareFunc replaces CompareFunc.simple in polygraphy 0.53."""
+    from polygraphy import comparator
+
+    if hasattr(comparator, "SimpleCompareFunc"):
+        return comparator.SimpleCompareFunc(atol=atol, rtol=0.0)
+    return comparator.CompareFunc.simple(atol=atol, rtol=0.0)
+
+
+def add_vision_report(llm_report: dict[str, Any], vision_report: dict[str, Any]) -> dict[str, Any]:
+    return {**llm_report, "passed": bool(llm_report["passed"] and vision_report["passed"]), "vision": vision_report}
+
+
+def vision_summary(report: dict[str, Any]) -> dict[str, Any]:
+    """The part of the vision report that goes into engine.json."""
+    return {"passed": report["passed"],
+            **{f"{name}_max_rel_err": pair["max_rel_err"] for name, pair in report["pairs"].items()}}
+
+
+def vision_summary_line(report: dict[str, Any]) -> str:
+    errs = ", ".join(f"{name} {pair['max_rel_err']:.1e}" for name, pair in report["pairs"].items())
+    return f"vision tower rel err: {errs}; passed: {report['passed']}"

@@ -1,0 +1,337 @@
+"""Images and video through both APIs against a real server on the tiny Qwen2-VL engine.
+
+The greedy tokens through each API must equal those of `EngineCore` called in this process with
+`MultimodalProcessor` (which the runtime's own tests hold equal to HF). The bad images of REFERENCE.md
+section 6 go through both APIs: each gets its documented answer (refusal: INVALID_ARGUMENT naming the
+field, no decoder internals; accepted modes: a normal answer), and afterwards the server still serves,
+with no request in flight and no KV block held.
+"""
+from __future__ import annotations
+
+import base64
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from PIL import Image
+
+from grpc_service.client import (
+    NativeClient,
+    Sampling,
+    TritonClient,
+    chat_message,
+    image_proto,
+    video_proto,
+)
+from grpc_service.proto import trtserve_pb2 as pb
+from runtime.engine_core import EngineCore, EngineRequest, collect_text
+from runtime.image_io import ImageLimits, decode_image
+from runtime.multimodal import MultimodalInputs, MultimodalProcessor
+from runtime.sampling_params import SamplingParams
+from tests.integration import media
+from tests.integration.grpc_fixtures import ServerProcess, wait_idle
+
+MAX_TOKENS = 12
+MAX_IMAGES = 3
+MAX_PIXELS = 512 * 512
+BLOCK = "<|vision_start|><|image_pad|><|vision_end|>"
+INTERNALS = ("Traceback", "PIL", "Errno", "cannot identify", "UnidentifiedImageError", "zlib", "struct")
+
+
+@pytest.fixture(scope="module")
+def vl_engine_dir(build_tiny: Callable[..., Path]) -> Path:
+    return build_tiny("tiny-qwen2-vl")
+
+
+@pytest.fixture(scope="module")
+def image_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("allowed-images")
+    (root / "gradient.png").write_bytes(media.gradient_png(seed=3))
+    outside = tmp_path_factory.mktemp("outside-images") / "secret.png"
+    outside.write_bytes(media.gradient_png(seed=4))
+    os.symlink(outside, root / "escape.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def vl_server(vl_engine_dir: Path, image_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    limits = ["--max-images-per-request", str(MAX_IMAGES), "--max-image-pixels", str(MAX_PIXELS)]
+    server = ServerProcess.start(["--engine", str(vl_engine_dir), "--allowed-image-dir", str(image_dir), *limits],
+                                 tmp_path_factory.mktemp("grpc-vl-logs"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def client(vl_server: ServerProcess) -> Iterator[NativeClient]:
+    with NativeClient(vl_server.target, timeout_s=120) as native:
+        yield native
+
+
+@pytest.fixture(scope="module")
+def triton(vl_server: ServerProcess) -> Iterator[TritonClient]:
+    with TritonClient(vl_server.target, timeout_s=120) as kserve:
+        yield kserve
+
+
+class VLReference:
+    """EngineCore + MultimodalProcessor in this process: what the server must reproduce."""
+
+    def __init__(self, engine_dir: Path) -> None:
+        self.core = EngineCore.from_dir(engine_dir)
+        self.limits = ImageLimits(max_images_per_request=MAX_IMAGES, max_image_pixels=MAX_PIXELS)
+        self.processor = MultimodalProcessor(self.core.engine, self.core.tokenizer, self.limits)
+        self._count = 0
+
+    def greedy(self, prompt: tuple[list[int], MultimodalInputs | None]) -> tuple[str, list[int]]:
+        self._count += 1
+        rid = f"vl-ref-{self._count}"
+        ids, mm = prompt
+        request = EngineRequest(rid, ids, SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0), multimodal=mm)
+        return collect_text(self.core.generate_all([request])[rid])
+
+    def chat(self, *parts: dict) -> tuple[list[int], MultimodalInputs]:
+        return self.processor.process_chat([{"role": "user", "content": list(parts)}], True)
+
+
+@pytest.fixture(scope="module")
+def reference(vl_engine_dir: Path) -> VLReference:
+    return VLReference(vl_engine_dir)
+
+
+GREEDY = Sampling(max_tokens=MAX_TOKENS, temperature=0.0)
+
+
+def _assert_idle(client: NativeClient) -> None:
+    status = wait_idle(client)
+    assert status.num_in_flight == 0 and status.num_running == 0 and status.num_waiting == 0
+    assert status.kv_used_blocks == 0
+
+
+# ------------------------------------------------------------------------------------------- native API
+
+
+def test_model_card_says_images(client: NativeClient) -> None:
+    card = client.models()[0]
+    assert card.supports_images
+    assert card.max_images_per_request == MAX_IMAGES and card.max_image_pixels == MAX_PIXELS
+    assert card.max_image_bytes > 0
+
+
+def test_chat_with_one_image_matches_the_runtime(client: NativeClient, reference: VLReference) -> None:
+    png = media.gradient_png(seed=1)
+    expected_text, expected_ids = reference.greedy(reference.chat({"type": "image", "image": png},
+                                                                  {"type": "text", "text": "Describe it."}))
+    completion = client.chat([chat_message("user", image_proto(png), "Describe it.")], GREEDY)
+    assert completion.token_ids == expected_ids and completion.text == expected_text
+    ids, _ = reference.chat({"type": "image", "image": png}, {"type": "text", "text": "Describe it."})
+    assert completion.prompt_tokens == len(ids)
+    assert client.tokenize([chat_message("user", image_proto(png), "Describe it.")]) == ids
+
+
+def test_chat_with_two_images_matches_the_runtime(client: NativeClient, reference: VLReference) -> None:
+    first, second = media.gradient_png(64, 48, seed=1), media.gradient_png(40, 80, seed=2)
+    prompt = reference.chat({"type": "image", "image": first}, {"type": "text", "text": "and"},
+                            {"type": "image", "image": second}, {"type": "text", "text": "differ how?"})
+    expected_text, expected_ids = reference.greedy(prompt)
+    completion = client.chat([chat_message("user", image_proto(first), "and", image_proto(second), "differ how?")],
+                             GREEDY)
+    assert completion.token_ids == expected_ids and completion.text == expected_text
+    assert len(prompt[1].visuals) == 2 and completion.prompt_tokens == len(prompt[0])
+
+
+def test_video_frames_match_the_runtime(client: NativeClient, reference: VLReference) -> None:
+    frames = [media.gradient_png(32, 32, seed=s) for s in range(4)]
+    decoded = [decode_image(f, "frame", reference.limits) for f in frames]
+    expected_text, expected_ids = reference.greedy(reference.chat(
+        {"type": "video", "video": decoded, "fps": 2.0}, {"type": "text", "text": "What moves?"}))
+    completion = client.chat([chat_message("user", video_proto(frames, fps=2.0), "What moves?")], GREEDY)
+    assert completion.token_ids == expected_ids and completion.text == expected_text
+
+
+def test_animated_gif_as_video(client: NativeClient, reference: VLReference) -> None:
+    gif = media.animated_gif()
+    expected = reference.greedy(reference.chat({"type": "video", "video": gif, "fps": None},
+                                               {"type": "text", "text": "Go."}))
+    completion = client.chat([chat_message("user", video_proto(gif), "Go.")], GREEDY)
+    assert completion.token_ids == expected[1]
+
+
+def test_text_prompt_with_images_field(client: NativeClient, reference: VLReference) -> None:
+    png = media.gradient_png(seed=5)
+    for text in (f"Look: {BLOCK} what is it?", "What is it?"):        # placeholder given, or put first
+        expected = reference.greedy(reference.processor.process_text(text, [png]))
+        completion = client.generate(text, GREEDY, images=[png])
+        assert completion.token_ids == expected[1], text
+
+
+def test_text_only_on_a_vl_engine(client: NativeClient, reference: VLReference) -> None:
+    prompt = "The capital of France is"
+    ids = list(reference.core.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    assert client.generate(prompt, GREEDY).token_ids == reference.greedy((ids, None))[1]
+    ids = client.tokenize([("user", "hi")])
+    assert client.chat([("user", "hi")], GREEDY).token_ids == reference.greedy((ids, None))[1]
+
+
+def test_placeholders_without_images_are_refused(client: NativeClient) -> None:
+    with pytest.raises(grpc.RpcError) as info:
+        client.generate(f"{BLOCK} what?", GREEDY)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(grpc.RpcError) as info:
+        client.chat([pb.ChatMessage(role="user", parts=[pb.ContentPart(text=BLOCK)])], GREEDY)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    _assert_idle(client)
+
+
+def test_native_urls_follow_the_policy(client: NativeClient, image_dir: Path) -> None:
+    data_url = "data:image/png;base64," + base64.b64encode((image_dir / "gradient.png").read_bytes()).decode()
+    by_url = client.generate("Describe.", GREEDY, images=[data_url])
+    by_file = client.generate("Describe.", GREEDY, images=["file://" + str(image_dir / "gradient.png")])
+    by_bytes = client.generate("Describe.", GREEDY, images=[(image_dir / "gradient.png").read_bytes()])
+    assert by_url.token_ids == by_file.token_ids == by_bytes.token_ids
+    for url, words in (("file://" + str(image_dir / "escape.png"), "outside the allowed"),
+                       ("/etc/hostname", "outside the allowed"),
+                       ("http://127.0.0.1:9/x.png", "--allow-image-url-fetch")):
+        with pytest.raises(grpc.RpcError) as info:
+            client.generate("Describe.", GREEDY, images=[url])
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert info.value.details().startswith("images[0].url: ") and words in info.value.details()
+
+
+# ------------------------------------------------------------------------------------------- KServe ensemble
+
+
+def test_ensemble_declares_image_inputs(vl_server: ServerProcess, triton: TritonClient) -> None:
+    config = triton.client.get_model_config("ensemble").config
+    inputs = {spec.name: spec for spec in config.input}
+    assert list(inputs["image_bytes_input"].dims) == [-1, -1, -1, -1]
+    assert inputs["image_bytes_input"].data_type == 2          # TYPE_UINT8
+    assert inputs["image_url_input"].optional and inputs["image_bytes_input"].optional
+
+
+def test_ensemble_image_inputs_match_the_runtime(triton: TritonClient, reference: VLReference,
+                                                 image_dir: Path) -> None:
+    pixels = np.asarray(media.gradient(64, 48, seed=1))
+    text = f"{BLOCK}Describe it."
+    expected_text, _ = reference.greedy(reference.processor.process_text(text, [Image.fromarray(pixels)]))
+    assert triton.generate(text, GREEDY, images=[pixels]) == expected_text            # [1, N, H, W, 3]
+    assert triton.generate(text, GREEDY, images=[pixels.transpose(2, 0, 1)]) == expected_text   # [1, N, 3, H, W]
+    png = (image_dir / "gradient.png").read_bytes()
+    expected_text, _ = reference.greedy(reference.processor.process_text(text, [png]))
+    data_url = "data:image/png;base64," + base64.b64encode(png).decode()
+    assert triton.generate(text, GREEDY, image_urls=[data_url]) == expected_text
+    assert triton.generate(text, GREEDY, image_urls=["file://" + str(image_dir / "gradient.png")]) == expected_text
+    assert triton.generate(text, GREEDY, image_urls=["gradient.png"]) == expected_text     # relative: in the dir
+    padded = np.frombuffer(png + b"\0" * 13, dtype=np.uint8).reshape(1, 1, -1)            # [1, N, 1, 1, bytes]
+    assert triton.generate(text, GREEDY, images=[padded]) == expected_text
+
+
+@pytest.mark.parametrize("url, words", [
+    ("escape.png", "outside the allowed"),
+    ("/etc/hostname", "outside the allowed"),
+    ("file:///etc/hostname", "outside the allowed"),
+    ("https://example.com/cat.png", "--allow-image-url-fetch"),
+    ("ftp://example.com/cat.png", "not supported"),
+    ("data:image/png;base64,@@@", "base64"),
+])
+def test_ensemble_refuses_urls_against_the_policy(triton: TritonClient, client: NativeClient, url: str,
+                                                  words: str) -> None:
+    with pytest.raises(RuntimeError) as info:
+        triton.generate("Describe.", GREEDY, image_urls=[url])
+    assert "image_url_input[0]" in str(info.value) and words in str(info.value)
+    _assert_idle(client)
+
+
+def test_text_engine_schema_has_no_image_inputs(grpc_server: ServerProcess) -> None:
+    with TritonClient(grpc_server.target) as kserve:
+        names = {spec.name for spec in kserve.client.get_model_config("ensemble").config.input}
+        assert not names & {"image_bytes_input", "image_url_input", "video_bytes_input"}
+        with pytest.raises(RuntimeError, match="image_bytes_input"):
+            kserve.generate("hi", GREEDY, images=[np.asarray(media.gradient(8, 8))])
+
+
+# ------------------------------------------------------------------------------------------- bad images
+
+REFUSED = {
+    "truncated": media.truncated_png,
+    "corrupt": media.corrupt_bytes,
+    "bomb header": media.bomb_png_header,
+    "100000x1": lambda: media.encode(media.gradient(100_000, 1)),
+    "too many pixels": lambda: media.gradient_png(600, 600),
+}
+ACCEPTED = {
+    "1x1": lambda: media.gradient_png(1, 1),
+    "CMYK": media.cmyk_jpeg,
+    "16-bit": media.sixteen_bit_png,
+    "palette": media.palette_png,
+    "animated": media.animated_gif,
+}
+
+
+def _native_image_error(client: NativeClient, data: bytes, as_chat: bool) -> grpc.RpcError | None:
+    try:
+        if as_chat:
+            client.chat([chat_message("user", image_proto(data), "What is it?")], GREEDY)
+        else:
+            client.generate("What is it?", GREEDY, images=[data])
+    except grpc.RpcError as exc:
+        return exc
+    return None
+
+
+@pytest.mark.parametrize("name", sorted(REFUSED))
+def test_bad_images_are_refused_by_both_apis(client: NativeClient, triton: TritonClient, name: str) -> None:
+    data = REFUSED[name]()
+    for as_chat, field in ((True, "chat.messages[0].parts[0].image"), (False, "images[0]")):
+        error = _native_image_error(client, data, as_chat)
+        assert error is not None and error.code() == grpc.StatusCode.INVALID_ARGUMENT, name
+        assert error.details().startswith(field + ": "), error.details()
+        assert not any(word in error.details() for word in INTERNALS), error.details()
+    encoded = np.frombuffer(data, dtype=np.uint8).reshape(1, 1, -1)
+    with pytest.raises(RuntimeError) as info:
+        triton.generate("What is it?", GREEDY, images=[encoded])
+    assert "image_bytes_input[0]" in str(info.value), str(info.value)
+    assert not any(word in str(info.value) for word in INTERNALS), str(info.value)
+    _assert_idle(client)
+    assert client.generate("Still serving?", GREEDY).finish_reason in ("stop", "length")
+
+
+@pytest.mark.parametrize("name", sorted(ACCEPTED))
+def test_unusual_but_valid_images_are_served_by_both_apis(client: NativeClient, triton: TritonClient,
+                                                         reference: VLReference, name: str) -> None:
+    data = ACCEPTED[name]()
+    expected = reference.greedy(reference.processor.process_text("What is it?", [data]))
+    assert _native_image_error(client, data, as_chat=True) is None
+    assert client.generate("What is it?", GREEDY, images=[data]).token_ids == expected[1]
+    encoded = np.frombuffer(data, dtype=np.uint8).reshape(1, 1, -1)
+    assert triton.generate("What is it?", GREEDY, images=[encoded]) == expected[0]
+    _assert_idle(client)
+
+
+def test_raw_pixel_limits_on_the_ensemble(triton: TritonClient, client: NativeClient) -> None:
+    for pixels, words in ((np.zeros((1, 100_000, 3), np.uint8), "aspect ratio"),
+                          (np.zeros((600, 600, 3), np.uint8), "limit"),
+                          (np.zeros((8, 8, 5), np.uint8), "neither RGB pixels")):
+        with pytest.raises(RuntimeError) as info:
+            triton.generate("What is it?", GREEDY, images=[pixels])
+        assert "image_bytes_input" in str(info.value) and words in str(info.value), str(info.value)
+    _assert_idle(client)
+
+
+def test_too_many_images_through_both_apis(client: NativeClient, triton: TritonClient) -> None:
+    images = [media.gradient_png(16, 16, seed=s) for s in range(MAX_IMAGES + 1)]
+    with pytest.raises(grpc.RpcError) as info:
+        client.chat([chat_message("user", *[image_proto(i) for i in images], "Compare.")], GREEDY)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details().startswith("chat.messages: ") and str(MAX_IMAGES) in info.value.details()
+    with pytest.raises(grpc.RpcError) as info:
+        client.generate("Compare.", GREEDY, images=images)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and info.value.details().startswith("images: ")
+    pixels = [np.asarray(media.gradient(16, 16, seed=s)) for s in range(MAX_IMAGES + 1)]
+    with pytest.raises(RuntimeError, match="image_bytes_input"):
+        triton.generate("Compare.", GREEDY, images=pixels)
+    _assert_idle(client)
+    assert client.generate("Still serving?", GREEDY).finish_reason in ("stop", "length")
