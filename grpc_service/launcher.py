@@ -38,8 +38,12 @@ class ServerProcess:
 
     @classmethod
     def start(cls, args: list[str], log_dir: Path | None = None, env: dict[str, str] | None = None,
-              wait_ready: bool = True) -> ServerProcess:
-        """Run the server; its stderr goes to a log file in `log_dir` (or to ours when None)."""
+              wait_ready: bool = True, own_session: bool = False) -> ServerProcess:
+        """Run the server; its stderr goes to a log file in `log_dir` (or to ours when None).
+
+        `own_session`: start it in a new session, so a Ctrl-C at the terminal reaches only us and
+        we decide when the server stops (the benchmark prints its partial results first).
+        """
         log_path: Path | None = None
         stderr: IO[str] | None = None
         if log_dir is not None:
@@ -49,7 +53,7 @@ class ServerProcess:
         command = [sys.executable, "-m", "grpc_service.server_cli", "--host", "127.0.0.1", "--port", "0",
                    "--metrics-port", "0", *args]
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True,
-                                   env={**os.environ, **(env or {})})
+                                   env={**os.environ, **(env or {})}, start_new_session=own_session)
         server = cls(process, log_path)
         threading.Thread(target=server._read_stdout, daemon=True).start()
         match = LISTENING.search(server.wait_for("listening"))

@@ -169,7 +169,8 @@ def run_command(argv: list[str]) -> int:
             from grpc_service.launcher import ServerProcess
 
             print(f"trtserve-bench: starting trtserve-serve --engine {args.engine}", file=sys.stderr)
-            server = ServerProcess.start(["--engine", str(args.engine), *args.server_arg], Path(".cache/bench-logs"))
+            server = ServerProcess.start(["--engine", str(args.engine), *args.server_arg], Path(".cache/bench-logs"),
+                                         own_session=True)
             address = server.target
             metrics_url = None if args.no_server_metrics else f"http://127.0.0.1:{server.metrics_port}/metrics"
         else:
