@@ -8,7 +8,7 @@ wire, exactly as an existing Triton client would talk). Images and videos
 (vision-language engines) go with a text prompt or into the last user chat
 message, as encoded bytes or URLs (`image_part`, `video_part`); the Triton
 client sends images as the multimodal ensemble's `image_bytes_input` pixels
-or `image_url_input`. Both are synchronous
+or `image_url_input`, and one video as its `video_bytes_input`. Both are synchronous
 and small on purpose: scripts, the CLI, tests and the demo use them.
 Not for: load generation (the benchmark has its own asyncio client).
 """
@@ -198,9 +198,13 @@ class TritonClient:
         self.close()
 
     def inputs(self, prompt: str, sampling: Sampling, stream: bool, images: Sequence[np.ndarray] = (),
-               image_urls: Sequence[str] = ()) -> list[object]:
+               image_urls: Sequence[str] = (), videos: Sequence[np.ndarray] = ()) -> list[object]:
         """`images`: uint8 [H, W, 3] pixel arrays of one size (the multimodal ensemble's image_bytes_input);
-        `image_urls`: its image_url_input."""
+        `image_urls`: its image_url_input; `videos`: at most one (the ensemble's video_bytes_input takes one
+        per request): uint8 frames [num_frames, H, W, 3] / [num_frames, 3, H, W], taken as 2 frames per
+        second, or an encoded video as [1, 1, 1, num_bytes]."""
+        if len(videos) > 1:
+            raise ValueError(f"the ensemble takes one video per request (video_bytes_input), got {len(videos)}")
         values: list[tuple[str, str, np.ndarray]] = [
             ("text_input", "BYTES", np.array([[prompt.encode("utf-8")]], dtype=object)),
             ("max_tokens", "INT32", np.array([[sampling.max_tokens]], dtype=np.int32)),
@@ -222,6 +226,8 @@ class TritonClient:
             values.append(("image_bytes_input", "UINT8", pixels))
         if image_urls:
             values.append(("image_url_input", "BYTES", np.array([[u.encode() for u in image_urls]], dtype=object)))
+        if len(videos):
+            values.append(("video_bytes_input", "UINT8", np.asarray(videos[0], dtype=np.uint8)[None]))
         tensors = []
         for name, datatype, array in values:
             tensor = self._grpc.InferInput(name, list(array.shape), datatype)
@@ -230,13 +236,14 @@ class TritonClient:
         return tensors
 
     def stream(self, prompt: str, sampling: Sampling = Sampling(), stream: bool = True,
-               images: Sequence[np.ndarray] = (), image_urls: Sequence[str] = ()) -> Iterator[str]:
+               images: Sequence[np.ndarray] = (), image_urls: Sequence[str] = (),
+               videos: Sequence[np.ndarray] = ()) -> Iterator[str]:
         """Text deltas from ModelStreamInfer until the response flagged triton_final_response."""
+        tensors = self.inputs(prompt, sampling, stream, images, image_urls, videos)
         results: queue.Queue[tuple[object, object]] = queue.Queue()
         self.client.start_stream(callback=lambda result, error: results.put((result, error)))
         try:
-            self.client.async_stream_infer(self.model, self.inputs(prompt, sampling, stream, images, image_urls),
-                                           request_id=uuid.uuid4().hex)
+            self.client.async_stream_infer(self.model, tensors, request_id=uuid.uuid4().hex)
             while True:
                 result, error = results.get(timeout=self.timeout_s)
                 if error is not None:
@@ -250,8 +257,9 @@ class TritonClient:
             self.client.stop_stream(cancel_requests=True)
 
     def generate(self, prompt: str, sampling: Sampling = Sampling(), images: Sequence[np.ndarray] = (),
-                 image_urls: Sequence[str] = ()) -> str:
-        return "".join(self.stream(prompt, sampling, stream=False, images=images, image_urls=image_urls))
+                 image_urls: Sequence[str] = (), videos: Sequence[np.ndarray] = ()) -> str:
+        return "".join(self.stream(prompt, sampling, stream=False, images=images, image_urls=image_urls,
+                                   videos=videos))
 
     def ready(self) -> bool:
         return bool(self.client.is_server_ready())

@@ -9,6 +9,7 @@
   trtserve-client chat "Describe the image." --image cat.png             # vision-language engines
   trtserve-client generate "What happens?" --video clip.gif --video-fps 4
   trtserve-client --api triton generate "Describe it." --image cat.png  # image_bytes_input pixels
+  trtserve-client --api triton generate "What moves?" --video a.png --video b.png --video-frames
 
 `--api native` (default) uses trtserve.v1.LLMService; `--api triton` sends the
 tensors of Triton's TensorRT-LLM `ensemble` model with tritonclient (chat needs
@@ -17,7 +18,11 @@ the native API: the ensemble takes raw text, without a chat template).
 (data:, file://, http(s)://: the server resolves it under its URL policy);
 `--video` may also be given several times with `--video-frames` to send the
 files as one video's frames. With `chat` they go into the user message before
-the text; with `generate` / `stream` they go with the text prompt.
+the text; with `generate` / `stream` they go with the text prompt. With
+`--api triton`, images are files sent as pixels (one size) or URLs, and
+`--video` is one file sent as an encoded video, or with `--video-frames` image
+files sent as the frames' pixels (one size), as `video_bytes_input`: no video
+URLs, and no `--video-fps` (the ensemble takes frames as 2 per second).
 """
 from __future__ import annotations
 
@@ -150,15 +155,17 @@ def run_triton(args: argparse.Namespace) -> int:
             print("trtserve-client: error: chat needs --api native (the ensemble takes raw text)", file=sys.stderr)
             return 2
         sampling = sampling_from_args(args)
-        if args.video:
-            print("trtserve-client: error: --video needs --api native", file=sys.stderr)
+        if args.video_fps is not None:
+            print("trtserve-client: error: --video-fps needs --api native (the ensemble takes video frames as "
+                  "2 per second)", file=sys.stderr)
             return 2
         pixels = [image_pixels(i) for i in args.image if not i.lower().startswith(URL_SCHEMES)]
         urls = [i for i in args.image if i.lower().startswith(URL_SCHEMES)]
+        videos = [ensemble_video(args.video, args.video_frames)] if args.video else []
         if args.command == "generate":
-            print(client.generate(args.prompt, sampling, images=pixels, image_urls=urls))
+            print(client.generate(args.prompt, sampling, images=pixels, image_urls=urls, videos=videos))
             return 0
-        for delta in client.stream(args.prompt, sampling, images=pixels, image_urls=urls):
+        for delta in client.stream(args.prompt, sampling, images=pixels, image_urls=urls, videos=videos):
             print(delta, end="", flush=True)
         print()
         return 0
@@ -171,6 +178,24 @@ def image_pixels(path: str) -> np.ndarray:
 
     with Image.open(path) as image:
         return np.asarray(image.convert("RGB"))
+
+
+def ensemble_video(paths: list[str], as_frames: bool) -> np.ndarray:
+    """--video files as the ensemble's video_bytes_input: one encoded video [1, 1, 1, num_bytes], or with
+    --video-frames the files' pixels as frames [num_frames, H, W, 3] (all of one size)."""
+    if any(path.lower().startswith(URL_SCHEMES) for path in paths):
+        raise ValueError("--api triton sends video files, not URLs (the ensemble has no video URL input)")
+    if as_frames:
+        frames = [image_pixels(path) for path in paths]
+        if len({frame.shape for frame in frames}) > 1:
+            raise ValueError(f"--video-frames: the frames differ in size {sorted({f.shape for f in frames})}; "
+                             "the ensemble takes frames of one size")
+        return np.stack(frames)
+    if len(paths) > 1:
+        raise ValueError(f"--api triton sends one video per request, got {len(paths)} --video files "
+                         "(add --video-frames to send them as one video's frames)")
+    with open(paths[0], "rb") as handle:
+        return np.frombuffer(handle.read(), dtype=np.uint8).reshape(1, 1, 1, -1)
 
 
 def main(argv: list[str] | None = None) -> int:

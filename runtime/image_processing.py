@@ -90,7 +90,7 @@ class ProcessedVisual:
     pixel_values: np.ndarray         # float32 [t*h*w, C*T*P*P], HF patch order
     grid_thw: tuple[int, int, int]   # in patches, before the spatial merge
     second_per_grid_t: float         # video: temporal_patch_size / fps; image: 0.0
-    content_hash: str                # blake2b hex over kind, grid_thw and pixel bytes
+    content_hash: str                # blake2b hex over kind, grid_thw, second_per_grid_t and pixel bytes
     merge_size: int = 2              # spatial merge of the tower (2 for Qwen2-VL and 2.5-VL)
 
     @property
@@ -206,14 +206,18 @@ def _make_visual(kind: str, frames: np.ndarray, cfg: PreprocessConfig,
     grid_thw = (grid_t, grid_h, grid_w)
     return ProcessedVisual(kind=kind, pixel_values=pixel_values, grid_thw=grid_thw,
                            second_per_grid_t=second_per_grid_t,
-                           content_hash=_content_hash(kind, grid_thw, pixel_values),
+                           content_hash=_content_hash(kind, grid_thw, second_per_grid_t, pixel_values),
                            merge_size=m)
 
 
-def _content_hash(kind: str, grid_thw: tuple[int, int, int], pixel_values: np.ndarray) -> str:
+def _content_hash(kind: str, grid_thw: tuple[int, int, int], second_per_grid_t: float,
+                  pixel_values: np.ndarray) -> str:
+    """The prefix cache's key for the placeholder tokens: the fps is in it because Qwen2.5-VL's time
+    positions (hence the K/V of a video and of every token after it) depend on it."""
     digest = hashlib.blake2b(digest_size=32)
     digest.update(kind.encode() + b"\0")
     digest.update(np.asarray(grid_thw, dtype="<i8").tobytes())
+    digest.update(np.asarray([second_per_grid_t], dtype="<f8").tobytes())
     digest.update(np.ascontiguousarray(pixel_values, dtype="<f4").data)
     return digest.hexdigest()
 

@@ -1,17 +1,31 @@
 """Helpers for the gRPC tests: the server launcher (shared with the demo) and reference generations from
-`EngineCore` run in-process on the same engine, which the server's greedy output must reproduce."""
+`EngineCore` run in-process on the same engine (with `MultimodalProcessor` for vision-language engines),
+which the server's greedy output must reproduce."""
 from __future__ import annotations
 
 import time
 from pathlib import Path
 
-from grpc_service.client import NativeClient
+from grpc_service.client import NativeClient, Sampling
 from grpc_service.launcher import ServerProcess, metric_value
 from grpc_service.proto import trtserve_pb2 as pb
+from runtime.config import EngineConfig
 from runtime.engine_core import EngineCore, EngineRequest, collect_text
+from runtime.image_io import ImageLimits
+from runtime.multimodal import MultimodalInputs, MultimodalProcessor
 from runtime.sampling_params import SamplingParams
 
-__all__ = ["Reference", "ServerProcess", "metric_value"]
+__all__ = ["IMAGE_BLOCK", "VIDEO_BLOCK", "VL_GREEDY", "VL_MAX_IMAGES", "VL_MAX_PIXELS", "VL_MAX_TOKENS",
+           "VL_SERVER_ARGS", "Reference", "ServerProcess", "VLReference", "metric_value"]
+
+# the vision-language servers of the tests: few tokens, small limits that the bad-image tests run into
+VL_MAX_TOKENS = 12
+VL_MAX_IMAGES = 3
+VL_MAX_PIXELS = 512 * 512
+VL_SERVER_ARGS = ("--max-images-per-request", str(VL_MAX_IMAGES), "--max-image-pixels", str(VL_MAX_PIXELS))
+VL_GREEDY = Sampling(max_tokens=VL_MAX_TOKENS, temperature=0.0)
+IMAGE_BLOCK = "<|vision_start|><|image_pad|><|vision_end|>"
+VIDEO_BLOCK = "<|vision_start|><|video_pad|><|vision_end|>"
 
 
 class Reference:
@@ -36,6 +50,29 @@ class Reference:
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0, **kw)  # type: ignore[arg-type]
         outputs = self.core.generate_all([EngineRequest(rid, prompt_ids, params)])
         return collect_text(outputs[rid])
+
+
+class VLReference:
+    """EngineCore + MultimodalProcessor in this process, with the VL servers' limits: what the server must
+    reproduce. Without a prefix cache, so that a server whose cache reuses the wrong K/V cannot agree with
+    a reference that made the same mistake."""
+
+    def __init__(self, engine_dir: Path) -> None:
+        self.core = EngineCore.from_dir(engine_dir, EngineConfig(enable_prefix_caching=False))
+        self.limits = ImageLimits(max_images_per_request=VL_MAX_IMAGES, max_image_pixels=VL_MAX_PIXELS)
+        self.processor = MultimodalProcessor(self.core.engine, self.core.tokenizer, self.limits)
+        self._count = 0
+
+    def greedy(self, prompt: tuple[list[int], MultimodalInputs | None]) -> tuple[str, list[int]]:
+        self._count += 1
+        rid = f"vl-ref-{self._count}"
+        ids, mm = prompt
+        request = EngineRequest(rid, ids, SamplingParams(max_tokens=VL_MAX_TOKENS, temperature=0.0), multimodal=mm)
+        return collect_text(self.core.generate_all([request])[rid])
+
+    def chat(self, *parts: dict) -> tuple[list[int], MultimodalInputs]:
+        """One user message of runtime content parts ({"type": "text" | "image" | "video", ...})."""
+        return self.processor.process_chat([{"role": "user", "content": list(parts)}], True)
 
 
 def wait_idle(client: NativeClient, timeout_s: float = 10.0) -> pb.EngineStatus:

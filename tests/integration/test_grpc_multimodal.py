@@ -18,26 +18,29 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from grpc_service import client_cli
 from grpc_service.client import (
     NativeClient,
-    Sampling,
     TritonClient,
     chat_message,
     image_proto,
     video_proto,
 )
 from grpc_service.proto import trtserve_pb2 as pb
-from runtime.engine_core import EngineCore, EngineRequest, collect_text
-from runtime.image_io import ImageLimits, decode_image
-from runtime.multimodal import MultimodalInputs, MultimodalProcessor
-from runtime.sampling_params import SamplingParams
+from runtime.image_io import decode_image
 from tests.integration import media
-from tests.integration.grpc_fixtures import ServerProcess, wait_idle
+from tests.integration.grpc_fixtures import (
+    IMAGE_BLOCK,
+    VIDEO_BLOCK,
+    VL_GREEDY,
+    VL_MAX_IMAGES,
+    VL_MAX_PIXELS,
+    VL_SERVER_ARGS,
+    ServerProcess,
+    VLReference,
+    wait_idle,
+)
 
-MAX_TOKENS = 12
-MAX_IMAGES = 3
-MAX_PIXELS = 512 * 512
-BLOCK = "<|vision_start|><|image_pad|><|vision_end|>"
 INTERNALS = ("Traceback", "PIL", "Errno", "cannot identify", "UnidentifiedImageError", "zlib", "struct")
 
 
@@ -58,9 +61,8 @@ def image_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def vl_server(vl_engine_dir: Path, image_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    limits = ["--max-images-per-request", str(MAX_IMAGES), "--max-image-pixels", str(MAX_PIXELS)]
-    server = ServerProcess.start(["--engine", str(vl_engine_dir), "--allowed-image-dir", str(image_dir), *limits],
-                                 tmp_path_factory.mktemp("grpc-vl-logs"))
+    server = ServerProcess.start(["--engine", str(vl_engine_dir), "--allowed-image-dir", str(image_dir),
+                                  *VL_SERVER_ARGS], tmp_path_factory.mktemp("grpc-vl-logs"))
     yield server
     server.stop()
 
@@ -77,32 +79,9 @@ def triton(vl_server: ServerProcess) -> Iterator[TritonClient]:
         yield kserve
 
 
-class VLReference:
-    """EngineCore + MultimodalProcessor in this process: what the server must reproduce."""
-
-    def __init__(self, engine_dir: Path) -> None:
-        self.core = EngineCore.from_dir(engine_dir)
-        self.limits = ImageLimits(max_images_per_request=MAX_IMAGES, max_image_pixels=MAX_PIXELS)
-        self.processor = MultimodalProcessor(self.core.engine, self.core.tokenizer, self.limits)
-        self._count = 0
-
-    def greedy(self, prompt: tuple[list[int], MultimodalInputs | None]) -> tuple[str, list[int]]:
-        self._count += 1
-        rid = f"vl-ref-{self._count}"
-        ids, mm = prompt
-        request = EngineRequest(rid, ids, SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0), multimodal=mm)
-        return collect_text(self.core.generate_all([request])[rid])
-
-    def chat(self, *parts: dict) -> tuple[list[int], MultimodalInputs]:
-        return self.processor.process_chat([{"role": "user", "content": list(parts)}], True)
-
-
 @pytest.fixture(scope="module")
 def reference(vl_engine_dir: Path) -> VLReference:
     return VLReference(vl_engine_dir)
-
-
-GREEDY = Sampling(max_tokens=MAX_TOKENS, temperature=0.0)
 
 
 def _assert_idle(client: NativeClient) -> None:
@@ -117,7 +96,7 @@ def _assert_idle(client: NativeClient) -> None:
 def test_model_card_says_images(client: NativeClient) -> None:
     card = client.models()[0]
     assert card.supports_images
-    assert card.max_images_per_request == MAX_IMAGES and card.max_image_pixels == MAX_PIXELS
+    assert card.max_images_per_request == VL_MAX_IMAGES and card.max_image_pixels == VL_MAX_PIXELS
     assert card.max_image_bytes > 0
 
 
@@ -125,7 +104,7 @@ def test_chat_with_one_image_matches_the_runtime(client: NativeClient, reference
     png = media.gradient_png(seed=1)
     expected_text, expected_ids = reference.greedy(reference.chat({"type": "image", "image": png},
                                                                   {"type": "text", "text": "Describe it."}))
-    completion = client.chat([chat_message("user", image_proto(png), "Describe it.")], GREEDY)
+    completion = client.chat([chat_message("user", image_proto(png), "Describe it.")], VL_GREEDY)
     assert completion.token_ids == expected_ids and completion.text == expected_text
     ids, _ = reference.chat({"type": "image", "image": png}, {"type": "text", "text": "Describe it."})
     assert completion.prompt_tokens == len(ids)
@@ -138,7 +117,7 @@ def test_chat_with_two_images_matches_the_runtime(client: NativeClient, referenc
                             {"type": "image", "image": second}, {"type": "text", "text": "differ how?"})
     expected_text, expected_ids = reference.greedy(prompt)
     completion = client.chat([chat_message("user", image_proto(first), "and", image_proto(second), "differ how?")],
-                             GREEDY)
+                             VL_GREEDY)
     assert completion.token_ids == expected_ids and completion.text == expected_text
     assert len(prompt[1].visuals) == 2 and completion.prompt_tokens == len(prompt[0])
 
@@ -148,7 +127,7 @@ def test_video_frames_match_the_runtime(client: NativeClient, reference: VLRefer
     decoded = [decode_image(f, "frame", reference.limits) for f in frames]
     expected_text, expected_ids = reference.greedy(reference.chat(
         {"type": "video", "video": decoded, "fps": 2.0}, {"type": "text", "text": "What moves?"}))
-    completion = client.chat([chat_message("user", video_proto(frames, fps=2.0), "What moves?")], GREEDY)
+    completion = client.chat([chat_message("user", video_proto(frames, fps=2.0), "What moves?")], VL_GREEDY)
     assert completion.token_ids == expected_ids and completion.text == expected_text
 
 
@@ -156,47 +135,47 @@ def test_animated_gif_as_video(client: NativeClient, reference: VLReference) -> 
     gif = media.animated_gif()
     expected = reference.greedy(reference.chat({"type": "video", "video": gif, "fps": None},
                                                {"type": "text", "text": "Go."}))
-    completion = client.chat([chat_message("user", video_proto(gif), "Go.")], GREEDY)
+    completion = client.chat([chat_message("user", video_proto(gif), "Go.")], VL_GREEDY)
     assert completion.token_ids == expected[1]
 
 
 def test_text_prompt_with_images_field(client: NativeClient, reference: VLReference) -> None:
     png = media.gradient_png(seed=5)
-    for text in (f"Look: {BLOCK} what is it?", "What is it?"):        # placeholder given, or put first
+    for text in (f"Look: {IMAGE_BLOCK} what is it?", "What is it?"):        # placeholder given, or put first
         expected = reference.greedy(reference.processor.process_text(text, [png]))
-        completion = client.generate(text, GREEDY, images=[png])
+        completion = client.generate(text, VL_GREEDY, images=[png])
         assert completion.token_ids == expected[1], text
 
 
 def test_text_only_on_a_vl_engine(client: NativeClient, reference: VLReference) -> None:
     prompt = "The capital of France is"
     ids = list(reference.core.tokenizer(prompt, add_special_tokens=False)["input_ids"])
-    assert client.generate(prompt, GREEDY).token_ids == reference.greedy((ids, None))[1]
+    assert client.generate(prompt, VL_GREEDY).token_ids == reference.greedy((ids, None))[1]
     ids = client.tokenize([("user", "hi")])
-    assert client.chat([("user", "hi")], GREEDY).token_ids == reference.greedy((ids, None))[1]
+    assert client.chat([("user", "hi")], VL_GREEDY).token_ids == reference.greedy((ids, None))[1]
 
 
 def test_placeholders_without_images_are_refused(client: NativeClient) -> None:
     with pytest.raises(grpc.RpcError) as info:
-        client.generate(f"{BLOCK} what?", GREEDY)
+        client.generate(f"{IMAGE_BLOCK} what?", VL_GREEDY)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     with pytest.raises(grpc.RpcError) as info:
-        client.chat([pb.ChatMessage(role="user", parts=[pb.ContentPart(text=BLOCK)])], GREEDY)
+        client.chat([pb.ChatMessage(role="user", parts=[pb.ContentPart(text=IMAGE_BLOCK)])], VL_GREEDY)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     _assert_idle(client)
 
 
 def test_native_urls_follow_the_policy(client: NativeClient, image_dir: Path) -> None:
     data_url = "data:image/png;base64," + base64.b64encode((image_dir / "gradient.png").read_bytes()).decode()
-    by_url = client.generate("Describe.", GREEDY, images=[data_url])
-    by_file = client.generate("Describe.", GREEDY, images=["file://" + str(image_dir / "gradient.png")])
-    by_bytes = client.generate("Describe.", GREEDY, images=[(image_dir / "gradient.png").read_bytes()])
+    by_url = client.generate("Describe.", VL_GREEDY, images=[data_url])
+    by_file = client.generate("Describe.", VL_GREEDY, images=["file://" + str(image_dir / "gradient.png")])
+    by_bytes = client.generate("Describe.", VL_GREEDY, images=[(image_dir / "gradient.png").read_bytes()])
     assert by_url.token_ids == by_file.token_ids == by_bytes.token_ids
     for url, words in (("file://" + str(image_dir / "escape.png"), "outside the allowed"),
                        ("/etc/hostname", "outside the allowed"),
                        ("http://127.0.0.1:9/x.png", "--allow-image-url-fetch")):
         with pytest.raises(grpc.RpcError) as info:
-            client.generate("Describe.", GREEDY, images=[url])
+            client.generate("Describe.", VL_GREEDY, images=[url])
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert info.value.details().startswith("images[0].url: ") and words in info.value.details()
 
@@ -215,18 +194,59 @@ def test_ensemble_declares_image_inputs(vl_server: ServerProcess, triton: Triton
 def test_ensemble_image_inputs_match_the_runtime(triton: TritonClient, reference: VLReference,
                                                  image_dir: Path) -> None:
     pixels = np.asarray(media.gradient(64, 48, seed=1))
-    text = f"{BLOCK}Describe it."
+    text = f"{IMAGE_BLOCK}Describe it."
     expected_text, _ = reference.greedy(reference.processor.process_text(text, [Image.fromarray(pixels)]))
-    assert triton.generate(text, GREEDY, images=[pixels]) == expected_text            # [1, N, H, W, 3]
-    assert triton.generate(text, GREEDY, images=[pixels.transpose(2, 0, 1)]) == expected_text   # [1, N, 3, H, W]
+    assert triton.generate(text, VL_GREEDY, images=[pixels]) == expected_text            # [1, N, H, W, 3]
+    assert triton.generate(text, VL_GREEDY, images=[pixels.transpose(2, 0, 1)]) == expected_text   # [1, N, 3, H, W]
     png = (image_dir / "gradient.png").read_bytes()
     expected_text, _ = reference.greedy(reference.processor.process_text(text, [png]))
     data_url = "data:image/png;base64," + base64.b64encode(png).decode()
-    assert triton.generate(text, GREEDY, image_urls=[data_url]) == expected_text
-    assert triton.generate(text, GREEDY, image_urls=["file://" + str(image_dir / "gradient.png")]) == expected_text
-    assert triton.generate(text, GREEDY, image_urls=["gradient.png"]) == expected_text     # relative: in the dir
+    assert triton.generate(text, VL_GREEDY, image_urls=[data_url]) == expected_text
+    assert triton.generate(text, VL_GREEDY, image_urls=["file://" + str(image_dir / "gradient.png")]) == expected_text
+    assert triton.generate(text, VL_GREEDY, image_urls=["gradient.png"]) == expected_text     # relative: in the dir
     padded = np.frombuffer(png + b"\0" * 13, dtype=np.uint8).reshape(1, 1, -1)            # [1, N, 1, 1, bytes]
-    assert triton.generate(text, GREEDY, images=[padded]) == expected_text
+    assert triton.generate(text, VL_GREEDY, images=[padded]) == expected_text
+
+
+def test_ensemble_video_input_matches_the_runtime(triton: TritonClient, reference: VLReference) -> None:
+    frames = [media.gradient(32, 32, seed=s) for s in range(4)]
+    pixels = np.stack([np.asarray(frame) for frame in frames])
+    text = f"{VIDEO_BLOCK}What moves?"
+    expected_text, _ = reference.greedy(reference.processor.process_text(text, [], [(frames, 2.0)]))
+    reversed_text, _ = reference.greedy(reference.processor.process_text(text, [], [(frames[::-1], 2.0)]))
+    assert expected_text != reversed_text                       # the frames' order shows in the answer
+    assert triton.generate(text, VL_GREEDY, videos=[pixels]) == expected_text                    # [1, F, H, W, 3]
+    assert triton.generate(text, VL_GREEDY, videos=[pixels.transpose(0, 3, 1, 2)]) == expected_text  # [1, F, 3, H, W]
+    assert triton.generate(text, VL_GREEDY, videos=[pixels[::-1]]) == reversed_text
+    gif = media.animated_gif()
+    expected_text, _ = reference.greedy(reference.processor.process_text("What moves?", [], [gif]))
+    encoded = np.frombuffer(gif, dtype=np.uint8).reshape(1, 1, 1, -1)                            # [1, 1, 1, 1, bytes]
+    assert triton.generate("What moves?", VL_GREEDY, videos=[encoded]) == expected_text
+    with pytest.raises(ValueError, match="one video per request"):
+        triton.generate(text, VL_GREEDY, videos=[pixels, pixels])
+
+
+def test_cli_sends_video_through_the_ensemble(vl_server: ServerProcess, reference: VLReference, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    frames = [media.gradient(32, 32, seed=s) for s in range(4)]
+    paths = []
+    for index, frame in enumerate(frames):
+        paths += ["--video", str(tmp_path / f"frame{index}.png")]
+        frame.save(paths[-1])
+    (tmp_path / "clip.gif").write_bytes(media.animated_gif())
+    command = ["--url", vl_server.target, "--api", "triton", "generate", "What moves?", "--max-tokens",
+               str(VL_GREEDY.max_tokens)]
+    assert client_cli.main([*command, *paths, "--video-frames"]) == 0
+    expected_text, _ = reference.greedy(reference.processor.process_text("What moves?", [], [(frames, 2.0)]))
+    assert capsys.readouterr().out == expected_text + "\n"
+    assert client_cli.main([*command, "--video", str(tmp_path / "clip.gif")]) == 0
+    expected_text, _ = reference.greedy(reference.processor.process_text("What moves?", [],
+                                                                         [media.animated_gif()]))
+    assert capsys.readouterr().out == expected_text + "\n"
+    for extra, words in ((paths, "one video per request"), (["--video", "data:,x"], "not URLs"),
+                         ([*paths, "--video-frames", "--video-fps", "4"], "--video-fps needs --api native")):
+        assert client_cli.main([*command, *extra]) == 2
+        assert words in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("url, words", [
@@ -240,7 +260,7 @@ def test_ensemble_image_inputs_match_the_runtime(triton: TritonClient, reference
 def test_ensemble_refuses_urls_against_the_policy(triton: TritonClient, client: NativeClient, url: str,
                                                   words: str) -> None:
     with pytest.raises(RuntimeError) as info:
-        triton.generate("Describe.", GREEDY, image_urls=[url])
+        triton.generate("Describe.", VL_GREEDY, image_urls=[url])
     assert "image_url_input[0]" in str(info.value) and words in str(info.value)
     _assert_idle(client)
 
@@ -250,7 +270,7 @@ def test_text_engine_schema_has_no_image_inputs(grpc_server: ServerProcess) -> N
         names = {spec.name for spec in kserve.client.get_model_config("ensemble").config.input}
         assert not names & {"image_bytes_input", "image_url_input", "video_bytes_input"}
         with pytest.raises(RuntimeError, match="image_bytes_input"):
-            kserve.generate("hi", GREEDY, images=[np.asarray(media.gradient(8, 8))])
+            kserve.generate("hi", VL_GREEDY, images=[np.asarray(media.gradient(8, 8))])
 
 
 # ------------------------------------------------------------------------------------------- bad images
@@ -274,9 +294,9 @@ ACCEPTED = {
 def _native_image_error(client: NativeClient, data: bytes, as_chat: bool) -> grpc.RpcError | None:
     try:
         if as_chat:
-            client.chat([chat_message("user", image_proto(data), "What is it?")], GREEDY)
+            client.chat([chat_message("user", image_proto(data), "What is it?")], VL_GREEDY)
         else:
-            client.generate("What is it?", GREEDY, images=[data])
+            client.generate("What is it?", VL_GREEDY, images=[data])
     except grpc.RpcError as exc:
         return exc
     return None
@@ -292,11 +312,11 @@ def test_bad_images_are_refused_by_both_apis(client: NativeClient, triton: Trito
         assert not any(word in error.details() for word in INTERNALS), error.details()
     encoded = np.frombuffer(data, dtype=np.uint8).reshape(1, 1, -1)
     with pytest.raises(RuntimeError) as info:
-        triton.generate("What is it?", GREEDY, images=[encoded])
+        triton.generate("What is it?", VL_GREEDY, images=[encoded])
     assert "image_bytes_input[0]" in str(info.value), str(info.value)
     assert not any(word in str(info.value) for word in INTERNALS), str(info.value)
     _assert_idle(client)
-    assert client.generate("Still serving?", GREEDY).finish_reason in ("stop", "length")
+    assert client.generate("Still serving?", VL_GREEDY).finish_reason in ("stop", "length")
 
 
 @pytest.mark.parametrize("name", sorted(ACCEPTED))
@@ -305,9 +325,9 @@ def test_unusual_but_valid_images_are_served_by_both_apis(client: NativeClient, 
     data = ACCEPTED[name]()
     expected = reference.greedy(reference.processor.process_text("What is it?", [data]))
     assert _native_image_error(client, data, as_chat=True) is None
-    assert client.generate("What is it?", GREEDY, images=[data]).token_ids == expected[1]
+    assert client.generate("What is it?", VL_GREEDY, images=[data]).token_ids == expected[1]
     encoded = np.frombuffer(data, dtype=np.uint8).reshape(1, 1, -1)
-    assert triton.generate("What is it?", GREEDY, images=[encoded]) == expected[0]
+    assert triton.generate("What is it?", VL_GREEDY, images=[encoded]) == expected[0]
     _assert_idle(client)
 
 
@@ -316,22 +336,22 @@ def test_raw_pixel_limits_on_the_ensemble(triton: TritonClient, client: NativeCl
                           (np.zeros((600, 600, 3), np.uint8), "limit"),
                           (np.zeros((8, 8, 5), np.uint8), "neither RGB pixels")):
         with pytest.raises(RuntimeError) as info:
-            triton.generate("What is it?", GREEDY, images=[pixels])
+            triton.generate("What is it?", VL_GREEDY, images=[pixels])
         assert "image_bytes_input" in str(info.value) and words in str(info.value), str(info.value)
     _assert_idle(client)
 
 
 def test_too_many_images_through_both_apis(client: NativeClient, triton: TritonClient) -> None:
-    images = [media.gradient_png(16, 16, seed=s) for s in range(MAX_IMAGES + 1)]
+    images = [media.gradient_png(16, 16, seed=s) for s in range(VL_MAX_IMAGES + 1)]
     with pytest.raises(grpc.RpcError) as info:
-        client.chat([chat_message("user", *[image_proto(i) for i in images], "Compare.")], GREEDY)
+        client.chat([chat_message("user", *[image_proto(i) for i in images], "Compare.")], VL_GREEDY)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert info.value.details().startswith("chat.messages: ") and str(MAX_IMAGES) in info.value.details()
+    assert info.value.details().startswith("chat.messages: ") and str(VL_MAX_IMAGES) in info.value.details()
     with pytest.raises(grpc.RpcError) as info:
-        client.generate("Compare.", GREEDY, images=images)
+        client.generate("Compare.", VL_GREEDY, images=images)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and info.value.details().startswith("images: ")
-    pixels = [np.asarray(media.gradient(16, 16, seed=s)) for s in range(MAX_IMAGES + 1)]
+    pixels = [np.asarray(media.gradient(16, 16, seed=s)) for s in range(VL_MAX_IMAGES + 1)]
     with pytest.raises(RuntimeError, match="image_bytes_input"):
-        triton.generate("Compare.", GREEDY, images=pixels)
+        triton.generate("Compare.", VL_GREEDY, images=pixels)
     _assert_idle(client)
-    assert client.generate("Still serving?", GREEDY).finish_reason in ("stop", "length")
+    assert client.generate("Still serving?", VL_GREEDY).finish_reason in ("stop", "length")

@@ -194,6 +194,11 @@ def test_content_hash_depends_on_pixels_and_kind(cfg) -> None:
     np.testing.assert_array_equal(image.pixel_values, video.pixel_values)
     assert image.grid_thw == video.grid_thw
     assert image.content_hash != video.content_hash
+    # Qwen2.5-VL's time positions depend on the fps, so the K/V of the same frames at another fps differ
+    slower = preprocess_video([a, a], cfg, fps=1.0)
+    np.testing.assert_array_equal(slower.pixel_values, video.pixel_values)
+    assert slower.content_hash != video.content_hash
+    assert preprocess_video([a, a], cfg, fps=2.0).content_hash == video.content_hash
 
 
 # -- videos ------------------------------------------------------------------------------
