@@ -102,8 +102,8 @@ def decode_video(data: bytes | Sequence[Image.Image], field: str, limits: ImageL
     `fps` is the rate of caller-given frames (default: `target_fps`, i.e. already
     sampled); encoded videos carry their own rate and are sampled to `target_fps`.
     """
-    _check_fps(f"{field}.fps", fps)
-    _check_fps("target_fps", target_fps)
+    check_fps(f"{field}.fps", fps)
+    check_fps("target_fps", target_fps)
     if not 1 <= temporal_patch_size <= limits.max_video_frames:
         raise ValueError(f"temporal_patch_size {temporal_patch_size} must lie in "
                          f"[1, max_video_frames={limits.max_video_frames}]")
@@ -330,7 +330,7 @@ def _check_decode_budget(field: str, num_frames: int, pixels_per_frame: int,
                                 f"{limits.max_video_decoded_pixels}")
 
 
-def _check_fps(field: str, fps: float | None) -> None:
+def check_fps(field: str, fps: float | None) -> None:
     if fps is None:
         return
     if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not (

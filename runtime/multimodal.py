@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from runtime.errors import FieldError
-from runtime.image_io import ImageLimits, check_image, check_num_images, decode_image, decode_video
+from runtime.image_io import ImageLimits, check_fps, check_image, check_num_images, decode_image, decode_video
 from runtime.image_processing import PreprocessConfig, ProcessedVisual, preprocess_image, preprocess_video
 from runtime.mrope import MRopeSpec, mrope_positions
 from runtime.request import MultimodalSpan
@@ -152,14 +152,20 @@ class MultimodalProcessor:
         return preprocess_image(image, self.preprocess, field=field)
 
     def _video(self, data: Any, fps: Any, field: str, index: int) -> ProcessedVisual:
-        """bytes (an encoded video, sampled to the default rate) or frames shown at `fps`."""
+        """Frames shown at `fps` (default 2), or bytes: an encoded video sampled at `fps` frames per
+        second of its own timeline (default 2, Qwen's rate)."""
         check_num_images(index + 1, field, self.limits)
         if isinstance(data, (bytearray, memoryview)):
             data = bytes(data)
         if not isinstance(data, (bytes, list, tuple)):
             raise FieldError(field, f"must be video bytes or a list of frames, got {type(data).__name__}")
-        frames, frames_fps = decode_video(data, field, self.limits, fps=fps,
-                                          temporal_patch_size=self.preprocess.temporal_patch_size)
+        if isinstance(data, bytes) and fps is not None:
+            check_fps(f"{field}.fps", fps)
+            frames, frames_fps = decode_video(data, field, self.limits, target_fps=float(fps),
+                                              temporal_patch_size=self.preprocess.temporal_patch_size)
+        else:
+            frames, frames_fps = decode_video(data, field, self.limits, fps=fps,
+                                              temporal_patch_size=self.preprocess.temporal_patch_size)
         return preprocess_video(frames, self.preprocess, frames_fps, field=field)
 
     def _expand(self, text: str, visuals: list[ProcessedVisual], field: str

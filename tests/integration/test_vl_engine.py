@@ -8,6 +8,7 @@ Parity of a request alone with HF is in test_vl_parity.py.
 from __future__ import annotations
 
 import dataclasses
+import io
 import random
 
 import numpy as np
@@ -308,3 +309,20 @@ def test_seeded_sampling_with_images_is_batch_independent(engine, processor) -> 
     mixed = EngineCore(engine, EngineConfig(max_num_tokens=24)).generate_all(
         others[:1] + [EngineRequest("t", ids, params, multimodal=mm)] + others[1:])["t"]
     assert collect_text(alone_out)[1] == collect_text(mixed)[1]
+
+
+def test_fps_of_an_encoded_video_is_its_sampling_rate(processor):
+    """A 16-frame GIF at 4 frames per second (4 s): fps picks how many frames are kept."""
+    frames = noise_frames(7, 16, 28, 28)
+    gif = io.BytesIO()
+    frames[0].save(gif, "GIF", save_all=True, append_images=frames[1:], duration=250, loop=0)
+    kept = {}
+    for fps in (None, 1.0, 4.0):
+        content = [{"type": "video", "video": gif.getvalue(), "fps": fps}, {"type": "text", "text": "Go."}]
+        _, mm = processor.process_chat([{"role": "user", "content": content}])
+        (visual,) = mm.visuals
+        kept[fps] = (visual.grid_thw[0] * 2, visual.second_per_grid_t)
+    assert kept == {None: (8, 1.0), 1.0: (4, 2.0), 4.0: (16, 0.5)}
+    with pytest.raises(FieldError, match="fps"):
+        processor.process_chat([{"role": "user", "content": [{"type": "video", "video": gif.getvalue(),
+                                                              "fps": float("nan")}]}])
