@@ -25,7 +25,7 @@ from builder.validate_vision import add_vision_report, validate_vision, vision_s
 from builder.vision_build import NUM_STAGES as VISION_STAGES
 from builder.vision_build import build_vision
 from runtime.llm_config import VL_ARCHITECTURES
-from runtime.engine_dir import FORMAT_VERSION, EngineLoadError, read_manifest, verify_files, write_manifest
+from runtime.engine_dir import FORMAT_VERSION, EngineLoadError, load_engine, read_manifest, verify_files, write_manifest
 
 TRTSERVE_VERSION = "0.1.0"
 BUILDER_VERSION = 1          # bump when the output of a stage changes for the same inputs
@@ -107,12 +107,14 @@ def _build_into(work: Path, source: ResolvedSource, settings: BuildSettings, req
     write_manifest(work, manifest)
     if request.validate:
         with progress.stage("validate against the HF reference"):
-            report = validate_engine(work, source.hf_dir)
+            engine = load_engine(work)          # once, as the server will load it
+            report = validate_engine(engine, source.hf_dir)
             progress.note(f"max abs err {report['max_abs_err']:.2e}, greedy agreement "
                           f"{report['greedy_agreement']:.3f}, passed: {report['passed']}")
             if vision is not None:
-                report = add_vision_report(report, validate_vision(work, source.hf_dir))
+                report = add_vision_report(report, validate_vision(engine, source.hf_dir))
                 progress.note(vision_summary_line(report["vision"]))
+            del engine
             (work / "validation.json").write_text(json.dumps(report, indent=2) + "\n")
         manifest["validation"] = {k: report[k] for k in ("passed", "max_abs_err", "max_rel_err",
                                                            "greedy_agreement", "decisive_disagreements")}

@@ -1,7 +1,7 @@
 """Parity of a built engine against the HF reference model.
 
 What it is for: the `validation.json` report. The engine (loaded back from the
-directory, as the server will load it) and HF transformers run the same fixed
+directory by the caller, as the server will load it) and HF transformers run the same fixed
 prompts in the same dtype; HF generates greedily and the engine is fed the
 same tokens (teacher forcing), so every position is compared: max absolute and
 relative logit error, and greedy agreement. A disagreement counts as decisive
@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from runtime.engine_dir import load_engine
+from runtime.engine_dir import LoadedEngine
 from runtime.llm_config import VL_ARCHITECTURES
 from runtime.model import DecoderModel
 from runtime.sequential import SequentialRunner
@@ -39,11 +39,10 @@ def load_hf_reference(hf_dir: Path, architecture: str, dtype: torch.dtype) -> An
     return auto_class.from_pretrained(str(hf_dir), dtype=dtype).eval()
 
 
-def validate_engine(engine_dir: Path, hf_dir: Path, num_new_tokens: int = 16) -> dict[str, Any]:
+def validate_engine(engine: LoadedEngine, hf_dir: Path, num_new_tokens: int = 16) -> dict[str, Any]:
     """Text prompts only: on a VL engine M-RoPE with three equal axes is 1-D RoPE, in HF and here."""
     from transformers import AutoTokenizer
 
-    engine = load_engine(engine_dir)
     dtype = getattr(torch, engine.llm_config.dtype)
     tokenizer = AutoTokenizer.from_pretrained(str(engine.tokenizer_dir))
     hf = load_hf_reference(hf_dir, engine.llm_config.architecture, dtype)

@@ -24,7 +24,7 @@ from polygraphy.backend.base import BaseRunner
 
 from builder.vision_convert import VISION_PREFIXES
 from builder.vision_export import OUTPUT_NAME, example_inputs, input_names
-from runtime.engine_dir import load_engine
+from runtime.engine_dir import LoadedEngine
 from runtime.vision_config import VisionConfig
 from runtime.vision_encoder import session_options
 from runtime.vision_inputs import GridTHW
@@ -120,14 +120,13 @@ def data_loader(cfg: VisionConfig) -> list[OrderedDict]:
     return feeds
 
 
-def validate_vision(engine_dir: Path, hf_dir: Path) -> dict[str, Any]:
+def validate_vision(engine: LoadedEngine, hf_dir: Path) -> dict[str, Any]:
     from polygraphy.comparator import Comparator
     from polygraphy.logger import G_LOGGER
 
-    engine = load_engine(engine_dir)
     assert engine.vision is not None, "validate_vision needs a VL engine"
     cfg = engine.vision.config
-    runners = [_onnxruntime(engine.vision.onnx_path), _ours(cfg, engine.vision.weights), _hf(cfg, hf_dir)]
+    runners = [_onnxruntime(engine.vision.onnx_path), _ours(cfg, engine.vision.load_weights()), _hf(cfg, hf_dir)]
     index = {runner.name: i for i, runner in enumerate(runners)}
     with G_LOGGER.verbosity(G_LOGGER.ERROR):
         results = Comparator.run(runners, data_loader=data_loader(cfg))

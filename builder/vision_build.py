@@ -32,11 +32,8 @@ def build_vision(work: Path, hf_dir: Path, dtype: str, preprocessing: dict[str, 
                  hf_state: dict[str, torch.Tensor], progress: Progress) -> VisionBuild:
     out = work / VISION_DIR
     with progress.stage("convert the vision tower"):
-        cfg = write_vision(out, vision_config_json(hf_dir, dtype, preprocessing), hf_state)
+        cfg, weights = write_vision(out, vision_config_json(hf_dir, dtype, preprocessing), hf_state)
         progress.note(f"{cfg.model_type}, {cfg.depth} blocks, width {cfg.embed_dim}, dtype {cfg.dtype}")
-    from safetensors.torch import load_file
-
-    weights = load_file(str(out / "encoder.safetensors"))    # exactly what the runtime will read
     with progress.stage("export the vision tower to ONNX"):
         exported = export_vision_onnx(out, cfg, weights, work)
         progress.note(f"{exported.onnx}" + (f" + {exported.onnx_data}" if exported.onnx_data else "")

@@ -97,7 +97,9 @@ def vision_state_dict(hf: dict[str, torch.Tensor], cfg: VisionConfig) -> dict[st
     return out
 
 
-def write_vision(out_dir: Path, config_json: dict[str, Any], hf: dict[str, torch.Tensor]) -> VisionConfig:
+def write_vision(out_dir: Path, config_json: dict[str, Any], hf: dict[str, torch.Tensor]
+                 ) -> tuple[VisionConfig, dict[str, torch.Tensor]]:
+    """Write config.json and encoder.safetensors; return the config and the tensors as written."""
     from safetensors.torch import save_file
 
     cfg = VisionConfig.from_json(config_json, "vision/config.json")
@@ -105,4 +107,4 @@ def write_vision(out_dir: Path, config_json: dict[str, Any], hf: dict[str, torch
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.json").write_text(json.dumps(config_json, indent=2, sort_keys=True) + "\n")
     save_file(tensors, str(out_dir / "encoder.safetensors"), metadata={"format": "pt"})
-    return cfg
+    return cfg, tensors

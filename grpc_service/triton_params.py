@@ -30,7 +30,7 @@ responses (triton_models.py).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -73,20 +73,17 @@ async def ensemble_request(arrays: Mapping[str, np.ndarray],
     images, videos = ensemble_visuals(arrays)
     stop = tuple(decode_utf8("stop_words", w) for w in _bytes_list(arrays.get("stop_words")))
     bad = model.tokenize_words([decode_utf8("bad_words", w) for w in _bytes_list(arrays.get("bad_words"))])
-    multimodal = None
-    if images or videos:
-        # judge every other tensor before decoding anything
-        _generation(arrays, ENSEMBLE_NAMES, [], tuple(s for s in stop if s), bad, "stream", model.limits.vocab_size)
-        image_field = images[0].field.partition("[")[0] if images else "video_bytes_input"
-        aliases = {"text": "text_input", "images": image_field, "videos": "video_bytes_input",
-                   "videos[0]": "video_bytes_input", **{f"images[{i}]": src.field for i, src in enumerate(images)}}
-        prompt_ids, multimodal = await model.encode_visual_text(text, images, videos, FieldNames(aliases),
-                                                                image_field)
-    else:
-        prompt_ids = model.encode_text(text)
+    # with images, every other tensor is judged (prompt still empty) before any image is decoded
+    prompt_ids = [] if images or videos else model.encode_text(text)
     generation = _generation(arrays, ENSEMBLE_NAMES, prompt_ids, tuple(s for s in stop if s), bad, "stream",
-                             model.limits.vocab_size, multimodal=multimodal)
-    return generation, text
+                             model.limits.vocab_size)
+    if not (images or videos):
+        return generation, text
+    image_field = images[0].field.partition("[")[0] if images else "video_bytes_input"
+    aliases = {"text": "text_input", "images": image_field, "videos": "video_bytes_input",
+               "videos[0]": "video_bytes_input", **{f"images[{i}]": src.field for i, src in enumerate(images)}}
+    prompt_ids, multimodal = await model.encode_visual_text(text, images, videos, FieldNames(aliases), image_field)
+    return replace(generation, prompt_ids=prompt_ids, multimodal=multimodal), text
 
 
 def ensemble_visuals(arrays: Mapping[str, np.ndarray]) -> tuple[list[ImageSource], list[VideoSource]]:

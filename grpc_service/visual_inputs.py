@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 import numpy as np
@@ -31,7 +31,7 @@ from grpc_service.errors import InvalidArgument, Overloaded
 from grpc_service.image_urls import UrlPolicy, read_image_url
 from runtime.engine_dir import LoadedEngine
 from runtime.errors import FieldError
-from runtime.image_io import ImageLimits, check_image, decode_image, decode_video
+from runtime.image_io import ImageLimits, decode_image
 from runtime.multimodal import MultimodalInputs, MultimodalProcessor
 
 T = TypeVar("T")
@@ -189,22 +189,25 @@ class VisualFrontend:
         return {"type": "video", "video": frames, "fps": fps}
 
     def _image(self, source: ImageSource) -> bytes | Image.Image:
+        """Bytes or an unchecked PIL image: the processor decodes / checks it (once)."""
         if source.url is not None:
             return read_image_url(source.url, f"{source.field}.url", self.policy.urls)
         if source.pixels is not None:
-            return check_image(Image.fromarray(np.ascontiguousarray(source.pixels)), source.field, self.limits)
+            return Image.fromarray(np.ascontiguousarray(source.pixels))
         return source.data or b""
 
     def _video(self, source: VideoSource) -> tuple[bytes | list[Image.Image], float | None]:
+        """Bytes or frames as PIL images, and the client's fps: the processor samples and checks them."""
         if source.url is not None:
             return read_image_url(source.url, f"{source.field}.url", self.policy.urls), source.fps
         if source.pixels is not None:
-            frames = [Image.fromarray(np.ascontiguousarray(frame)) for frame in source.pixels]
-            return decode_video(frames, source.field, self.limits, fps=source.fps)
+            return [Image.fromarray(np.ascontiguousarray(frame)) for frame in source.pixels], source.fps
         if source.frames:
-            frames = [decode_image(data, f"{source.field}.frames[{i}]", self.limits)
-                      for i, data in enumerate(source.frames)]
-            return decode_video(frames, f"{source.field}.frames", self.limits, fps=source.fps)
+            # a frame over the video frame limit is refused here, under the client's name for it
+            limits = replace(self.limits, max_image_pixels=min(self.limits.max_image_pixels,
+                                                               self.limits.max_video_frame_pixels))
+            return [decode_image(data, f"{source.field}.frames[{i}]", limits)
+                    for i, data in enumerate(source.frames)], source.fps
         return source.data or b"", source.fps
 
 

@@ -2,11 +2,15 @@
 
 What it is for: `EncoderCache`, embeddings of images / videos keyed by their
 content hash, bounded in LLM tokens, shared across requests (the same image in
-two requests, or in two chunks of one chunked prefill, is encoded once while it
-stays cached); and `VisionEmbedder`, which gives each scheduled chunk the
-slices of the embeddings its placeholder rows need, encoding what the cache
-misses in as few encoder calls as `max_encoder_patches` allows. Spans a chunk
-does not overlap (for example fully prefix-cached ones) are never encoded.
+two requests is encoded once while it stays cached); and `VisionEmbedder`,
+which gives each scheduled chunk the slices of the embeddings its placeholder
+rows need, encoding what the cache misses in as few encoder calls as
+`max_encoder_patches` allows. Apart from the LRU, the embedder holds the
+embeddings of a span whose prefill a request has begun and not finished, so a
+chunked prefill encodes each visual once even when it does not fit in the
+cache (or the cache is off, or other requests evict it between two chunks).
+Spans a chunk does not overlap (for example fully prefix-cached ones) are
+never encoded.
 Not for: the vision tower itself (runtime/vision_encoder.py) or where the
 placeholders are (runtime/multimodal.py builds the spans).
 """
@@ -84,6 +88,7 @@ class EncoderCache:
 class ChunkRange:
     """Tokens [start, end) of a request with these multimodal inputs are computed this step."""
 
+    request_id: str
     inputs: MultimodalInputs
     start: int
     end: int
@@ -98,27 +103,77 @@ class VisionEmbedder:
         self.max_encoder_patches = max_encoder_patches
         self.num_encoder_calls = 0
         self.num_encoded_visuals = 0
+        # Embeddings some request still needs for a later chunk of its prefill, and who needs them.
+        self._held: dict[str, torch.Tensor] = {}
+        self._holders: dict[str, set[str]] = {}         # content hash -> request ids
+        self._held_by: dict[str, set[str]] = {}         # request id -> content hashes
 
     def stats(self) -> EncoderCacheStats:
         cache = self.cache
         return EncoderCacheStats(cache.num_entries, cache.num_tokens, cache.max_tokens, cache.num_hits,
                                  cache.num_misses, self.num_encoder_calls, self.num_encoded_visuals)
 
+    @property
+    def num_held(self) -> int:
+        """Visuals held for unfinished prefills (outside the LRU)."""
+        return len(self._held)
+
     def embeds_for(self, chunks: list[ChunkRange | None]) -> list[tuple[tuple[int, torch.Tensor], ...]]:
-        """For each chunk (None: text only), the embedding slices of the spans it overlaps."""
+        """For each chunk (None: text only), the embedding slices of the spans it overlaps.
+
+        A request keeps the embeddings of a visual until a chunk reaches the end of its last span
+        with that content, or until `release` (finished, aborted or preempted).
+        """
         needed: dict[str, ProcessedVisual] = {}
         for chunk in chunks:
             if chunk is not None:
                 for visual, _ in _overlapping(chunk):
                     needed.setdefault(visual.content_hash, visual)
         found = self._lookup_or_encode(list(needed.values()))
-        return [self._pieces(chunk, found) if chunk is not None else () for chunk in chunks]
+        pieces = [self._pieces(chunk, found) if chunk is not None else () for chunk in chunks]
+        for chunk in chunks:
+            if chunk is not None:
+                self._hold_unfinished(chunk, found)
+        return pieces
+
+    def release(self, request_ids: list[str]) -> None:
+        """Drop what these requests hold (finished, aborted, or preempted: they start again from token 0)."""
+        for request_id in request_ids:
+            for content_hash in self._held_by.pop(request_id, ()):
+                self._unhold(request_id, content_hash)
+
+    def _hold_unfinished(self, chunk: ChunkRange, found: dict[str, torch.Tensor]) -> None:
+        last_end: dict[str, int] = {}
+        for visual, span in zip(chunk.inputs.visuals, chunk.inputs.spans):
+            last_end[visual.content_hash] = max(last_end.get(visual.content_hash, 0), span.offset + span.length)
+        held = self._held_by.pop(chunk.request_id, set())
+        for visual, _ in _overlapping(chunk):
+            content_hash = visual.content_hash
+            if chunk.end < last_end[content_hash]:
+                held.add(content_hash)
+                self._holders.setdefault(content_hash, set()).add(chunk.request_id)
+                self._held.setdefault(content_hash, found[content_hash])
+            elif content_hash in held:
+                held.discard(content_hash)
+                self._unhold(chunk.request_id, content_hash)
+        if held:
+            self._held_by[chunk.request_id] = held
+
+    def _unhold(self, request_id: str, content_hash: str) -> None:
+        holders = self._holders[content_hash]
+        holders.discard(request_id)
+        if not holders:
+            del self._holders[content_hash]
+            del self._held[content_hash]
 
     def _lookup_or_encode(self, visuals: list[ProcessedVisual]) -> dict[str, torch.Tensor]:
         found: dict[str, torch.Tensor] = {}
         missing: list[ProcessedVisual] = []
         for visual in visuals:
+            # The LRU first (its hit / miss counts are the cache's), then what unfinished prefills hold.
             embeds = self.cache.get(visual.content_hash)
+            if embeds is None:
+                embeds = self._held.get(visual.content_hash)
             if embeds is None:
                 missing.append(visual)
             else:

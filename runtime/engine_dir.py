@@ -4,9 +4,10 @@ What it is for: everything that makes an engine directory self-describing and
 safe to load: `engine.json` (format_version, source, build config, components,
 checksums), path containment, checksum verification, and loading the LLM
 checkpoint and the vision tower (`vision/`) with every tensor checked against
-its config. Loading either
-returns a complete `LoadedEngine` or raises `EngineLoadError` naming the file
-and the field; nothing half-loads.
+its config (the tower's tensors from the header only; `VisionComponent.load_weights`
+reads them where a backend needs them). Loading either returns a complete
+`LoadedEngine` or raises `EngineLoadError` naming the file and the field;
+nothing half-loads.
 Not for: running the model (runtime/model.py) or building (builder/).
 """
 from __future__ import annotations
@@ -29,6 +30,7 @@ REQUIRED_KEYS = ("format_version", "trtserve_version", "source", "build", "compo
 BUILD_KEYS = ("dtype", "quantization", "kv_cache_dtype", "max_batch_size", "max_num_tokens",
               "max_input_len", "max_seq_len", "tokens_per_block", "kv_cache_reuse")
 SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+VISION_CONFIG, VISION_WEIGHTS = "vision/config.json", "vision/encoder.safetensors"   # names in messages
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,9 +49,21 @@ class EngineBuildConfig:
 @dataclass(frozen=True, slots=True)
 class VisionComponent:
     config: VisionConfig
-    weights: dict[str, Any]          # HF tower names without prefix -> torch.Tensor (CPU)
+    weights_path: Path               # vision/encoder.safetensors, its header checked at load
     onnx_path: Path                  # vision/encoder.onnx (its external data, if any, lies beside it)
     plan_path: Path | None = None    # vision/encoder.plan, only where TensorRT built it
+
+    def load_weights(self) -> dict[str, Any]:
+        """HF tower names without prefix -> torch.Tensor (CPU), checked against the config again.
+
+        Only the pytorch backend (and the builder's checks) need the tensors; the ONNX and TensorRT
+        backends read their own files, so loading an engine does not read them.
+        """
+        from safetensors.torch import load_file
+
+        _check_header(self.weights_path, VISION_WEIGHTS, vision_tensor_shapes(self.config), self.config.dtype,
+                      VISION_CONFIG)
+        return load_file(str(self.weights_path))
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,24 +226,24 @@ def _load_vision(root: Path, comp: Any, llm: LLMConfig) -> VisionComponent:
     for key in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
         if not 0 <= getattr(config, key) < llm.vocab_size:
             raise EngineLoadError(comp["config"], f"outside the vocabulary (vocab_size {llm.vocab_size})", key)
-    weights = _load_checked(paths["weights"], comp["weights"], vision_tensor_shapes(config), config.dtype,
-                            comp["config"])
+    _check_header(paths["weights"], comp["weights"], vision_tensor_shapes(config), config.dtype, comp["config"])
     for key in ("onnx", "onnx_data", "plan"):
         if key in comp and not inside(root, comp[key], MANIFEST, f"components.vision.{key}").is_file():
             raise EngineLoadError(comp[key], "missing (listed in engine.json components.vision)")
     plan = inside(root, comp["plan"], MANIFEST, "components.vision.plan") if "plan" in comp else None
-    return VisionComponent(config, weights, paths["onnx"], plan)
+    return VisionComponent(config, paths["weights"], paths["onnx"], plan)
 
 
 def _load_weights(path: Path, rel: str, cfg: LLMConfig) -> dict[str, Any]:
-    return _load_checked(path, rel, expected_tensor_shapes(cfg), cfg.dtype, "llm/config.json")
-
-
-def _load_checked(path: Path, rel: str, expected: dict[str, tuple[int, ...]], dtype: str,
-                  config_name: str) -> dict[str, Any]:
-    """Load a safetensors file after checking its names, shapes and dtype against its config."""
     from safetensors.torch import load_file
 
+    _check_header(path, rel, expected_tensor_shapes(cfg), cfg.dtype, "llm/config.json")
+    return load_file(str(path))
+
+
+def _check_header(path: Path, rel: str, expected: dict[str, tuple[int, ...]], dtype: str,
+                  config_name: str) -> None:
+    """Check a safetensors file's names, shapes and dtype against its config, reading only the header."""
     if not path.is_file():
         raise EngineLoadError(rel, "missing")
     header = read_safetensors_header(path, rel)
@@ -247,4 +261,3 @@ def _load_checked(path: Path, rel: str, expected: dict[str, tuple[int, ...]], dt
             raise EngineLoadError(rel, f"shape {list(got)} disagrees with {config_name} (expected {list(shape)})", name)
         if got_dtype != want_dtype:
             raise EngineLoadError(rel, f"dtype {got_dtype} disagrees with {config_name} dtype {dtype}", name)
-    return load_file(str(path))

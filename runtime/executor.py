@@ -8,7 +8,6 @@ Not for: choosing tokens (runtime/sampler.py) or which requests run.
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from runtime.config import EngineConfig, EngineLayout
@@ -31,7 +30,6 @@ class PyTorchExecutor:
         num_blocks = config.num_kv_blocks or _default_num_blocks(engine, config, device, per_block)
         self.layout = EngineLayout(device, num_blocks, block_size, per_block)
         self.kv = KVStorage(engine.llm_config, num_blocks, block_size, self.model.dtype, device)
-        self.mrope = engine.llm_config.mrope_section is not None
         self.vision: VisionEmbedder | None = None
         if engine.vision is not None:
             encoder = load_vision_encoder(engine, config.vision_backend, device)
@@ -41,28 +39,44 @@ class PyTorchExecutor:
     def execute(self, output: SchedulerOutput) -> torch.Tensor:
         """Logits [number of sampling requests, vocab], rows in scheduling order."""
         scheduled = output.scheduled
-        embeds = self._vision_embeds(scheduled)
-        chunks = [SequenceChunk(s.token_ids, s.num_computed_tokens, s.block_ids, s.samples,
-                                self._mrope_positions(s), e) for s, e in zip(scheduled, embeds)]
-        batch = ForwardBatch.build(chunks, self.layout.tokens_per_block, self.layout.device, self.mrope)
+        embeds = self._vision_embeds(output)
+        chunks = [_sequence_chunk(s, e) for s, e in zip(scheduled, embeds)]
+        batch = ForwardBatch.build(chunks, self.layout.tokens_per_block, self.layout.device)
         return self.model.forward(batch, self.kv)
 
     def encoder_stats(self) -> EncoderCacheStats | None:
         return self.vision.stats() if self.vision is not None else None
 
-    def _mrope_positions(self, s: ScheduledRequest) -> np.ndarray | None:
-        mm = s.request.multimodal
-        if not self.mrope or mm is None:
-            return None      # 1-D RoPE, or text on an M-RoPE model (every axis the 1-D position)
-        return positions_for_range(mm.mrope_positions, mm.mrope_delta, s.num_computed_tokens,
-                                   s.num_computed_tokens + s.num_new_tokens)
-
-    def _vision_embeds(self, scheduled: list[ScheduledRequest]) -> list[tuple[tuple[int, torch.Tensor], ...]]:
-        ranges = [ChunkRange(s.request.multimodal, s.num_computed_tokens, s.num_computed_tokens + s.num_new_tokens)
-                  if s.request.multimodal is not None else None for s in scheduled]
-        if self.vision is None or all(r is None for r in ranges):
+    def _vision_embeds(self, output: SchedulerOutput) -> list[tuple[tuple[int, torch.Tensor], ...]]:
+        scheduled = output.scheduled
+        if self.vision is None:
+            return [()] * len(scheduled)
+        self.vision.release(output.finished_request_ids + output.preempted_request_ids)
+        ranges = [_chunk_range(s) for s in scheduled]
+        if all(r is None for r in ranges):
             return [()] * len(scheduled)
         return self.vision.embeds_for(ranges)
+
+
+def _sequence_chunk(s: ScheduledRequest, embeds: tuple[tuple[int, torch.Tensor], ...]) -> SequenceChunk:
+    """The chunk with its positions: M-RoPE rows only where it computes prompt tokens of a multimodal
+    request; elsewhere (decode, text) every axis is p + delta, so 1-D positions carry it."""
+    start, end = s.num_computed_tokens, s.num_computed_tokens + s.num_new_tokens
+    mm = s.request.multimodal
+    delta, rows = 0, None
+    if mm is not None:
+        delta = mm.mrope_delta
+        if start < mm.mrope_positions.shape[1]:
+            rows = positions_for_range(mm.mrope_positions, delta, start, end)
+    return SequenceChunk(s.token_ids, start, s.block_ids, s.samples, rows, embeds, delta)
+
+
+def _chunk_range(s: ScheduledRequest) -> ChunkRange | None:
+    """The chunk's token range when it may overlap a span (None: text, or past the last span)."""
+    mm = s.request.multimodal
+    if mm is None or not mm.spans or s.num_computed_tokens >= mm.spans[-1].offset + mm.spans[-1].length:
+        return None
+    return ChunkRange(s.request.request_id, mm, s.num_computed_tokens, s.num_computed_tokens + s.num_new_tokens)
 
 
 def _default_num_blocks(engine: LoadedEngine, config: EngineConfig, device: torch.device, per_block: int) -> int:

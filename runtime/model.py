@@ -55,8 +55,10 @@ class DecoderModel:
 
     def _cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.mrope_section is None:
+            if positions.dim() != 1:
+                raise ValueError(f"positions: {list(positions.shape)} M-RoPE positions for a 1-D RoPE model")
             return self.ops.rope_cos_sin(positions, self.inv_freq, self.dtype)
-        if positions.dim() == 1:        # text on an M-RoPE model: all three axes are the 1-D position
+        if positions.dim() == 1:        # text and decode on an M-RoPE model: all three axes are equal
             positions = positions.expand(3, -1)
         return self.ops.rope_cos_sin(positions, self.inv_freq, self.dtype, self.mrope_section)
 

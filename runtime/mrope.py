@@ -106,15 +106,10 @@ def _visual_positions(visual: VisualGrid, start: int, spec: MRopeSpec) -> tuple[
     return positions, max(h, w) // merge
 
 
-def positions_for_range(prompt_positions: np.ndarray | None, delta: int, start: int, end: int) -> np.ndarray:
-    """[3, end - start] positions of tokens [start, end): prompt rows, then p + delta past the prompt.
-
-    `prompt_positions` None means a text-only sequence: every axis is p.
-    """
-    num_prompt = 0 if prompt_positions is None else prompt_positions.shape[1]
+def positions_for_range(prompt_positions: np.ndarray, delta: int, start: int, end: int) -> np.ndarray:
+    """[3, end - start] positions of tokens [start, end): prompt rows, then p + delta past the prompt."""
+    split = min(max(prompt_positions.shape[1], start), end)
     out = np.empty((3, end - start), dtype=np.int64)
-    split = min(max(num_prompt, start), end)
-    if prompt_positions is not None and split > start:
-        out[:, :split - start] = prompt_positions[:, start:split]
+    out[:, :split - start] = prompt_positions[:, start:split]
     out[:, split - start:] = np.arange(split, end, dtype=np.int64) + delta
     return out

@@ -138,4 +138,4 @@ def load_vision_encoder(engine: "LoadedEngine", backend: str = "auto",
         return OnnxVisionEncoder(str(engine.vision.onnx_path), engine.vision.config)
     # float16 / bfloat16 matmuls are slow or missing on CPU: compute there in float32.
     dtype = None if device.type == "cuda" else torch.float32
-    return TorchVisionEncoder(engine.vision.config, engine.vision.weights, device, dtype)
+    return TorchVisionEncoder(engine.vision.config, engine.vision.load_weights(), device, dtype)

@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
@@ -40,9 +40,11 @@ def hf_dir_of(engine_dir: Path) -> Path:
 
 
 def load_hf(engine_dir: Path, dtype: torch.dtype = torch.float32):
-    from builder.validate import load_hf_reference
+    """The source checkpoint's own HF class (text or VL), loaded without the builder's code."""
+    import transformers
 
-    architecture = json.loads((engine_dir / "engine.json").read_text())["source"]["architecture"]
-    model = load_hf_reference(hf_dir_of(engine_dir), architecture, dtype)   # VL: the image-text-to-text class
+    source = str(hf_dir_of(engine_dir))
+    architecture = transformers.AutoConfig.from_pretrained(source).architectures[0]
+    model = getattr(transformers, architecture).from_pretrained(source, dtype=dtype).eval()
     model.generation_config.eos_token_id = None     # compare full lengths, never stop early
     return model

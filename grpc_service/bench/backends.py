@@ -50,6 +50,9 @@ COUNT_SOURCES = {
 
 @dataclass(frozen=True, slots=True)
 class BenchRequest:
+    """One request: the user text (and its ids), images, and the output length to force. A session's
+    turn holds only the turn's new part; loadgen.next_request prepends the history."""
+
     text: str
     token_ids: tuple[int, ...]
     output_len: int

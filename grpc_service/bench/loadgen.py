@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from grpc_service.bench.backends import BenchRequest, RequestRecord
-from grpc_service.bench.workloads import Session, Turn
+from grpc_service.bench.workloads import Session
 
 
 class Backend(Protocol):
@@ -42,10 +42,10 @@ class LevelRun:
         return max((r.end_s for r in self.records), default=0.0)
 
 
-def next_request(history: tuple[BenchRequest, RequestRecord] | None, turn: Turn) -> BenchRequest:
+def next_request(history: tuple[BenchRequest, RequestRecord] | None, turn: BenchRequest) -> BenchRequest:
     """The turn alone, or the history (previous prompt + its answer) followed by the turn."""
     if history is None:
-        return BenchRequest(turn.text, turn.token_ids, turn.output_len, turn.images)
+        return turn
     previous, answer = history
     return BenchRequest(previous.text + answer.output_text + turn.text,
                         previous.token_ids + tuple(answer.output_ids) + turn.token_ids,

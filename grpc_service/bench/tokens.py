@@ -1,8 +1,7 @@
 """Tokenizers for the benchmark, and prompts that tokenize to an exact number of tokens.
 
 What it is for: `RemoteTokenizer` (the server's own Tokenize / Detokenize RPCs
-of the native API, so counts match what the engine sees) or `LocalTokenizer`
-(an HF tokenizer directory, for servers without the native API), and
+of the native API, so counts match what the engine sees), and
 `exact_prompt`, which turns random token ids into text whose re-tokenization
 has exactly the asked length (and, for shared prefixes, starts with the given
 prefix ids). Sending that text over the Triton API or its ids over the native
@@ -15,7 +14,7 @@ import hashlib
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from functools import cached_property
 from typing import Protocol
 
 from grpc_service.client import NativeClient
@@ -56,28 +55,14 @@ class RemoteTokenizer:
         if key not in self._image_tokens:
             with_image = pb.ChatMessage(role="user", parts=[pb.ContentPart(image=pb.Image(data=data)),
                                                             pb.ContentPart(text="x")])
-            without = pb.ChatMessage(role="user", content="x")
-            counts = [self.client.stub.Tokenize(pb.TokenizeRequest(model=self.model, chat=pb.ChatMessages(
-                messages=[message])), timeout=self.client.timeout_s).num_tokens for message in (with_image, without)]
-            self._image_tokens[key] = counts[0] - counts[1]
+            num_tokens = len(self.client.tokenize([with_image], model=self.model))
+            self._image_tokens[key] = num_tokens - self._num_text_tokens
         return self._image_tokens[key]
 
-
-class LocalTokenizer:
-    def __init__(self, path: Path) -> None:
-        from transformers import AutoTokenizer
-
-        self._tokenizer = AutoTokenizer.from_pretrained(str(path))
-        self.vocab_size = len(self._tokenizer)
-
-    def encode(self, text: str) -> list[int]:
-        return [int(t) for t in self._tokenizer(text, add_special_tokens=False)["input_ids"]]
-
-    def decode(self, token_ids: Sequence[int]) -> str:
-        return str(self._tokenizer.decode(list(token_ids), skip_special_tokens=True))
-
-    def image_tokens(self, data: bytes) -> int:
-        raise NotImplementedError("counting image tokens needs the server's Tokenize RPC")
+    @cached_property
+    def _num_text_tokens(self) -> int:
+        """The tokens of the image chat without its image."""
+        return len(self.client.tokenize([pb.ChatMessage(role="user", content="x")], model=self.model))
 
 
 @dataclass(frozen=True, slots=True)

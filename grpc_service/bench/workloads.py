@@ -21,6 +21,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from grpc_service.bench.backends import BenchRequest
 from grpc_service.bench.tokens import ExactPrompt, Tokenizer, exact_prompt
 
 KINDS = ("synthetic", "shared-prefix", "jsonl")
@@ -51,18 +52,8 @@ class IntRange:
 
 
 @dataclass(frozen=True, slots=True)
-class Turn:
-    """One request's new part: the user text (and its ids), images, and the output length to force."""
-
-    text: str
-    token_ids: tuple[int, ...]
-    output_len: int
-    images: tuple[bytes, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
 class Session:
-    turns: tuple[Turn, ...]
+    turns: tuple[BenchRequest, ...]     # each turn's new part only
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,11 +131,11 @@ class WorkloadBuilder:
             prefix = self._prefix if i == 0 else None
             prompt = exact_prompt(self.tokenizer, self.spec.input_len.sample(rng), rng, prefix)
             images = self._images(rng, ()) if i == 0 else ()
-            turns.append(Turn(prompt.text, prompt.token_ids, self.spec.output_len.sample(rng), images))
+            turns.append(BenchRequest(prompt.text, prompt.token_ids, self.spec.output_len.sample(rng), images))
         return Session(tuple(turns))
 
-    def _text_turn(self, rng: random.Random, text: str, images: tuple[bytes, ...]) -> Turn:
-        return Turn(text, tuple(self.tokenizer.encode(text)), self.spec.output_len.sample(rng), images)
+    def _text_turn(self, rng: random.Random, text: str, images: tuple[bytes, ...]) -> BenchRequest:
+        return BenchRequest(text, tuple(self.tokenizer.encode(text)), self.spec.output_len.sample(rng), images)
 
     def _images(self, rng: random.Random, wanted: tuple[str, ...]) -> tuple[bytes, ...]:
         """The record's images, topped up from the folder (or synthetic) or cut to the sampled count."""

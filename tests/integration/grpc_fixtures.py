@@ -83,3 +83,10 @@ def wait_idle(client: NativeClient, timeout_s: float = 10.0) -> pb.EngineStatus:
         if (status.num_in_flight == 0 and status.kv_used_blocks == 0) or time.monotonic() > deadline:
             return status
         time.sleep(0.02)
+
+
+def assert_idle(client: NativeClient) -> None:
+    """Nothing in flight, running or waiting, and every KV block free."""
+    status = wait_idle(client)
+    assert status.num_in_flight == 0 and status.num_running == 0 and status.num_waiting == 0, status
+    assert status.kv_used_blocks == 0 and status.kv_free_blocks == status.kv_total_blocks, status

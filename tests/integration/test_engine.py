@@ -15,6 +15,11 @@ from runtime.model import DecoderModel
 from runtime.sampling_params import SamplingParams
 from runtime.scheduler import RequestRejectedError
 from runtime.sequential import SequentialRunner
+from tests.integration.engine_helpers import (
+    assert_all_blocks_free,
+    greedy,
+    run_arrivals,
+)
 
 
 @pytest.fixture(scope="module")
@@ -37,10 +42,6 @@ def reference(engine):
     return greedy
 
 
-def greedy(max_tokens: int, **kw) -> SamplingParams:
-    return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, **kw)
-
-
 def random_requests(n: int, seed: int, vocab: int, max_prompt: int = 90, max_out: int = 24):
     rng = random.Random(seed)
     return [(f"r{i}", [rng.randrange(vocab - 8) for _ in range(rng.randint(1, max_prompt))],
@@ -48,24 +49,8 @@ def random_requests(n: int, seed: int, vocab: int, max_prompt: int = 90, max_out
 
 
 def run_with_arrivals(core: EngineCore, requests, params_for=greedy) -> dict[str, list[int]]:
-    pending = sorted(requests, key=lambda r: r[3])
-    tokens: dict[str, list[int]] = {r[0]: [] for r in requests}
-    step = 0
-    while pending or core.has_unfinished():
-        while pending and pending[0][3] <= step:
-            rid, ids, max_tokens, _ = pending.pop(0)
-            core.add_request(EngineRequest(rid, ids, params_for(max_tokens)))
-        for out in core.step():
-            tokens[out.request_id].extend(out.token_ids)
-        step += 1
-        assert step < 10_000
-    return tokens
-
-
-def assert_all_blocks_free(core: EngineCore) -> None:
-    stats = core.kv_cache.stats()
-    assert stats.num_used_blocks == 0 and stats.num_free_blocks == stats.total_num_blocks
-    core.kv_cache.check_invariants()
+    """requests: (id, prompt ids, max_tokens, arrival step)."""
+    return run_arrivals(core, [(at, EngineRequest(rid, ids, params_for(n))) for rid, ids, n, at in requests])
 
 
 @pytest.mark.parametrize("config", [

@@ -38,7 +38,7 @@ from tests.integration.grpc_fixtures import (
     VL_SERVER_ARGS,
     ServerProcess,
     VLReference,
-    wait_idle,
+    assert_idle,
 )
 
 INTERNALS = ("Traceback", "PIL", "Errno", "cannot identify", "UnidentifiedImageError", "zlib", "struct")
@@ -84,10 +84,6 @@ def reference(vl_engine_dir: Path) -> VLReference:
     return VLReference(vl_engine_dir)
 
 
-def _assert_idle(client: NativeClient) -> None:
-    status = wait_idle(client)
-    assert status.num_in_flight == 0 and status.num_running == 0 and status.num_waiting == 0
-    assert status.kv_used_blocks == 0
 
 
 # ------------------------------------------------------------------------------------------- native API
@@ -162,15 +158,17 @@ def test_placeholders_without_images_are_refused(client: NativeClient) -> None:
     with pytest.raises(grpc.RpcError) as info:
         client.chat([pb.ChatMessage(role="user", parts=[pb.ContentPart(text=IMAGE_BLOCK)])], VL_GREEDY)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    _assert_idle(client)
+    assert_idle(client)
 
 
-def test_native_urls_follow_the_policy(client: NativeClient, image_dir: Path) -> None:
+def test_native_urls_follow_the_policy(client: NativeClient, reference: VLReference, image_dir: Path) -> None:
     data_url = "data:image/png;base64," + base64.b64encode((image_dir / "gradient.png").read_bytes()).decode()
     by_url = client.generate("Describe.", VL_GREEDY, images=[data_url])
     by_file = client.generate("Describe.", VL_GREEDY, images=["file://" + str(image_dir / "gradient.png")])
     by_bytes = client.generate("Describe.", VL_GREEDY, images=[(image_dir / "gradient.png").read_bytes()])
-    assert by_url.token_ids == by_file.token_ids == by_bytes.token_ids
+    png = (image_dir / "gradient.png").read_bytes()
+    expected = reference.greedy(reference.processor.process_text("Describe.", [png]))
+    assert by_url.token_ids == by_file.token_ids == by_bytes.token_ids == expected[1]
     for url, words in (("file://" + str(image_dir / "escape.png"), "outside the allowed"),
                        ("/etc/hostname", "outside the allowed"),
                        ("http://127.0.0.1:9/x.png", "--allow-image-url-fetch")):
@@ -262,7 +260,7 @@ def test_ensemble_refuses_urls_against_the_policy(triton: TritonClient, client: 
     with pytest.raises(RuntimeError) as info:
         triton.generate("Describe.", VL_GREEDY, image_urls=[url])
     assert "image_url_input[0]" in str(info.value) and words in str(info.value)
-    _assert_idle(client)
+    assert_idle(client)
 
 
 def test_text_engine_schema_has_no_image_inputs(grpc_server: ServerProcess) -> None:
@@ -315,7 +313,7 @@ def test_bad_images_are_refused_by_both_apis(client: NativeClient, triton: Trito
         triton.generate("What is it?", VL_GREEDY, images=[encoded])
     assert "image_bytes_input[0]" in str(info.value), str(info.value)
     assert not any(word in str(info.value) for word in INTERNALS), str(info.value)
-    _assert_idle(client)
+    assert_idle(client)
     assert client.generate("Still serving?", VL_GREEDY).finish_reason in ("stop", "length")
 
 
@@ -324,11 +322,13 @@ def test_unusual_but_valid_images_are_served_by_both_apis(client: NativeClient, 
                                                          reference: VLReference, name: str) -> None:
     data = ACCEPTED[name]()
     expected = reference.greedy(reference.processor.process_text("What is it?", [data]))
-    assert _native_image_error(client, data, as_chat=True) is None
+    chat_expected = reference.greedy(reference.chat({"type": "image", "image": data},
+                                                    {"type": "text", "text": "What is it?"}))
+    assert client.chat([chat_message("user", image_proto(data), "What is it?")], VL_GREEDY).token_ids == chat_expected[1]
     assert client.generate("What is it?", VL_GREEDY, images=[data]).token_ids == expected[1]
     encoded = np.frombuffer(data, dtype=np.uint8).reshape(1, 1, -1)
     assert triton.generate("What is it?", VL_GREEDY, images=[encoded]) == expected[0]
-    _assert_idle(client)
+    assert_idle(client)
 
 
 def test_raw_pixel_limits_on_the_ensemble(triton: TritonClient, client: NativeClient) -> None:
@@ -338,7 +338,7 @@ def test_raw_pixel_limits_on_the_ensemble(triton: TritonClient, client: NativeCl
         with pytest.raises(RuntimeError) as info:
             triton.generate("What is it?", VL_GREEDY, images=[pixels])
         assert "image_bytes_input" in str(info.value) and words in str(info.value), str(info.value)
-    _assert_idle(client)
+    assert_idle(client)
 
 
 def test_too_many_images_through_both_apis(client: NativeClient, triton: TritonClient) -> None:
@@ -353,5 +353,5 @@ def test_too_many_images_through_both_apis(client: NativeClient, triton: TritonC
     pixels = [np.asarray(media.gradient(16, 16, seed=s)) for s in range(VL_MAX_IMAGES + 1)]
     with pytest.raises(RuntimeError, match="image_bytes_input"):
         triton.generate("Compare.", VL_GREEDY, images=pixels)
-    _assert_idle(client)
+    assert_idle(client)
     assert client.generate("Still serving?", VL_GREEDY).finish_reason in ("stop", "length")

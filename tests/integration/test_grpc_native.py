@@ -12,7 +12,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_service.client import NativeClient, Sampling
 from grpc_service.proto import trtserve_pb2 as pb
 from grpc_service.proto import trtserve_pb2_grpc
-from tests.integration.grpc_fixtures import Reference, ServerProcess, wait_idle
+from tests.integration.grpc_fixtures import Reference, ServerProcess, assert_idle
 
 
 @pytest.fixture(scope="module")
@@ -171,6 +171,4 @@ def test_deadline_exceeded_aborts_the_request(stub: trtserve_pb2_grpc.LLMService
 def test_still_serving_and_nothing_leaked(client: NativeClient) -> None:
     """After every refusal above: the server answers, no request is in flight, no KV block is held."""
     assert client.generate("still alive?", Sampling(max_tokens=4)).completion_tokens >= 1
-    status = wait_idle(client)
-    assert status.num_in_flight == 0 and status.num_running == 0 and status.num_waiting == 0
-    assert status.kv_used_blocks == 0 and status.kv_free_blocks == status.kv_total_blocks
+    assert_idle(client)

@@ -51,7 +51,7 @@ def test_mixed_prefill_and_decode_batch_matches_hf(build_tiny, preset: str) -> N
     bs = 8
     kv = KVStorage(engine.llm_config, 64, bs, torch.float32, torch.device("cpu"))
     a, b, c = list(range(10, 30)), list(range(100, 141)), list(range(500, 512))
-    tables = [list(range(0, 4)), list(range(4, 10)), list(range(10, 12))]
+    tables = [list(range(4)), list(range(4, 10)), list(range(10, 12))]
     first = ForwardBatch.build([SequenceChunk(a, 0, tables[0]), SequenceChunk(b[:17], 0, tables[1])],
                                bs, torch.device("cpu"))
     model.forward(first, kv)

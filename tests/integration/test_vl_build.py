@@ -17,7 +17,11 @@ from builder.progress import Progress
 from builder.validate_vision import hf_tower
 from builder.vision_export import EXPORT_GRIDS
 from runtime.engine_dir import load_engine
-from runtime.vision_encoder import OnnxVisionEncoder, TorchVisionEncoder, load_vision_encoder
+from runtime.vision_encoder import (
+    OnnxVisionEncoder,
+    TorchVisionEncoder,
+    load_vision_encoder,
+)
 from tests.conftest import hf_dir_of
 
 PRESETS = ["tiny-qwen2-vl", "tiny-qwen2.5-vl"]
@@ -167,8 +171,9 @@ def test_validation_json_holds_vision_errors(build_tiny, preset: str) -> None:
     report = json.loads((root / "validation.json").read_text())
     vision = report["vision"]
     assert set(vision["pairs"]) == {"pytorch_vs_hf", "onnxruntime_vs_pytorch", "onnxruntime_vs_hf"}
+    assert vision["tolerance"]["max_abs_err_over_scale"] == TOL      # the report may not loosen its own limit
     for pair in vision["pairs"].values():
-        assert pair["passed"] and 0 < pair["max_rel_err"] <= vision["tolerance"]["max_abs_err_over_scale"]
+        assert pair["passed"] and 0 < pair["max_rel_err"] <= TOL
     assert any(len(g) > 1 for g in vision["grids"]) and any(t > 1 for g in vision["grids"] for t, _, _ in g)
     assert vision["passed"] and report["passed"] and report["greedy_agreement"] == 1.0
     summary = json.loads((root / "engine.json").read_text())["validation"]["vision"]
@@ -178,6 +183,6 @@ def test_validation_json_holds_vision_errors(build_tiny, preset: str) -> None:
 def test_bf16_build_stores_bf16_tower_and_validates(build_tiny) -> None:
     engine = load_engine(build_tiny("tiny-qwen2-vl", "bf16"))
     assert engine.vision.config.dtype == "bfloat16"
-    assert all(t.dtype == torch.bfloat16 for t in engine.vision.weights.values())
+    assert all(t.dtype == torch.bfloat16 for t in engine.vision.load_weights().values())
     report = json.loads((engine.root / "validation.json").read_text())
     assert report["passed"] and report["vision"]["passed"], report["vision"]

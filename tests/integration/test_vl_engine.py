@@ -23,13 +23,14 @@ from runtime.errors import FieldError
 from runtime.image_io import ImageLimits
 from runtime.multimodal import IMAGE_PAD, VISION_END, VISION_START, MultimodalProcessor
 from runtime.sampling_params import SamplingParams
+from tests.integration.engine_helpers import (
+    assert_all_blocks_free,
+    greedy,
+    run_arrivals,
+)
 from tests.integration.vl_helpers import VL_PRESETS, noise_frames, noise_image
 
 BLOCK = 16
-
-
-def greedy(max_tokens: int) -> SamplingParams:
-    return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
 
 
 @pytest.fixture(scope="module", params=VL_PRESETS)
@@ -47,14 +48,15 @@ def processor(engine):
 @pytest.fixture(scope="module")
 def alone(engine):
     """Tokens of one request run alone on a fresh engine without prefix caching."""
-    cache: dict[str, list[int]] = {}
+    cache: dict[tuple, list[int]] = {}
 
     def run(key: str, ids: list[int], mm, max_tokens: int) -> list[int]:
-        if key not in cache:
+        content = (tuple(ids), tuple(v.content_hash for v in mm.visuals) if mm else (), max_tokens)
+        if content not in cache:
             core = EngineCore(engine, EngineConfig(enable_prefix_caching=False))
             out = core.generate_all([EngineRequest(key, ids, greedy(max_tokens), multimodal=mm)])[key]
-            cache[key] = collect_text(out)[1]
-        return cache[key]
+            cache[content] = collect_text(out)[1]
+        return cache[content]
 
     return run
 
@@ -88,31 +90,16 @@ def request_mix(processor, tokenizer):
 
 
 def run_with_arrivals(core: EngineCore, requests) -> dict[str, list[int]]:
-    pending = sorted(requests, key=lambda r: r[4])
-    tokens: dict[str, list[int]] = {r[0]: [] for r in requests}
-    step = 0
-    while pending or core.has_unfinished():
-        while pending and pending[0][4] <= step:
-            key, ids, mm, max_tokens, _ = pending.pop(0)
-            core.add_request(EngineRequest(key, ids, greedy(max_tokens), multimodal=mm))
-        for out in core.step():
-            tokens[out.request_id].extend(out.token_ids)
-        step += 1
-        assert step < 5_000
-    return tokens
-
-
-def assert_all_blocks_free(core: EngineCore) -> None:
-    stats = core.kv_cache.stats()
-    assert stats.num_used_blocks == 0 and stats.num_free_blocks == stats.total_num_blocks
-    core.kv_cache.check_invariants()
+    """requests: (key, prompt ids, multimodal or None, max_tokens, arrival step)."""
+    return run_arrivals(core, [(at, EngineRequest(key, ids, greedy(n), multimodal=mm))
+                               for key, ids, mm, n, at in requests])
 
 
 @pytest.mark.parametrize("config", [
     EngineConfig(),
     EngineConfig(max_num_tokens=16),                     # chunked prefill: images split across steps
     EngineConfig(max_num_tokens=7, max_batch_size=3),    # budget below the block size
-    EngineConfig(max_num_tokens=24, encoder_cache_tokens=0, max_encoder_patches=64),  # re-encode every time
+    EngineConfig(max_num_tokens=24, encoder_cache_tokens=0, max_encoder_patches=64),  # no sharing across requests
 ], ids=["default", "budget16", "budget7-batch3", "budget24-no-encoder-cache"])
 def test_multimodal_and_text_in_flight_equal_alone(engine, processor, alone, config: EngineConfig) -> None:
     core = EngineCore(engine, config)
@@ -156,6 +143,32 @@ def test_chunked_prefill_splits_an_image_and_encodes_it_once(engine, processor, 
     assert (enc.num_encoder_calls, enc.num_encoded_visuals) == (1, 1)
     first, last = span.offset // 16, (span.offset + span.length - 1) // 16
     assert enc.num_hits == last - first          # every further step that overlaps the image hits
+
+
+@pytest.mark.parametrize("encoder_cache_tokens", [0, 16])
+def test_chunked_prefill_encodes_an_image_larger_than_the_cache_once(engine, processor, alone,
+                                                                     encoder_cache_tokens: int) -> None:
+    ids, mm = chat(processor, "Look: ", noise_image(21, 224, 196), "Now answer.")
+    span = mm.spans[0]
+    assert span.length > max(3 * 16, encoder_cache_tokens)   # several 16-token steps; not kept by the LRU
+    core = EngineCore(engine, EngineConfig(max_num_tokens=16, encoder_cache_tokens=encoder_cache_tokens))
+    out = core.generate_all([EngineRequest("r", ids, greedy(8), multimodal=mm)])["r"]
+    assert collect_text(out)[1] == alone("split-uncached", ids, mm, 8)
+    enc = core.stats().encoder
+    assert (enc.num_encoder_calls, enc.num_encoded_visuals, enc.num_entries) == (1, 1, 0)
+    assert core.executor.vision.num_held == 0      # released once the prefill passed the image
+
+
+def test_held_embeddings_are_released_when_a_request_is_aborted(engine, processor) -> None:
+    ids, mm = chat(processor, "Look: ", noise_image(22, 224, 196), "Now answer.")
+    core = EngineCore(engine, EngineConfig(max_num_tokens=16, encoder_cache_tokens=0))
+    core.add_request(EngineRequest("r", ids, greedy(8), multimodal=mm))
+    while core.executor.vision.num_held == 0:      # until a chunk has started the image
+        core.step()
+    core.abort("r")
+    core.add_request(EngineRequest("t", ids[:5], greedy(1)))
+    core.step()                                    # the next schedule reports the abort
+    assert core.executor.vision.num_held == 0
 
 
 def test_repeated_image_reuses_prefix_blocks_and_a_different_image_does_not(engine, processor, alone) -> None:

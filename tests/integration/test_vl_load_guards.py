@@ -5,8 +5,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
@@ -16,7 +16,7 @@ from builder.validate_vision import validate_vision
 from builder.vision_export import ONNX_DATA_FILE, export_vision_onnx
 from builder.vision_trt import patch_profile, shape_ranges, tensorrt_missing_reason
 from runtime.engine_dir import MANIFEST, load_engine
-from runtime.vision_encoder import OnnxVisionEncoder, TorchVisionEncoder
+from runtime.vision_encoder import OnnxVisionEncoder, TorchVisionEncoder, load_vision_encoder
 from tests.conftest import hf_dir_of
 from tests.integration.test_load_guards import expect_error, manifest, resign
 
@@ -48,7 +48,20 @@ def _rewrite_config(root: Path, edit: Callable[[dict], None]) -> None:
 def test_intact_vl_engine_loads(vl_copy: Path) -> None:
     vision = load_engine(vl_copy).vision
     assert vision is not None and vision.onnx_path == (vl_copy / "vision" / "encoder.onnx")
-    assert vision.plan_path is None and len(vision.weights) > 0
+    assert vision.plan_path is None and len(vision.load_weights()) > 0
+
+
+def test_vision_tensors_are_read_only_for_the_pytorch_backend(vl_copy: Path, monkeypatch) -> None:
+    import safetensors.torch
+
+    read: list[str] = []
+    real = safetensors.torch.load_file
+    monkeypatch.setattr(safetensors.torch, "load_file", lambda path, *a, **k: (read.append(path), real(path, *a, **k))[1])
+    engine = load_engine(vl_copy)
+    load_vision_encoder(engine, "onnxruntime")
+    assert str(vl_copy / WEIGHTS) not in read
+    load_vision_encoder(engine, "pytorch")
+    assert str(vl_copy / WEIGHTS) in read
 
 
 def test_vision_checksum_mismatch(vl_copy: Path) -> None:
@@ -133,7 +146,7 @@ def test_llm_mrope_section_must_sum_to_half_head(vl_copy: Path) -> None:
 def test_vision_validation_fails_when_weights_change(vl_copy: Path) -> None:
     """The tower's weights no longer match the checkpoint: PyTorch disagrees with HF and with the ONNX graph."""
     _rewrite_weights(vl_copy, lambda t: t["merger.mlp.2.bias"].add_(0.01))
-    report = validate_vision(vl_copy, hf_dir_of(vl_copy))
+    report = validate_vision(load_engine(vl_copy), hf_dir_of(vl_copy))
     assert not report["passed"]
     assert not report["pairs"]["pytorch_vs_hf"]["passed"] and not report["pairs"]["onnxruntime_vs_pytorch"]["passed"]
     assert report["pairs"]["onnxruntime_vs_hf"]["passed"]          # the ONNX graph was exported before the edit
@@ -142,14 +155,15 @@ def test_vision_validation_fails_when_weights_change(vl_copy: Path) -> None:
 
 def test_external_data_export_runs_on_onnxruntime(vl_copy: Path, tmp_path: Path) -> None:
     engine = load_engine(vl_copy)
+    weights = engine.vision.load_weights()
     out = tmp_path / "vision"
     out.mkdir()
-    exported = export_vision_onnx(out, engine.vision.config, engine.vision.weights, tmp_path, external_data_bytes=0)
+    exported = export_vision_onnx(out, engine.vision.config, weights, tmp_path, external_data_bytes=0)
     assert exported.onnx_data == f"vision/{ONNX_DATA_FILE}" and (out / ONNX_DATA_FILE).stat().st_size > 10_000
     assert (out / "encoder.onnx").stat().st_size < 100_000        # weights live in the data file
     grids = [(1, 6, 4), (2, 4, 4)]
     pixels = torch.randn(56, engine.vision.config.patch_dim, generator=torch.Generator().manual_seed(3))
-    ref = TorchVisionEncoder(engine.vision.config, engine.vision.weights, torch.device("cpu")).encode(pixels, grids)
+    ref = TorchVisionEncoder(engine.vision.config, weights, torch.device("cpu")).encode(pixels, grids)
     got = OnnxVisionEncoder(str(out / "encoder.onnx"), engine.vision.config).encode(pixels, grids)
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-5 * max(1.0, float(ref.abs().max())))
 

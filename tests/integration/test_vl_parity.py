@@ -16,7 +16,14 @@ from runtime.engine_dir import load_engine
 from runtime.image_io import ImageLimits
 from runtime.multimodal import MultimodalProcessor
 from runtime.sampling_params import SamplingParams
-from tests.integration.vl_helpers import VL_PRESETS, hf_generate, hf_inputs, load_hf_vl, noise_frames, noise_image
+from tests.conftest import load_hf
+from tests.integration.vl_helpers import (
+    VL_PRESETS,
+    hf_generate,
+    hf_inputs,
+    noise_frames,
+    noise_image,
+)
 
 ATOL = 1e-4
 NEW_TOKENS = 24
@@ -47,7 +54,7 @@ CASES = ["one_image", "two_images_different_sizes", "video", "video_fps3_and_ima
 @pytest.fixture(scope="module", params=VL_PRESETS)
 def vl(request, build_tiny):
     engine = load_engine(build_tiny(request.param))
-    return engine, load_hf_vl(engine.root)
+    return engine, load_hf(engine.root)
 
 
 def _engine_run(core: EngineCore, ids: list[int], mm, max_tokens: int = NEW_TOKENS

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -27,16 +26,6 @@ def noise_frames(seed: int, num: int, width: int, height: int) -> list[Image.Ima
     return [noise_image(seed * 100 + i, width, height) for i in range(num)]
 
 
-def load_hf_vl(engine_dir: Path):
-    import transformers
-
-    source = hf_dir_of(engine_dir)
-    arch = transformers.AutoConfig.from_pretrained(str(source)).architectures[0]
-    model = getattr(transformers, arch).from_pretrained(str(source), dtype=torch.float32).eval()
-    model.generation_config.eos_token_id = None      # compare full lengths, never stop early
-    return model
-
-
 @dataclass
 class HFInputs:
     input_ids: torch.Tensor
@@ -47,7 +36,9 @@ def hf_inputs(engine: LoadedEngine, tokenizer, messages: list[dict]) -> HFInputs
     """What HF's Qwen2-VL processor would give: HF's image processor for images, the chat template of
     our tokenizer, pads expanded in the text, `mm_token_type_ids`. Videos use our frame preprocessing
     (HF's video processor needs torchvision, which this environment lacks) with HF's fps rule."""
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+        Qwen2VLImageProcessorPil,
+    )
 
     vision = engine.vision.config
     image_processor = Qwen2VLImageProcessorPil.from_pretrained(str(hf_dir_of(engine.root)))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import base64
 import http.server
+import io
 import os
 import threading
 from collections.abc import Iterator
@@ -10,12 +11,22 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from grpc_service.config import ServerConfig, ServerConfigError
 from grpc_service.errors import InvalidArgument
 from grpc_service.image_urls import UrlPolicy, read_image_url
-from grpc_service.visual_inputs import FieldNames, pixel_images, pixel_video
+from grpc_service.visual_inputs import (
+    FieldNames,
+    ImageSource,
+    MediaPolicy,
+    VideoSource,
+    VisualFrontend,
+    pixel_images,
+    pixel_video,
+)
 from runtime.errors import FieldError
+from runtime.image_io import ImageLimits
 
 
 @pytest.fixture()
@@ -141,5 +152,35 @@ def test_server_image_options(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setenv("TRTSERVE_SERVER_ALLOW_IMAGE_URL_FETCH", "1")
     monkeypatch.setenv("TRTSERVE_SERVER_MAX_IMAGE_PIXELS", "1024")
     config = ServerConfig.from_env(engine_dirs=(tmp_path,))
-    assert config.url_policy() == UrlPolicy(tmp_path, True, 10.0, config.url_policy().max_bytes)
+    # URL reads are capped at the larger default byte limit: 64 MiB for a video (20 MiB for an image)
+    assert config.url_policy() == UrlPolicy(tmp_path, True, 10.0, 64 << 20)
     assert config.image_limits().max_image_pixels == 1024
+
+
+def _frontend(limits: ImageLimits) -> VisualFrontend:
+    """A frontend without an engine: enough for turning sources into the processor's inputs."""
+    frontend = VisualFrontend.__new__(VisualFrontend)
+    frontend.policy = MediaPolicy(limits)
+    return frontend
+
+
+def _png(width: int, height: int) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (width, height), (10, 20, 30)).save(out, "PNG")
+    return out.getvalue()
+
+
+def test_sources_reach_the_processor_undecoded() -> None:
+    """Pixels and frames are handed on as PIL images for the processor to check once; encoded frames are
+    decoded once, and a frame above the video frame limit is refused under the client's name for it."""
+    frontend = _frontend(ImageLimits(max_video_frame_pixels=1000))
+    pixels = np.zeros((4, 6, 3), np.uint8)
+    image = frontend._image(ImageSource("image_bytes_input[0]", pixels=pixels))
+    assert isinstance(image, Image.Image) and image.size == (6, 4)
+    frames, fps = frontend._video(VideoSource("video_bytes_input", pixels=np.zeros((3, 4, 6, 3), np.uint8)))
+    assert [f.size for f in frames] == [(6, 4)] * 3 and fps is None
+    frames, fps = frontend._video(VideoSource("videos[0]", frames=(_png(8, 8), _png(8, 8)), fps=4.0))
+    assert [f.size for f in frames] == [(8, 8)] * 2 and fps == 4.0
+    with pytest.raises(FieldError) as info:
+        frontend._video(VideoSource("videos[0]", frames=(_png(8, 8), _png(40, 40))))
+    assert info.value.field == "videos[0].frames[1]" and "the limit is 1000" in str(info.value)

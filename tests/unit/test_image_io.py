@@ -75,14 +75,13 @@ def load_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
 
 # -- decompression bombs and size limits ----------------------------------------------------
 
-@pytest.mark.parametrize("data,size", [
-    (png_header_only(100_000, 100_000), "100000x100000"),
-    (png_header_only(5000, 5000), "5000x5000"),        # below Pillow's own bomb threshold
-    (gif_header_only(60_000, 60_000), "60000x60000"),
-    (png_header_only(2**31 - 1, 2**31 - 1), "huge"),
-])
-def test_bombs_refused_from_header_without_decoding(data: bytes, size: str,
-                                                    load_calls: list) -> None:
+@pytest.mark.parametrize("data", [
+    png_header_only(100_000, 100_000),
+    png_header_only(5000, 5000),        # below Pillow's own bomb threshold
+    gif_header_only(60_000, 60_000),
+    png_header_only(2**31 - 1, 2**31 - 1),
+], ids=["png-100000x100000", "png-5000x5000", "gif-60000x60000", "png-2^31"])
+def test_bombs_refused_from_header_without_decoding(data: bytes, load_calls: list) -> None:
     max_pixels_before = Image.MAX_IMAGE_PIXELS
     with pytest.raises(FieldError) as info:
         decode_image(data, "images[1]", LIMITS)

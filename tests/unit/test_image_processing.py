@@ -17,6 +17,7 @@ import math
 import numpy as np
 import pytest
 from PIL import Image
+from transformers.models.qwen2_vl import image_processing_pil_qwen2_vl as hf_qwen
 
 from runtime.errors import FieldError
 from runtime.image_io import ImageLimits, decode_image
@@ -27,8 +28,6 @@ from runtime.image_processing import (
     preprocess_video,
     smart_resize,
 )
-
-hf_qwen = pytest.importorskip("transformers.models.qwen2_vl.image_processing_pil_qwen2_vl")
 
 MEAN = [0.48145466, 0.4578275, 0.40821073]
 STD = [0.26862954, 0.26130258, 0.27577711]

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from runtime.forward_batch import ForwardBatch, SequenceChunk
 from runtime.mrope import MRopeSpec, mrope_positions, positions_for_range
 
 IMAGE_ID, VIDEO_ID, START_ID, END_ID = 90, 91, 92, 93
@@ -145,7 +146,18 @@ def test_decode_positions_continue_with_the_delta(hf_and_spec) -> None:
     # any split of the range gives the same rows (chunked prefill, decode)
     for start, end in [(0, 3), (3, n - 1), (n - 1, n + 1), (n + 2, n + 4)]:
         np.testing.assert_array_equal(positions_for_range(prompt, delta, start, end), whole[:, start:end])
-    np.testing.assert_array_equal(positions_for_range(None, 0, 5, 8), np.broadcast_to(np.arange(5, 8), (3, 3)))
+    # the packed batch: a text chunk next to a prefill chunk repeats its 1-D positions on every axis;
+    # decode chunks alone stay 1-D (p + delta), which the model repeats on every axis
+    prefill = SequenceChunk(ids[:3], 0, [0], mrope_positions=positions_for_range(prompt, delta, 0, 3))
+    text = SequenceChunk([1, 2, 3], 5, [1])
+    both = ForwardBatch.build([prefill, text], 16, torch.device("cpu")).positions
+    expected = np.concatenate([whole[:, :3], np.broadcast_to(np.arange(5, 8), (3, 3))], axis=1)
+    np.testing.assert_array_equal(both.numpy(), expected)
+    decode = SequenceChunk([7, 7], n + 2, [0, 1], position_delta=delta)
+    only_decode = ForwardBatch.build([decode, text], 16, torch.device("cpu")).positions
+    assert only_decode.dim() == 1
+    np.testing.assert_array_equal(only_decode[:2].numpy(), whole[0, n + 2:n + 4])
+    np.testing.assert_array_equal(only_decode[2:].numpy(), np.arange(5, 8))
 
 
 @pytest.mark.parametrize("parts,visuals,match", [

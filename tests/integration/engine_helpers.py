@@ -1,0 +1,31 @@
+"""Helpers shared by the engine tests (text and vision-language): greedy parameters, a driver that
+admits requests at given steps, and the check that every KV block came back."""
+from __future__ import annotations
+
+from runtime.engine_core import EngineCore, EngineRequest
+from runtime.sampling_params import SamplingParams
+
+
+def greedy(max_tokens: int, **kw) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, **kw)
+
+
+def run_arrivals(core: EngineCore, arrivals: list[tuple[int, EngineRequest]]) -> dict[str, list[int]]:
+    """Step the engine, adding each request at its arrival step; the tokens each request got."""
+    pending = sorted(arrivals, key=lambda a: a[0])
+    tokens: dict[str, list[int]] = {r.request_id: [] for _, r in arrivals}
+    step = 0
+    while pending or core.has_unfinished():
+        while pending and pending[0][0] <= step:
+            core.add_request(pending.pop(0)[1])
+        for out in core.step():
+            tokens[out.request_id].extend(out.token_ids)
+        step += 1
+        assert step < 10_000
+    return tokens
+
+
+def assert_all_blocks_free(core: EngineCore) -> None:
+    stats = core.kv_cache.stats()
+    assert stats.num_used_blocks == 0 and stats.num_free_blocks == stats.total_num_blocks
+    core.kv_cache.check_invariants()
