@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 
 from builder.pipeline import BuildRequest, build_engine
-from grpc_service.bench.baseline import generate_static_batch
+from bench.baseline import generate_static_batch
 from runtime.config import EngineConfig
-from runtime.engine_core import EngineCore, EngineRequest
+from runtime.core.engine_core import EngineCore, EngineRequest
 from runtime.sampling_params import SamplingParams
 
 

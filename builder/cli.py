@@ -10,7 +10,7 @@ from builder.presets import DTYPES, PresetError, list_presets
 from builder.source import SourceError
 from builder.convert import ConversionError
 from builder.vision_export import VisionExportError
-from runtime.errors import EngineLoadError
+from engine_format.errors import EngineLoadError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

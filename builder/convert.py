@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from runtime.checkpoint_layout import expected_tensor_shapes, layer_prefix
-from runtime.llm_config import QWEN_TYPES, SHORT_DTYPES, VL_ARCHITECTURES, LLMConfig
+from engine_format.checkpoint_layout import expected_tensor_shapes, layer_prefix
+from engine_format.llm_config import QWEN_TYPES, SHORT_DTYPES, VL_ARCHITECTURES, LLMConfig
 
 HF_PREFIX = "model."                       # text models and the hub's Qwen2-VL checkpoints
 HF_VL_TEXT_PREFIX = "model.language_model."   # transformers 5 in-memory names of the VL language model

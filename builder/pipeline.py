@@ -24,8 +24,8 @@ from builder.validate import validate_engine
 from builder.validate_vision import add_vision_report, validate_vision, vision_summary, vision_summary_line
 from builder.vision_build import NUM_STAGES as VISION_STAGES
 from builder.vision_build import build_vision
-from runtime.llm_config import VL_ARCHITECTURES
-from runtime.engine_dir import FORMAT_VERSION, EngineLoadError, load_engine, read_manifest, verify_files, write_manifest
+from engine_format.llm_config import VL_ARCHITECTURES
+from engine_format.engine_dir import FORMAT_VERSION, EngineLoadError, load_engine, read_manifest, verify_files, write_manifest
 
 TRTSERVE_VERSION = "0.1.0"
 BUILDER_VERSION = 1          # bump when the output of a stage changes for the same inputs

@@ -16,10 +16,10 @@ from typing import Any
 
 import torch
 
-from runtime.engine_dir import LoadedEngine
-from runtime.llm_config import VL_ARCHITECTURES
-from runtime.model import DecoderModel
-from runtime.sequential import SequentialRunner
+from engine_format.engine_dir import LoadedEngine
+from engine_format.llm_config import VL_ARCHITECTURES
+from runtime.executor.model import DecoderModel
+from runtime.executor.sequential import SequentialRunner
 
 PROMPTS = (
     "The capital of France is",

@@ -24,11 +24,11 @@ from polygraphy.backend.base import BaseRunner
 
 from builder.vision_convert import VISION_PREFIXES
 from builder.vision_export import OUTPUT_NAME, example_inputs, input_names
-from runtime.engine_dir import LoadedEngine
-from runtime.vision_config import VisionConfig
-from runtime.vision_encoder import session_options
-from runtime.vision_inputs import GridTHW
-from runtime.vision_model import vision_forward
+from engine_format.engine_dir import LoadedEngine
+from engine_format.vision_config import VisionConfig
+from runtime.vision.vision_encoder import session_options
+from runtime.vision.vision_inputs import GridTHW
+from runtime.vision.vision_model import vision_forward
 
 # Several images per call, a video (t > 1), sizes above one Qwen2.5-VL window at real shape (8 x 8 patches).
 GRIDS: tuple[tuple[GridTHW, ...], ...] = (((1, 2, 2),), ((1, 6, 8), (1, 10, 4)), ((2, 4, 6),),

@@ -3,7 +3,7 @@
 What it is for: `vision/config.json` (tower architecture as HF resolves it,
 token ids, preprocessing parameters) and `vision/encoder.safetensors` (the HF
 tower's tensors with the `visual.` / `model.visual.` prefix removed, checked
-against `runtime.vision_config.vision_tensor_shapes`, cast to the build dtype).
+against `engine_format.vision_config.vision_tensor_shapes`, cast to the build dtype).
 Not for: the language model (builder/convert.py) or the ONNX export
 (builder/vision_export.py).
 """
@@ -16,8 +16,8 @@ from typing import Any
 import torch
 
 from builder.convert import ConversionError
-from runtime.llm_config import SHORT_DTYPES
-from runtime.vision_config import TOKEN_ID_KEYS, VisionConfig, vision_tensor_shapes
+from engine_format.llm_config import SHORT_DTYPES
+from engine_format.vision_config import TOKEN_ID_KEYS, VisionConfig, vision_tensor_shapes
 
 VISION_PREFIXES = ("model.visual.", "visual.")     # transformers 5 in-memory names, hub checkpoints
 PREPROCESSOR_FILE = "preprocessor_config.json"

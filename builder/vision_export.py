@@ -2,7 +2,7 @@
 
 What it is for: the ONNX graph every non-PyTorch vision backend runs (ONNX
 Runtime here, TensorRT where installed). The exported module is
-`runtime.vision_model.vision_forward` with `segmented=False` (REFERENCE.md
+`runtime.vision.vision_model.vision_forward` with `segmented=False` (REFERENCE.md
 section 4): host-computed positions and segment boundaries come in as inputs,
 the block-diagonal mask is built in the graph, and one SDPA call serves any
 number of images. The TorchScript exporter (`dynamo=False`) is used: the
@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-from runtime.vision_config import VisionConfig
-from runtime.vision_inputs import GridTHW, vision_inputs
-from runtime.vision_model import vision_forward
+from engine_format.vision_config import VisionConfig
+from runtime.vision.vision_inputs import GridTHW, vision_inputs
+from runtime.vision.vision_model import vision_forward
 
 ONNX_FILE = "encoder.onnx"
 ONNX_DATA_FILE = "encoder.onnx.data"

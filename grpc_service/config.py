@@ -4,7 +4,7 @@ What it is for: `ServerConfig`, every option of the network face (listen
 address, metrics port, queue and message limits, shutdown grace period, what
 to serve, and the image policy: limits per request and image, and where image
 URLs may point). Defaults live here (the image limits' are
-runtime.image_io.ImageLimits'); `from_env` lets `TRTSERVE_SERVER_*` variables
+runtime.multimodal.image_io.ImageLimits'); `from_env` lets `TRTSERVE_SERVER_*` variables
 (read by `runtime.config.env_values`, the one reader) and then CLI flags
 override them. Engine options (device, KV-cache size, scheduling policy) stay
 in `runtime.config.EngineConfig`.
@@ -18,7 +18,7 @@ from pathlib import Path
 
 from grpc_service.image_urls import UrlPolicy
 from runtime.config import env_values
-from runtime.image_io import ImageLimits
+from runtime.multimodal.image_io import ImageLimits
 
 ENV_PREFIX = "TRTSERVE_SERVER_"
 MIN_MESSAGE_BYTES = 1 << 16           # 64 KiB: below this even a short prompt would not fit
@@ -48,7 +48,7 @@ class ServerConfig:
     max_send_message_bytes: int = 64 << 20
     grace_period_s: float = 30.0              # SIGTERM: how long in-flight requests may take to finish
     warmup: bool = True                       # one short request per model before reporting SERVING
-    # vision-language engines (the defaults are runtime.image_io.ImageLimits')
+    # vision-language engines (the defaults are runtime.multimodal.image_io.ImageLimits')
     max_images_per_request: int = _IMAGE_DEFAULTS.max_images_per_request    # images plus videos
     max_image_pixels: int = _IMAGE_DEFAULTS.max_image_pixels                # per image / frame, from its header
     max_image_bytes: int = _IMAGE_DEFAULTS.max_image_bytes                  # per encoded image

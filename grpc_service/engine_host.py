@@ -34,10 +34,10 @@ from grpc_service.visual_inputs import (
     VideoSource,
     VisualFrontend,
 )
-from runtime.async_engine import AsyncEngine
+from runtime.core.async_engine import AsyncEngine
 from runtime.config import EngineConfig
-from runtime.engine_core import EngineCore, EngineRequest, EngineStats
-from runtime.multimodal import MultimodalInputs
+from runtime.core.engine_core import EngineCore, EngineRequest, EngineStats
+from runtime.multimodal.processor import MultimodalInputs
 from runtime.outputs import RequestOutput
 from runtime.sampling_params import SamplingParams
 

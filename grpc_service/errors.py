@@ -16,7 +16,7 @@ import logging
 
 import grpc
 
-from runtime.async_engine import EngineDeadError
+from runtime.core.async_engine import EngineDeadError
 from runtime.errors import FieldError
 
 LOG = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ of both APIs:
 
 Every refusal is an `InvalidArgument` naming the field; messages never carry
 OS or network error texts. Reading blocks: call it from a worker thread.
-Not for: decoding images (runtime.image_io).
+Not for: decoding images (runtime.multimodal.image_io).
 """
 from __future__ import annotations
 

@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from runtime.engine_core import EngineStats
+from runtime.core.engine_core import EngineStats
 from runtime.outputs import RequestOutput
 
 LOG = logging.getLogger(__name__)

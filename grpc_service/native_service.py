@@ -26,7 +26,7 @@ from grpc_service.errors import DeadlineExceeded, InvalidArgument, RequestFailed
 from grpc_service.proto import trtserve_pb2 as pb
 from grpc_service.registry import ModelRegistry
 from grpc_service.visual_inputs import ChatContent, FieldNames, ImageSource, VideoSource
-from runtime.multimodal import MultimodalInputs
+from runtime.multimodal.processor import MultimodalInputs
 from runtime.outputs import RequestOutput
 from runtime.sampling_params import SamplingParams
 

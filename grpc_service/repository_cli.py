@@ -22,8 +22,8 @@ from grpc_service.errors import InvalidArgument
 from grpc_service.registry import check_model_name
 from grpc_service.repository import write_repository
 from grpc_service.triton_schema import RepositoryNames
-from runtime.engine_dir import parse_build, read_manifest
-from runtime.errors import EngineLoadError
+from engine_format.engine_dir import parse_build, read_manifest
+from engine_format.errors import EngineLoadError
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -18,7 +18,7 @@ from pathlib import Path
 from grpc_service.config import ServerConfig, ServerConfigError
 from grpc_service.repository import RepositoryError
 from runtime.config import CAPACITY_POLICIES, EngineConfig, EngineConfigError
-from runtime.errors import EngineLoadError
+from engine_format.errors import EngineLoadError
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

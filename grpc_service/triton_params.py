@@ -43,7 +43,7 @@ from grpc_service.visual_inputs import (
     pixel_images,
     pixel_video,
 )
-from runtime.multimodal import MultimodalInputs
+from runtime.multimodal.processor import MultimodalInputs
 from runtime.sampling_params import SamplingParams, SamplingParamsError
 
 # SamplingParams field -> tensor name, per vocabulary

@@ -5,7 +5,7 @@ What it is for: the wire-neutral description of what a client sent
 uint8 pixels as the Triton multimodal ensemble sends them) and
 `VisualFrontend`, one per vision-language engine, which resolves URLs under
 the server's `UrlPolicy`, hands everything to
-`runtime.multimodal.MultimodalProcessor` (decoding, limits, preprocessing,
+`runtime.multimodal.processor.MultimodalProcessor` (decoding, limits, preprocessing,
 placeholder expansion) on its own worker thread, off the event loop, and
 returns `(prompt_token_ids, MultimodalInputs)`. At most `max_pending`
 requests wait for that thread (beyond: `Overloaded`); counts and sizes the
@@ -14,7 +14,7 @@ an `InvalidArgument` naming the field as the client sent it: the runtime's
 field names (`messages[0].content[1].image`, `images[2]`, `text`) are
 translated through the caller's `FieldNames`.
 Not for: reading wire messages / tensors (native_service, triton_params) or
-decoding itself (runtime.image_io).
+decoding itself (runtime.multimodal.image_io).
 """
 from __future__ import annotations
 
@@ -29,10 +29,10 @@ from PIL import Image
 
 from grpc_service.errors import InvalidArgument, Overloaded
 from grpc_service.image_urls import UrlPolicy, read_image_url
-from runtime.engine_dir import LoadedEngine
+from engine_format.engine_dir import LoadedEngine
 from runtime.errors import FieldError
-from runtime.image_io import ImageLimits, decode_image
-from runtime.multimodal import MultimodalInputs, MultimodalProcessor
+from runtime.multimodal.image_io import ImageLimits, decode_image
+from runtime.multimodal.processor import MultimodalInputs, MultimodalProcessor
 
 T = TypeVar("T")
 Prompt = tuple[list[int], MultimodalInputs]

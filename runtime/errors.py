@@ -14,12 +14,3 @@ class FieldError(ValueError):
         super().__init__(f"{field_name}: {message}")
         self.field = field_name
 
-
-class EngineLoadError(RuntimeError):
-    """An engine directory is unusable. Names the file and, where known, the field."""
-
-    def __init__(self, file: str, message: str, field: str | None = None) -> None:
-        where = f"{file}: {field}: " if field else f"{file}: "
-        super().__init__(where + message)
-        self.file = file
-        self.field = field

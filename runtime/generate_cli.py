@@ -13,10 +13,10 @@ import sys
 import time
 from pathlib import Path
 
-from runtime.async_engine import AsyncEngine
+from runtime.core.async_engine import AsyncEngine
 from runtime.config import EngineConfig
-from runtime.engine_core import EngineCore, EngineRequest
-from runtime.errors import EngineLoadError
+from runtime.core.engine_core import EngineCore, EngineRequest
+from engine_format.errors import EngineLoadError
 from runtime.sampling_params import SamplingParams, SamplingParamsError
 
 

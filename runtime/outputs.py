@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from runtime.sampler import TokenLogprobs
+from runtime.executor.sampler import TokenLogprobs
 
 
 @dataclass(frozen=True, slots=True)

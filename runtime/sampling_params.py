@@ -3,8 +3,8 @@
 What it is for: the one description of how a request wants tokens chosen and
 when it stops. `validate()` is the only place that judges these values; the
 sampler and the stop checker trust them afterwards.
-Not for: the sampling arithmetic itself (see `runtime/sampler.py`) or the stop
-decision (see `runtime/stop_checker.py`).
+Not for: the sampling arithmetic itself (see `runtime/executor/sampler.py`) or the stop
+decision (see `runtime/core/stop_checker.py`).
 
 Range checks are written negated (`not (lo <= x <= hi)`) after an
 `math.isfinite` check, because NaN passes `x < lo or x > hi`.

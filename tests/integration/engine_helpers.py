@@ -2,7 +2,7 @@
 admits requests at given steps, and the check that every KV block came back."""
 from __future__ import annotations
 
-from runtime.engine_core import EngineCore, EngineRequest
+from runtime.core.engine_core import EngineCore, EngineRequest
 from runtime.sampling_params import SamplingParams
 
 

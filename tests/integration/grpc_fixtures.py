@@ -10,9 +10,9 @@ from grpc_service.client import NativeClient, Sampling
 from grpc_service.launcher import ServerProcess, metric_value
 from grpc_service.proto import trtserve_pb2 as pb
 from runtime.config import EngineConfig
-from runtime.engine_core import EngineCore, EngineRequest, collect_text
-from runtime.image_io import ImageLimits
-from runtime.multimodal import MultimodalInputs, MultimodalProcessor
+from runtime.core.engine_core import EngineCore, EngineRequest, collect_text
+from runtime.multimodal.image_io import ImageLimits
+from runtime.multimodal.processor import MultimodalInputs, MultimodalProcessor
 from runtime.sampling_params import SamplingParams
 
 __all__ = ["IMAGE_BLOCK", "VIDEO_BLOCK", "VL_GREEDY", "VL_MAX_IMAGES", "VL_MAX_PIXELS", "VL_MAX_TOKENS",

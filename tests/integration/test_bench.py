@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from grpc_service.bench.cli import main
-from grpc_service.bench.server_stats import GENERATED, ServerCounters
+from bench.cli import main
+from bench.server_stats import GENERATED, ServerCounters
 from tests.integration.grpc_fixtures import ServerProcess
 from tests.integration.vl_helpers import noise_image
 
@@ -146,7 +146,7 @@ def test_jsonl_images_over_both_protocols(build_tiny: Callable[..., Path], tmp_p
 
 def test_ctrl_c_writes_partial_results(grpc_server: ServerProcess, tmp_path: Path) -> None:
     out = tmp_path / "interrupted"
-    command = [sys.executable, "-m", "grpc_service.bench.cli", "--target", grpc_server.target, "--no-progress",
+    command = [sys.executable, "-m", "bench.cli", "--target", grpc_server.target, "--no-progress",
                "--concurrency", "2,4", "--requests", "400", "--warmup", "0", "--input-len", "8",
                "--output-len", "48", "--no-plot", "--out", str(out)]
     counters = ServerCounters(f"http://127.0.0.1:{grpc_server.metrics_port}/metrics")

@@ -11,7 +11,7 @@ from builder.pipeline import BuildRequest, build_engine
 from builder.presets import PresetError, load_preset, preset_from_dict
 from builder.progress import Progress
 from builder.source import SourceError
-from runtime.engine_dir import FORMAT_VERSION, load_engine
+from engine_format.engine_dir import FORMAT_VERSION, load_engine
 
 
 def test_manifest_describes_the_engine(build_tiny) -> None:

@@ -7,14 +7,14 @@ import random
 import pytest
 import torch
 
-from runtime.async_engine import AsyncEngine
+from runtime.core.async_engine import AsyncEngine
 from runtime.config import EngineConfig
-from runtime.engine_core import EngineCore, EngineRequest, collect_text
-from runtime.engine_dir import load_engine
-from runtime.model import DecoderModel
+from runtime.core.engine_core import EngineCore, EngineRequest, collect_text
+from engine_format.engine_dir import load_engine
+from runtime.executor.model import DecoderModel
 from runtime.sampling_params import SamplingParams
-from runtime.scheduler import RequestRejectedError
-from runtime.sequential import SequentialRunner
+from runtime.core.scheduler import RequestRejectedError
+from runtime.executor.sequential import SequentialRunner
 from tests.integration.engine_helpers import (
     assert_all_blocks_free,
     greedy,

@@ -27,7 +27,7 @@ from grpc_service.client import (
     video_proto,
 )
 from grpc_service.proto import trtserve_pb2 as pb
-from runtime.image_io import decode_image
+from runtime.multimodal.image_io import decode_image
 from tests.integration import media
 from tests.integration.grpc_fixtures import (
     IMAGE_BLOCK,

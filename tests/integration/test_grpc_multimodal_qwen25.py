@@ -20,7 +20,7 @@ from grpc_service.client import (
     image_proto,
     video_proto,
 )
-from runtime.image_io import decode_image
+from runtime.multimodal.image_io import decode_image
 from tests.integration import media
 from tests.integration.grpc_fixtures import (
     IMAGE_BLOCK,

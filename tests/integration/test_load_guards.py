@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from runtime.engine_dir import MANIFEST, load_engine, write_manifest
-from runtime.errors import EngineLoadError
+from engine_format.engine_dir import MANIFEST, load_engine, write_manifest
+from engine_format.errors import EngineLoadError
 
 WEIGHTS = "llm/rank0.safetensors"
 CONFIG = "llm/config.json"

@@ -4,11 +4,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from runtime.engine_dir import load_engine
-from runtime.forward_batch import ForwardBatch, SequenceChunk
-from runtime.kv_storage import KVStorage
-from runtime.model import DecoderModel
-from runtime.sequential import SequentialRunner
+from engine_format.engine_dir import load_engine
+from runtime.executor.forward_batch import ForwardBatch, SequenceChunk
+from runtime.executor.kv_storage import KVStorage
+from runtime.executor.model import DecoderModel
+from runtime.executor.sequential import SequentialRunner
 from tests.conftest import load_hf
 
 ATOL = 1e-4

@@ -10,7 +10,7 @@ import pytest
 
 from builder.pipeline import BuildRequest, build_engine
 from builder.progress import Progress
-from runtime.engine_dir import load_engine
+from engine_format.engine_dir import load_engine
 
 ROOT = Path(__file__).resolve().parents[2]
 

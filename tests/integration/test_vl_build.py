@@ -16,8 +16,8 @@ from builder.pipeline import BuildRequest, build_engine
 from builder.progress import Progress
 from builder.validate_vision import hf_tower
 from builder.vision_export import EXPORT_GRIDS
-from runtime.engine_dir import load_engine
-from runtime.vision_encoder import (
+from engine_format.engine_dir import load_engine
+from runtime.vision.vision_encoder import (
     OnnxVisionEncoder,
     TorchVisionEncoder,
     load_vision_encoder,

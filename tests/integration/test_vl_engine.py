@@ -16,12 +16,12 @@ import pytest
 import torch
 
 from runtime.config import EngineConfig
-from runtime.encoder_cache import EncoderCache
-from runtime.engine_core import EngineCore, EngineRequest, collect_text
-from runtime.engine_dir import load_engine
+from runtime.vision.encoder_cache import EncoderCache
+from runtime.core.engine_core import EngineCore, EngineRequest, collect_text
+from engine_format.engine_dir import load_engine
 from runtime.errors import FieldError
-from runtime.image_io import ImageLimits
-from runtime.multimodal import IMAGE_PAD, VISION_END, VISION_START, MultimodalProcessor
+from runtime.multimodal.image_io import ImageLimits
+from runtime.multimodal.processor import IMAGE_PAD, VISION_END, VISION_START, MultimodalProcessor
 from runtime.sampling_params import SamplingParams
 from tests.integration.engine_helpers import (
     assert_all_blocks_free,

@@ -15,8 +15,8 @@ from safetensors.torch import load_file, save_file
 from builder.validate_vision import validate_vision
 from builder.vision_export import ONNX_DATA_FILE, export_vision_onnx
 from builder.vision_trt import patch_profile, shape_ranges, tensorrt_missing_reason
-from runtime.engine_dir import MANIFEST, load_engine
-from runtime.vision_encoder import OnnxVisionEncoder, TorchVisionEncoder, load_vision_encoder
+from engine_format.engine_dir import MANIFEST, load_engine
+from runtime.vision.vision_encoder import OnnxVisionEncoder, TorchVisionEncoder, load_vision_encoder
 from tests.conftest import hf_dir_of
 from tests.integration.test_load_guards import expect_error, manifest, resign
 

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from runtime.config import EngineConfig
-from runtime.engine_core import EngineCore, EngineRequest, collect_text
-from runtime.engine_dir import load_engine
-from runtime.image_io import ImageLimits
-from runtime.multimodal import MultimodalProcessor
+from runtime.core.engine_core import EngineCore, EngineRequest, collect_text
+from engine_format.engine_dir import load_engine
+from runtime.multimodal.image_io import ImageLimits
+from runtime.multimodal.processor import MultimodalProcessor
 from runtime.sampling_params import SamplingParams
 from tests.conftest import load_hf
 from tests.integration.vl_helpers import (

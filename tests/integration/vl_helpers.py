@@ -7,9 +7,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from runtime.engine_dir import LoadedEngine
-from runtime.image_processing import PreprocessConfig, preprocess_video
-from runtime.multimodal import IMAGE_PAD, VIDEO_PAD
+from engine_format.engine_dir import LoadedEngine
+from runtime.multimodal.image_processing import PreprocessConfig, preprocess_video
+from runtime.multimodal.processor import IMAGE_PAD, VIDEO_PAD
 from tests.conftest import hf_dir_of
 
 VL_PRESETS = ["tiny-qwen2-vl", "tiny-qwen2.5-vl"]

@@ -15,10 +15,10 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from runtime.detokenizer import REPLACEMENT_CHAR, IncrementalDetokenizer
-from runtime.request import RequestStatus
+from runtime.core.detokenizer import REPLACEMENT_CHAR, IncrementalDetokenizer
+from runtime.core.request import RequestStatus
 from runtime.sampling_params import SamplingParams
-from runtime.stop_checker import StopChecker
+from runtime.core.stop_checker import StopChecker
 
 SPECIAL_TOKENS = ["<|eos|>", "<|im_start|>"]
 CORPUS = [

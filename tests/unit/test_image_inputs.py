@@ -26,7 +26,7 @@ from grpc_service.visual_inputs import (
     pixel_video,
 )
 from runtime.errors import FieldError
-from runtime.image_io import ImageLimits
+from runtime.multimodal.image_io import ImageLimits
 
 
 @pytest.fixture()

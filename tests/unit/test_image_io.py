@@ -11,7 +11,7 @@ import pytest
 from PIL import Image, ImageFile
 
 from runtime.errors import FieldError
-from runtime.image_io import (
+from runtime.multimodal.image_io import (
     DEFAULT_VIDEO_FPS,
     ImageLimits,
     check_image,

@@ -20,8 +20,8 @@ from PIL import Image
 from transformers.models.qwen2_vl import image_processing_pil_qwen2_vl as hf_qwen
 
 from runtime.errors import FieldError
-from runtime.image_io import ImageLimits, decode_image
-from runtime.image_processing import (
+from runtime.multimodal.image_io import ImageLimits, decode_image
+from runtime.multimodal.image_processing import (
     PreprocessConfig,
     ProcessedVisual,
     preprocess_image,

@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import pytest
 
-from runtime.kv_cache import (
+from runtime.core.kv_cache import (
     KVCacheConfigError,
     KVCacheManager,
     block_extra_keys,
     hash_block_tokens,
 )
-from runtime.request import MultimodalSpan, Request
+from runtime.core.request import MultimodalSpan, Request
 from runtime.sampling_params import SamplingParams
 
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from runtime.forward_batch import ForwardBatch, SequenceChunk
-from runtime.mrope import MRopeSpec, mrope_positions, positions_for_range
+from runtime.executor.forward_batch import ForwardBatch, SequenceChunk
+from runtime.multimodal.mrope import MRopeSpec, mrope_positions, positions_for_range
 
 IMAGE_ID, VIDEO_ID, START_ID, END_ID = 90, 91, 92, 93
 MERGE = 2

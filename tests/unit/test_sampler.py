@@ -11,8 +11,8 @@ from collections import Counter
 import pytest
 import torch
 
-from runtime.request import Request
-from runtime.sampler import (Sampler, SamplingState, TokenLogprobs, make_generator,
+from runtime.core.request import Request
+from runtime.executor.sampler import (Sampler, SamplingState, TokenLogprobs, make_generator,
                              sampling_probs)
 from runtime.sampling_params import SamplingParams
 

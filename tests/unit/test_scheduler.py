@@ -15,10 +15,10 @@ import pytest
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
-from runtime.kv_cache import KVCacheManager
-from runtime.request import MultimodalSpan, Request, RequestStatus
+from runtime.core.kv_cache import KVCacheManager
+from runtime.core.request import MultimodalSpan, Request, RequestStatus
 from runtime.sampling_params import SamplingParams
-from runtime.scheduler import (
+from runtime.core.scheduler import (
     RequestRejectedError,
     Scheduler,
     SchedulerConfig,

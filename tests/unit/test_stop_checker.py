@@ -6,9 +6,9 @@ import random
 
 import pytest
 
-from runtime.request import RequestStatus
+from runtime.core.request import RequestStatus
 from runtime.sampling_params import SamplingParams
-from runtime.stop_checker import StopChecker, StopCheckerFinishedError, StopDecision
+from runtime.core.stop_checker import StopChecker, StopCheckerFinishedError, StopDecision
 
 EOS = 2
 TEXT_TOKEN = 50

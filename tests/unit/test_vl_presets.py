@@ -5,7 +5,7 @@ import pytest
 
 from builder.convert import llm_config_from_hf
 from builder.presets import PresetError, load_preset, preset_from_dict
-from runtime.llm_config import LLMConfig
+from engine_format.llm_config import LLMConfig
 
 # Published config.json / preprocessor_config.json of the hub checkpoints, written out by hand.
 PUBLISHED = {

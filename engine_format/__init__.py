@@ -1,0 +1,1 @@
+"""The engine-directory contract that the builder writes and the runtime reads."""

@@ -1,0 +1,1 @@
+"""The engine core: step loop, scheduler, KV cache manager, request records, detokenizer, stop checks."""

@@ -1,0 +1,336 @@
+"""In-flight batching scheduler: which requests run this step, with how many tokens.
+
+What it is for: one rule for prefill, chunked prefill and decode: each step
+gives requests new tokens so their computed tokens catch up with their known
+tokens (`num_tokens - num_computed_tokens`), within the step budget
+(`max_num_tokens` tokens, `max_batch_size` requests). Capacity ("who fits in KV
+memory") is a policy: `max_utilization` admits while blocks are free and
+preempts the newest running request (recompute) when a running one needs a
+block; `guaranteed_no_evict` admits only what it can carry to `max_tokens` and
+never preempts. Admission rejects requests that could never fit.
+
+Not for: tensors (the model runner turns a SchedulerOutput into a batch), stop
+conditions (EOS, stop strings, max_tokens are judged elsewhere, which then calls
+`finish_request`), or threads (only the engine thread calls it).
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from runtime.errors import FieldError
+from runtime.core.kv_cache import KVCacheManager
+from runtime.core.request import Request, RequestStatus
+
+MAX_UTILIZATION = "max_utilization"
+GUARANTEED_NO_EVICT = "guaranteed_no_evict"
+CAPACITY_POLICIES = (MAX_UTILIZATION, GUARANTEED_NO_EVICT)
+
+
+class SchedulerConfigError(FieldError):
+    """A scheduler setting is out of range; `field` names it."""
+
+
+class RequestRejectedError(FieldError):
+    """A request can never be served with this configuration; `field` names why."""
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    max_batch_size: int               # requests per step
+    max_num_tokens: int               # tokens per step (the token budget)
+    max_seq_len: int                  # prompt + generated tokens of one request
+    capacity_policy: str              # "max_utilization" | "guaranteed_no_evict"
+    enable_chunked_prefill: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch_size", "max_num_tokens", "max_seq_len"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise SchedulerConfigError(name, f"must be an integer >= 1, got {value!r}")
+        if self.capacity_policy not in CAPACITY_POLICIES:
+            raise SchedulerConfigError(
+                "capacity_policy", f"must be one of {CAPACITY_POLICIES}, got {self.capacity_policy!r}")
+        # Without chunking a whole sequence (a prompt, or a preempted request's
+        # prompt plus outputs) must fit one step's budget.
+        if not self.enable_chunked_prefill and self.max_num_tokens < self.max_seq_len:
+            raise SchedulerConfigError(
+                "max_num_tokens",
+                f"({self.max_num_tokens}) must be >= max_seq_len ({self.max_seq_len}) "
+                "when enable_chunked_prefill is false")
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduledRequest:
+    """One request's share of a step: tokens [num_computed_tokens, +num_new_tokens)."""
+
+    request: Request
+    num_new_tokens: int
+    num_computed_tokens: int          # before this step
+    block_ids: list[int]
+    # request.num_tokens when scheduled (-1: read from the request on construction),
+    # so `samples` keeps its meaning after update_from_output appends a token.
+    num_known_tokens: int = -1
+
+    def __post_init__(self) -> None:
+        if self.num_known_tokens < 0:
+            object.__setattr__(self, "num_known_tokens", self.request.num_tokens)
+
+    @property
+    def samples(self) -> bool:
+        """Whether this chunk reaches the last known token, so the step samples a token."""
+        return self.num_computed_tokens + self.num_new_tokens == self.num_known_tokens
+
+    @property
+    def token_ids(self) -> list[int]:
+        # Slice prompt and output separately: building all_token_ids each step is O(sequence).
+        start, end = self.num_computed_tokens, self.num_computed_tokens + self.num_new_tokens
+        prompt = self.request.prompt_token_ids
+        if start >= len(prompt):
+            return self.request.output_token_ids[start - len(prompt):end - len(prompt)]
+        return prompt[start:end] + self.request.output_token_ids[:max(0, end - len(prompt))]
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest]
+    num_scheduled_tokens: int
+    preempted_request_ids: list[str]
+    # Requests finished (or aborted) since the previous schedule(): the model
+    # runner drops any per-request state it keeps for them.
+    finished_request_ids: list[str] = field(default_factory=list)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    """Waiting queue (FCFS, preempted at the front) plus running list, over one KV cache."""
+
+    def __init__(self, config: SchedulerConfig, kv_cache: KVCacheManager) -> None:
+        self._config = config
+        self._kv = kv_cache
+        self._requests: dict[str, Request] = {}
+        self._waiting: deque[Request] = deque()
+        self._running: list[Request] = []           # in admission order, oldest first
+        self._finished_since_schedule: list[str] = []
+
+    # -------------------------------------------------------------- queries
+
+    @property
+    def config(self) -> SchedulerConfig:
+        return self._config
+
+    @property
+    def kv_cache(self) -> KVCacheManager:
+        return self._kv
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self._requests)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def waiting_request_ids(self) -> list[str]:
+        """Waiting and preempted requests in the order they will be admitted."""
+        return [request.request_id for request in self._waiting]
+
+    @property
+    def running_request_ids(self) -> list[str]:
+        """Running requests, oldest admitted first (the last is preempted first)."""
+        return [request.request_id for request in self._running]
+
+    def get_request(self, request_id: str) -> Request | None:
+        return self._requests.get(request_id)
+
+    # ------------------------------------------------------------ admission
+
+    def add_request(self, request: Request) -> None:
+        """Queue the request, or raise RequestRejectedError if it can never be served."""
+        self._check_admissible(request)
+        request.status = RequestStatus.WAITING
+        self._requests[request.request_id] = request
+        self._waiting.append(request)
+
+    def _check_admissible(self, request: Request) -> None:
+        num_prompt = request.num_prompt_tokens
+        max_tokens = request.sampling_params.max_tokens
+        max_seq_len = self._config.max_seq_len
+        if request.request_id in self._requests:
+            raise RequestRejectedError(
+                "request_id", f"{request.request_id!r} is already queued or running")
+        if num_prompt == 0:
+            raise RequestRejectedError("prompt_token_ids", "prompt is empty (needs >= 1 token)")
+        if max_tokens < 1:
+            raise RequestRejectedError("max_tokens", f"must be >= 1, got {max_tokens}")
+        if num_prompt > max_seq_len:
+            raise RequestRejectedError(
+                "prompt_token_ids", f"prompt ({num_prompt}) exceeds max_seq_len ({max_seq_len})")
+        if num_prompt + max_tokens > max_seq_len:
+            raise RequestRejectedError(
+                "max_tokens",
+                f"prompt ({num_prompt}) + max_tokens ({max_tokens}) exceeds max_seq_len ({max_seq_len})")
+        num_blocks = self._kv.total_num_blocks
+        capacity = f"the whole KV cache ({num_blocks} blocks of {self._kv.block_size} tokens)"
+        if self._kv.num_blocks_needed(num_prompt) > num_blocks:
+            raise RequestRejectedError(
+                "prompt_token_ids", f"prompt ({num_prompt}) needs more blocks than {capacity}")
+        if self._kv.num_blocks_needed(num_prompt + max_tokens) > num_blocks:
+            raise RequestRejectedError(
+                "max_tokens",
+                f"prompt ({num_prompt}) + max_tokens ({max_tokens}) needs "
+                f"{self._kv.num_blocks_needed(num_prompt + max_tokens)} blocks, more than {capacity}")
+
+    # ------------------------------------------------------------- schedule
+
+    def schedule(self) -> SchedulerOutput:
+        """Pick this step's requests and token counts; allocate their KV blocks."""
+        token_budget = self._config.max_num_tokens
+        scheduled: list[ScheduledRequest] = []
+        preempted_ids: list[str] = []
+
+        index = 0
+        while index < len(self._running) and token_budget > 0:
+            request = self._running[index]
+            num_new = min(request.num_tokens - request.num_computed_tokens, token_budget)
+            if num_new <= 0:
+                index += 1
+                continue
+            block_ids = self._allocate_or_preempt(request, num_new, preempted_ids)
+            if block_ids is None:
+                if request.status is RequestStatus.PREEMPTED:
+                    break                     # it was the newest; nothing runs after it
+                index += 1                    # guaranteed_no_evict: cannot happen, skip defensively
+                continue
+            scheduled.append(ScheduledRequest(request, num_new, request.num_computed_tokens, block_ids))
+            token_budget -= num_new
+            index += 1
+
+        # After a preemption the pool is short: admitting now would only thrash.
+        if not preempted_ids:
+            token_budget = self._admit_waiting(token_budget, scheduled)
+
+        finished_ids = self._finished_since_schedule
+        self._finished_since_schedule = []
+        return SchedulerOutput(
+            scheduled=scheduled,
+            num_scheduled_tokens=self._config.max_num_tokens - token_budget,
+            preempted_request_ids=preempted_ids,
+            finished_request_ids=finished_ids,
+        )
+
+    def _allocate_or_preempt(
+        self, request: Request, num_new: int, preempted_ids: list[str]
+    ) -> list[int] | None:
+        """Blocks for a running request; under max_utilization preempt the newest until they fit."""
+        while True:
+            block_ids = self._kv.allocate_slots(request, num_new)
+            if block_ids is not None or self._config.capacity_policy != MAX_UTILIZATION:
+                return block_ids
+            victim = self._running.pop()
+            self._preempt(victim)
+            preempted_ids.append(victim.request_id)
+            if victim is request:
+                return None
+
+    def _preempt(self, request: Request) -> None:
+        """Free the request's blocks; it recomputes prompt and outputs when readmitted."""
+        self._kv.free(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self._waiting.appendleft(request)
+
+    def _admit_waiting(self, token_budget: int, scheduled: list[ScheduledRequest]) -> int:
+        """Admit waiting requests FCFS; stop at the first that cannot be admitted."""
+        num_reserved = self._num_reserved_blocks()
+        while self._waiting and token_budget > 0 and len(self._running) < self._config.max_batch_size:
+            request = self._waiting[0]
+            computed_blocks, num_hit_tokens = self._kv.get_computed_blocks(request)
+            num_new = request.num_tokens - num_hit_tokens
+            if num_new > token_budget:
+                if not self._config.enable_chunked_prefill:
+                    break
+                num_new = token_budget
+            num_worst_case = self._kv.num_blocks_needed(request.max_total_tokens)
+            if self._config.capacity_policy == GUARANTEED_NO_EVICT:
+                if num_worst_case > self._kv.num_free_blocks - num_reserved:
+                    break
+            block_ids = self._kv.allocate_slots(request, num_new, computed_blocks)
+            if block_ids is None:
+                break
+            self._waiting.popleft()
+            if request.status is RequestStatus.WAITING:   # first admission, not a resume
+                request.num_cached_tokens = min(num_hit_tokens, request.num_prompt_tokens)
+                request.first_scheduled_time = time.monotonic()
+            request.num_computed_tokens = num_hit_tokens
+            request.status = RequestStatus.RUNNING
+            self._running.append(request)
+            scheduled.append(ScheduledRequest(request, num_new, num_hit_tokens, block_ids))
+            token_budget -= num_new
+            num_reserved += max(num_worst_case - len(block_ids), 0)
+        return token_budget
+
+    def _num_reserved_blocks(self) -> int:
+        """Blocks running requests may still claim before reaching max_tokens."""
+        if self._config.capacity_policy != GUARANTEED_NO_EVICT:
+            return 0
+        return sum(
+            max(self._kv.num_blocks_needed(r.max_total_tokens) - len(self._kv.block_ids(r.request_id)), 0)
+            for r in self._running
+        )
+
+    # --------------------------------------------------------------- update
+
+    def update_from_output(self, output: SchedulerOutput, sampled_token_ids: dict[str, int]) -> list[Request]:
+        """Advance computed tokens, cache full blocks, append sampled tokens.
+
+        Returns the requests that got a new token (for the stop checker). Requests
+        finished between schedule() and this call are skipped. Raises ValueError,
+        changing nothing, when a request whose chunk reached its last token has
+        no sampled token.
+        """
+        live = [s for s in output.scheduled if not s.request.status.finished
+                and self._requests.get(s.request.request_id) is s.request]
+        for item in live:
+            if item.samples and item.request.request_id not in sampled_token_ids:
+                raise ValueError(
+                    f"sampled_token_ids: no token for request {item.request.request_id!r}, "
+                    "whose chunk reached its last known token")
+        sampled: list[Request] = []
+        for item in live:
+            request = item.request
+            request.num_computed_tokens = item.num_computed_tokens + item.num_new_tokens
+            self._kv.cache_full_blocks(request, request.num_computed_tokens)
+            if item.samples:
+                request.append_output_token(sampled_token_ids[request.request_id])
+                sampled.append(request)
+        return sampled
+
+    def finish_request(self, request_id: str, status: RequestStatus) -> bool:
+        """Remove a waiting, running or preempted request and free its blocks.
+
+        Returns False (changing nothing) for an unknown or already finished id.
+        """
+        if not status.finished:
+            raise ValueError(f"status: {status.name} is not a finished status")
+        request = self._requests.pop(request_id, None)
+        if request is None:
+            return False
+        if request in self._running:
+            self._running.remove(request)
+        else:
+            self._waiting.remove(request)
+        self._kv.free(request)
+        request.status = status
+        self._finished_since_schedule.append(request_id)
+        return True

@@ -1,0 +1,1 @@
+"""The model executor: forward batch, model, KV storage, sampler."""

@@ -1,0 +1,108 @@
+"""The model-side batch: scheduled token chunks packed into flat tensors.
+
+What it is for: the one place where plain-Python scheduling decisions (which
+tokens of which sequence, in which KV blocks) become tensors for the executor:
+token ids, positions (1-D, or [3, T] M-RoPE positions when a chunk carries
+them), slot mapping, block tables, sequence / query lengths, which positions need logits, and the rows
+whose token embedding is replaced by a vision embedding.
+Not for: deciding what to run (runtime/core/scheduler.py) or running it (runtime/executor/model.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True, slots=True)
+class SequenceChunk:
+    """Tokens [start, start + len(token_ids)) of one sequence, computed this step."""
+
+    token_ids: list[int]
+    start: int
+    block_ids: list[int]
+    needs_logits: bool = True
+    # [3, len(token_ids)] M-RoPE positions; None: every axis is the 1-D position p + position_delta
+    mrope_positions: np.ndarray | None = None
+    # (row within the chunk, [n, hidden] embeddings) replacing the token embeddings of rows [row, row + n)
+    embeds: tuple[tuple[int, torch.Tensor], ...] = ()
+    position_delta: int = 0     # M-RoPE decode delta of a multimodal request past its prompt
+
+
+@dataclass(frozen=True, slots=True)
+class ForwardBatch:
+    token_ids: torch.Tensor       # [T] int64
+    positions: torch.Tensor       # [T] int64, or [3, T] when some chunk has M-RoPE positions
+    slot_mapping: torch.Tensor    # [T] int64
+    block_tables: torch.Tensor    # [B, max_blocks] int64
+    logits_indices: torch.Tensor  # [num_logits] int64, indices into T
+    seq_lens: list[int]           # per sequence: tokens in the cache after this step
+    query_lens: list[int]         # per sequence: tokens computed this step
+    embed_rows: torch.Tensor | None = None   # [R] int64 indices into T whose embedding is replaced
+    embeds: torch.Tensor | None = None       # [R, hidden] float32, the replacements in embed_rows order
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.token_ids.shape[0])
+
+    @classmethod
+    def build(cls, chunks: list[SequenceChunk], block_size: int, device: torch.device) -> ForwardBatch:
+        """Pack chunks; positions are [3, T] only if some chunk has M-RoPE positions (the others then
+        repeat their 1-D positions on every axis), else 1-D."""
+        if not chunks:
+            raise ValueError("chunks: a forward batch needs at least one sequence")
+        token_ids: list[int] = []
+        positions: list[int] = []
+        mrope_rows: list[tuple[int, np.ndarray]] = []     # (first row in T, [3, n] positions)
+        embed_rows: list[int] = []
+        embeds: list[torch.Tensor] = []
+        slots: list[int] = []
+        logits_indices: list[int] = []
+        seq_lens: list[int] = []
+        query_lens: list[int] = []
+        max_blocks = max(len(c.block_ids) for c in chunks)
+        table = torch.zeros((len(chunks), max_blocks), dtype=torch.int64)
+        for i, chunk in enumerate(chunks):
+            n = len(chunk.token_ids)
+            end = chunk.start + n
+            if n == 0 or end > len(chunk.block_ids) * block_size:
+                raise ValueError(f"chunks[{i}]: {end} tokens do not fit in {len(chunk.block_ids)} blocks")
+            if chunk.mrope_positions is not None:
+                if chunk.mrope_positions.shape != (3, n):
+                    raise ValueError(f"chunks[{i}]: mrope_positions {chunk.mrope_positions.shape} is not (3, {n})")
+                mrope_rows.append((len(token_ids), chunk.mrope_positions))
+            for row, rows in chunk.embeds:
+                if row < 0 or row + rows.shape[0] > n:
+                    raise ValueError(f"chunks[{i}]: embeddings for rows [{row}, {row + rows.shape[0]}) "
+                                     f"outside the chunk's {n} tokens")
+                embed_rows.extend(range(len(token_ids) + row, len(token_ids) + row + rows.shape[0]))
+                embeds.append(rows)
+            token_ids.extend(chunk.token_ids)
+            positions.extend(range(chunk.start + chunk.position_delta, end + chunk.position_delta))
+            slots.extend(chunk.block_ids[p // block_size] * block_size + p % block_size
+                         for p in range(chunk.start, end))
+            if chunk.needs_logits:
+                logits_indices.append(len(token_ids) - 1)
+            seq_lens.append(end)
+            query_lens.append(n)
+            table[i, :len(chunk.block_ids)] = torch.tensor(chunk.block_ids, dtype=torch.int64)
+
+        def as_tensor(values: list[int]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.int64, device=device)
+
+        return cls(as_tensor(token_ids), _positions(positions, mrope_rows).to(device), as_tensor(slots),
+                   table.to(device), as_tensor(logits_indices), seq_lens, query_lens,
+                   as_tensor(embed_rows) if embeds else None,
+                   torch.cat([e.to(device) for e in embeds]) if embeds else None)
+
+
+def _positions(positions: list[int], mrope_rows: list[tuple[int, np.ndarray]]) -> torch.Tensor:
+    """[T] positions, or [3, T] with the chunks' M-RoPE rows written over the 1-D ones on every axis."""
+    flat = torch.tensor(positions, dtype=torch.int64)
+    if not mrope_rows:
+        return flat
+    out = flat.expand(3, -1).clone()
+    for first, rows in mrope_rows:
+        out[:, first:first + rows.shape[1]] = torch.from_numpy(rows)
+    return out

@@ -1,0 +1,84 @@
+"""The Llama / Qwen2 / Qwen2-VL decoder over a flat packed batch with a paged KV cache.
+
+What it is for: one forward pass, reading exactly the TensorRT-LLM checkpoint
+tensors (REFERENCE.md section 3), for any mix of prefill chunks and decode
+tokens. Custom ops come from the plugin registry. Qwen2 differs from Llama
+only by the qkv bias, so one model class serves both; the Qwen2-VL / 2.5-VL
+language model is Qwen2 with M-RoPE ([3, T] positions, `cfg.mrope_section`)
+and vision embeddings in place of placeholder token embeddings.
+Not for: scheduling, sampling, KV block ownership or the vision tower.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from plugins.reference.rope import rope_inv_freq
+from plugins.registry import OpSet, get_ops
+from engine_format.checkpoint_layout import layer_prefix
+from runtime.executor.forward_batch import ForwardBatch
+from runtime.executor.kv_storage import KVStorage
+from engine_format.llm_config import LLMConfig
+
+
+class DecoderModel:
+    def __init__(self, cfg: LLMConfig, weights: dict[str, torch.Tensor], device: torch.device,
+                 ops: OpSet | None = None) -> None:
+        self.cfg = cfg
+        self.device = device
+        self.dtype: torch.dtype = getattr(torch, cfg.dtype)
+        self.ops = ops or get_ops(device)
+        self.w = {name: t.to(device) for name, t in weights.items()}
+        self.inv_freq = rope_inv_freq(cfg.head_size, cfg.rotary_base, cfg.rotary_scaling).to(device)
+        self.mrope_section = cfg.mrope_section
+        self.scale = cfg.head_size ** -0.5
+        self.q_size = cfg.num_attention_heads * cfg.head_size
+        self.kv_size = cfg.num_key_value_heads * cfg.head_size
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch, kv: KVStorage) -> torch.Tensor:
+        """Return float32 logits [len(batch.logits_indices), vocab_size]."""
+        cfg, w, ops = self.cfg, self.w, self.ops
+        hidden = F.embedding(batch.token_ids, w["transformer.vocab_embedding.weight"])
+        if batch.embed_rows is not None and batch.embeds is not None:
+            hidden = hidden.index_copy(0, batch.embed_rows, batch.embeds.to(hidden.dtype))
+        cos, sin = self._cos_sin(batch.positions)
+        for i in range(cfg.num_hidden_layers):
+            p = layer_prefix(i)
+            x = ops.rms_norm(hidden, w[f"{p}.input_layernorm.weight"], cfg.norm_epsilon)
+            hidden = hidden + self._attention(i, p, x, cos, sin, batch, kv)
+            x = ops.rms_norm(hidden, w[f"{p}.post_layernorm.weight"], cfg.norm_epsilon)
+            hidden = hidden + self._mlp(p, x)
+        hidden = hidden.index_select(0, batch.logits_indices)
+        hidden = ops.rms_norm(hidden, w["transformer.ln_f.weight"], cfg.norm_epsilon)
+        return F.linear(hidden, w["lm_head.weight"]).float()
+
+    def _cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.mrope_section is None:
+            if positions.dim() != 1:
+                raise ValueError(f"positions: {list(positions.shape)} M-RoPE positions for a 1-D RoPE model")
+            return self.ops.rope_cos_sin(positions, self.inv_freq, self.dtype)
+        if positions.dim() == 1:        # text and decode on an M-RoPE model: all three axes are equal
+            positions = positions.expand(3, -1)
+        return self.ops.rope_cos_sin(positions, self.inv_freq, self.dtype, self.mrope_section)
+
+    def _attention(self, layer: int, p: str, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   batch: ForwardBatch, kv: KVStorage) -> torch.Tensor:
+        cfg, w = self.cfg, self.w
+        qkv = F.linear(x, w[f"{p}.attention.qkv.weight"], w.get(f"{p}.attention.qkv.bias"))
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(-1, cfg.num_attention_heads, cfg.head_size)
+        k = k.view(-1, cfg.num_key_value_heads, cfg.head_size)
+        v = v.view(-1, cfg.num_key_value_heads, cfg.head_size)
+        q, k = self.ops.apply_rope(q, k, cos, sin)
+        key_cache, value_cache = kv.key_caches[layer], kv.value_caches[layer]
+        self.ops.write_kv_cache(key_cache, value_cache, k, v, batch.slot_mapping)
+        out = self.ops.paged_attention(q, key_cache, value_cache, batch.block_tables,
+                                       batch.seq_lens, batch.query_lens, self.scale)
+        return F.linear(out.reshape(-1, self.q_size), w[f"{p}.attention.dense.weight"])
+
+    def _mlp(self, p: str, x: torch.Tensor) -> torch.Tensor:
+        w = self.w
+        gate = F.linear(x, w[f"{p}.mlp.fc.weight"])
+        up = F.linear(x, w[f"{p}.mlp.gate.weight"])
+        return F.linear(F.silu(gate) * up, w[f"{p}.mlp.proj.weight"])

@@ -1,0 +1,1 @@
+"""Image / video decoding, preprocessing, placeholders and M-RoPE positions."""

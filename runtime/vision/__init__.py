@@ -1,0 +1,1 @@
+"""Vision encoders (ONNX Runtime, PyTorch, TensorRT) and their cache."""
