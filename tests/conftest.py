@@ -1,8 +1,10 @@
-"""Shared fixtures: engines built once per test session from the tiny presets."""
+"""Shared fixtures: engines built once per test session from the tiny presets, and for the gRPC tests one
+server subprocess per test module plus the in-process reference engine it is compared against
+(helpers in tests/helpers/grpc_fixtures.py)."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,7 @@ import torch
 
 from builder.pipeline import BuildRequest, build_engine
 from builder.progress import Progress
+from tests.helpers.grpc_fixtures import Reference, ServerProcess
 
 
 @pytest.fixture(scope="session")
@@ -48,3 +51,21 @@ def load_hf(engine_dir: Path, dtype: torch.dtype = torch.float32):
     model = getattr(transformers, architecture).from_pretrained(source, dtype=dtype).eval()
     model.generation_config.eos_token_id = None     # compare full lengths, never stop early
     return model
+
+
+@pytest.fixture(scope="module")
+def tiny_engine_dir(build_tiny: Callable[..., Path]) -> Path:
+    return build_tiny("tiny-qwen2")
+
+
+@pytest.fixture(scope="module")
+def grpc_server(tiny_engine_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """The default server: the tiny engine, both APIs, default limits (queue 64, decoupled ensemble)."""
+    server = ServerProcess.start(["--engine", str(tiny_engine_dir)], tmp_path_factory.mktemp("grpc-logs"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_engine_dir: Path) -> Reference:
+    return Reference(tiny_engine_dir)

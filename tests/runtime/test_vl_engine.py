@@ -23,12 +23,12 @@ from runtime.errors import FieldError
 from runtime.multimodal.image_io import ImageLimits
 from runtime.multimodal.processor import IMAGE_PAD, VISION_END, VISION_START, MultimodalProcessor
 from runtime.sampling_params import SamplingParams
-from tests.integration.engine_helpers import (
+from tests.helpers.engine_helpers import (
     assert_all_blocks_free,
     greedy,
     run_arrivals,
 )
-from tests.integration.vl_helpers import VL_PRESETS, noise_frames, noise_image
+from tests.helpers.vl_helpers import VL_PRESETS, noise_frames, noise_image
 
 BLOCK = 16
 

@@ -28,8 +28,8 @@ from grpc_service.client import (
 )
 from grpc_service.proto import trtserve_pb2 as pb
 from runtime.multimodal.image_io import decode_image
-from tests.integration import media
-from tests.integration.grpc_fixtures import (
+from tests.helpers import media
+from tests.helpers.grpc_fixtures import (
     IMAGE_BLOCK,
     VIDEO_BLOCK,
     VL_GREEDY,

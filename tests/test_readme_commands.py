@@ -12,7 +12,7 @@ from builder.pipeline import BuildRequest, build_engine
 from builder.progress import Progress
 from engine_format.engine_dir import load_engine
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_readme_starts_with_the_two_commands() -> None:

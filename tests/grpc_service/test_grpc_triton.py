@@ -12,7 +12,7 @@ import tritonclient.grpc as tc
 from tritonclient.grpc import service_pb2
 from tritonclient.utils import InferenceServerException
 
-from tests.integration.grpc_fixtures import Reference, ServerProcess
+from tests.helpers.grpc_fixtures import Reference, ServerProcess
 
 TIMEOUT_S = 60
 

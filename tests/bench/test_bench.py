@@ -16,8 +16,8 @@ from PIL import Image
 
 from bench.cli import main
 from bench.server_stats import GENERATED, ServerCounters
-from tests.integration.grpc_fixtures import ServerProcess
-from tests.integration.vl_helpers import noise_image
+from tests.helpers.grpc_fixtures import ServerProcess
+from tests.helpers.vl_helpers import noise_image
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TOP_KEYS = {"schema", "partial", "meta", "runs"}

@@ -21,8 +21,8 @@ from grpc_service.client import (
     video_proto,
 )
 from runtime.multimodal.image_io import decode_image
-from tests.integration import media
-from tests.integration.grpc_fixtures import (
+from tests.helpers import media
+from tests.helpers.grpc_fixtures import (
     IMAGE_BLOCK,
     VIDEO_BLOCK,
     VL_GREEDY,

@@ -12,7 +12,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_service.client import NativeClient, Sampling
 from grpc_service.proto import trtserve_pb2 as pb
 from grpc_service.proto import trtserve_pb2_grpc
-from tests.integration.grpc_fixtures import Reference, ServerProcess, assert_idle
+from tests.helpers.grpc_fixtures import Reference, ServerProcess, assert_idle
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from runtime.executor.model import DecoderModel
 from runtime.sampling_params import SamplingParams
 from runtime.core.scheduler import RequestRejectedError
 from runtime.executor.sequential import SequentialRunner
-from tests.integration.engine_helpers import (
+from tests.helpers.engine_helpers import (
     assert_all_blocks_free,
     greedy,
     run_arrivals,

@@ -19,7 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_service.client import NativeClient, Sampling
 from grpc_service.proto import trtserve_pb2 as pb
 from grpc_service.proto import trtserve_pb2_grpc
-from tests.integration.grpc_fixtures import (
+from tests.helpers.grpc_fixtures import (
     Reference,
     ServerProcess,
     metric_value,

@@ -16,7 +16,7 @@ from tritonclient.utils import InferenceServerException
 
 from grpc_service.client import NativeClient, Sampling
 from grpc_service.repository import RepositoryError, read_repository
-from tests.integration.grpc_fixtures import Reference, ServerProcess
+from tests.helpers.grpc_fixtures import Reference, ServerProcess
 
 ROOT = Path(__file__).resolve().parents[2]
 

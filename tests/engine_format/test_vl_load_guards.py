@@ -18,7 +18,7 @@ from builder.vision_trt import patch_profile, shape_ranges, tensorrt_missing_rea
 from engine_format.engine_dir import MANIFEST, load_engine
 from runtime.vision.vision_encoder import OnnxVisionEncoder, TorchVisionEncoder, load_vision_encoder
 from tests.conftest import hf_dir_of
-from tests.integration.test_load_guards import expect_error, manifest, resign
+from tests.engine_format.test_load_guards import expect_error, manifest, resign
 
 WEIGHTS = "vision/encoder.safetensors"
 CONFIG = "vision/config.json"

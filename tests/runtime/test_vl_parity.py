@@ -17,7 +17,7 @@ from runtime.multimodal.image_io import ImageLimits
 from runtime.multimodal.processor import MultimodalProcessor
 from runtime.sampling_params import SamplingParams
 from tests.conftest import load_hf
-from tests.integration.vl_helpers import (
+from tests.helpers.vl_helpers import (
     VL_PRESETS,
     hf_generate,
     hf_inputs,
