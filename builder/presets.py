@@ -1,4 +1,4 @@
-"""Model presets: YAML files under configs/models loaded into frozen dataclasses.
+"""Model presets: YAML files under builder/configs/models loaded into frozen dataclasses.
 
 What it is for: naming a model (its family, where its weights come from, its
 architecture for random-weight builds) and its default build settings.
@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
 PRESETS_DIR = CONFIGS_DIR / "models"
 
 ARCHITECTURES = {

@@ -3,7 +3,7 @@
 What it is for: giving every tiny / random-weight preset a real tokenizer (with
 Qwen's special tokens and a chat template) without reaching a model hub. The
 training corpus is a fixed list of Python standard library sources plus a small
-multilingual file shipped in configs/tokenizer; the result is cached under the
+multilingual file shipped in builder/configs/tokenizer; the result is cached under the
 corpus hash, and training is deterministic for a given corpus.
 Not for: loading a model's own tokenizer (builder/source.py does that).
 """
