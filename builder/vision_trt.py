@@ -13,8 +13,7 @@ import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine_format.vision_config import VisionConfig
-from runtime.vision.vision_encoder import MAX_PATCHES_PER_ONNX_CALL
+from engine_format.vision_config import MAX_PATCHES_PER_ONNX_CALL, VisionConfig
 
 PLAN_FILE = "encoder.plan"
 OPT_PATCHES = 1024          # one 448 x 448 image

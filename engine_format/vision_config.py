@@ -21,6 +21,9 @@ TOKEN_ID_KEYS = ("image_token_id", "video_token_id", "vision_start_token_id", "v
 PREPROCESSING_INT_KEYS = ("patch_size", "temporal_patch_size", "merge_size", "min_pixels", "max_pixels")
 DTYPES = ("float32", "float16", "bfloat16")
 NORM_EPS = 1e-6     # HF hard-codes the tower's LayerNorm / RMSNorm epsilon
+# The ONNX graph attends through an [N, N] mask: the runtime runs images in groups of at most this many
+# patches, and the optional TensorRT plan's optimisation profile ends there.
+MAX_PATCHES_PER_ONNX_CALL = 4096
 
 
 @dataclass(frozen=True, slots=True)

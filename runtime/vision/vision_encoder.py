@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Protocol, Sequence
 import torch
 
 from runtime.errors import FieldError
-from engine_format.vision_config import VisionConfig
+from engine_format.vision_config import MAX_PATCHES_PER_ONNX_CALL, VisionConfig
 from runtime.vision.vision_inputs import GridTHW, num_patches, vision_inputs
 from runtime.vision.vision_model import vision_forward
 
@@ -22,8 +22,6 @@ if TYPE_CHECKING:
     from engine_format.engine_dir import LoadedEngine
 
 BACKENDS = ("auto", "pytorch", "onnxruntime")
-# The ONNX graph attends through an [N, N] mask: images are run in groups of at most this many patches.
-MAX_PATCHES_PER_ONNX_CALL = 4096
 
 
 class VisionEncoder(Protocol):
