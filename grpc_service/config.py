@@ -18,6 +18,7 @@ from pathlib import Path
 
 from grpc_service.image_urls import UrlPolicy
 from runtime.config import env_values
+from runtime.errors import FieldError
 from runtime.multimodal.image_io import ImageLimits
 
 ENV_PREFIX = "TRTSERVE_SERVER_"
@@ -27,12 +28,8 @@ MAX_PORT = 65535
 _IMAGE_DEFAULTS = ImageLimits()
 
 
-class ServerConfigError(ValueError):
+class ServerConfigError(FieldError):
     """A server option is out of range; `field` names it."""
-
-    def __init__(self, field_name: str, message: str) -> None:
-        super().__init__(f"{field_name}: {message}")
-        self.field = field_name
 
 
 @dataclass(frozen=True, slots=True)

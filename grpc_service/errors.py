@@ -33,14 +33,15 @@ class ServiceError(Exception):
         self.message = message
 
 
-class InvalidArgument(ServiceError):
-    """The request is malformed; `field` names the offending field or tensor."""
+class InvalidArgument(ServiceError, FieldError):
+    """The request is malformed; `field` names the offending field or tensor (the runtime's FieldError,
+    with the service's status code)."""
 
     code = grpc.StatusCode.INVALID_ARGUMENT
 
     def __init__(self, field_name: str, message: str) -> None:
-        super().__init__(f"{field_name}: {message}")
-        self.field = field_name
+        FieldError.__init__(self, field_name, message)
+        self.message = str(self)
 
 
 class ModelNotFound(ServiceError):
@@ -104,7 +105,7 @@ def _known_status(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
     if isinstance(exc, ServiceError):
         return exc.code, exc.message
     if isinstance(exc, FieldError):
-        # The runtime's typed refusals (SamplingParamsError, RequestRejectedError): "field: limit".
+        # The runtime's typed refusals (SamplingParamsError, RequestRejectedError, ...): "field: limit".
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
     if isinstance(exc, EngineDeadError):
         return grpc.StatusCode.UNAVAILABLE, "the engine is not running; the server is unhealthy"

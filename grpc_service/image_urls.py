@@ -127,6 +127,8 @@ def _fetch(url: str, field: str, policy: UrlPolicy) -> bytes:
             if length is not None and length.isdigit() and int(length) > policy.max_bytes:
                 raise InvalidArgument(field, f"{shown!r} is {length} bytes (limit {policy.max_bytes})")
             data = response.read(policy.max_bytes + 1)
+    except InvalidArgument:                       # the size refusal above (a ValueError too): as it is
+        raise
     except urllib.error.HTTPError as exc:
         raise InvalidArgument(field, f"fetching {shown!r} failed with HTTP status {exc.code}") from None
     except (TimeoutError, OSError, ValueError, urllib.error.URLError):

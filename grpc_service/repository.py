@@ -33,18 +33,15 @@ from grpc_service.triton_schema import (
     RepositoryNames,
     default_configs,
 )
+from runtime.errors import FieldError
 
 CONFIG_FILE = "config.pbtxt"
 VERSION_DIR = "1"
 MAX_CONFIG_BYTES = 1 << 20
 
 
-class RepositoryError(ValueError):
+class RepositoryError(FieldError):
     """A model repository cannot be served; `field` names the file (and what in it)."""
-
-    def __init__(self, field_name: str, message: str) -> None:
-        super().__init__(f"{field_name}: {message}")
-        self.field = field_name
 
 
 @dataclass(frozen=True, slots=True)

@@ -85,6 +85,8 @@ class FieldNames:
         return runtime_field
 
     def error(self, exc: FieldError) -> InvalidArgument:
+        if isinstance(exc, InvalidArgument):       # the service's own: already in the client's names
+            return exc
         message = str(exc).split(": ", 1)[-1]
         return InvalidArgument(self.rename(exc.field), message)
 

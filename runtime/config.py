@@ -9,7 +9,6 @@ Not for: build settings (those are in engine.json) or wire options.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -17,7 +16,11 @@ import torch
 
 from runtime.errors import FieldError
 
-CAPACITY_POLICIES = ("max_utilization", "guaranteed_no_evict")
+# Who fits in KV memory (runtime/core/scheduler.py implements both): admit while blocks are free and
+# preempt when short, or admit only what can run to max_tokens and never preempt.
+MAX_UTILIZATION = "max_utilization"
+GUARANTEED_NO_EVICT = "guaranteed_no_evict"
+CAPACITY_POLICIES = (MAX_UTILIZATION, GUARANTEED_NO_EVICT)
 VISION_BACKENDS = ("auto", "onnxruntime", "pytorch")
 ENV_PREFIX = "TRTSERVE_"
 
@@ -32,7 +35,7 @@ class EngineConfig:
     num_kv_blocks: int | None = None           # None: sized from kv_cache_memory_gib and limits
     kv_cache_memory_gib: float = 2.0           # upper bound for the KV pool on CPU
     gpu_memory_fraction: float = 0.9           # share of free GPU memory the KV pool may take
-    capacity_policy: str = "max_utilization"
+    capacity_policy: str = MAX_UTILIZATION      # one of CAPACITY_POLICIES
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     max_batch_size: int | None = None          # None: the engine's build limit
@@ -44,7 +47,8 @@ class EngineConfig:
 
     def validate(self) -> EngineConfig:
         if self.capacity_policy not in CAPACITY_POLICIES:
-            raise EngineConfigError("capacity_policy", f"must be one of {CAPACITY_POLICIES}")
+            raise EngineConfigError("capacity_policy",
+                                    f"must be one of {CAPACITY_POLICIES}, got {self.capacity_policy!r}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise EngineConfigError("num_kv_blocks", f"must be >= 1, got {self.num_kv_blocks}")
         if not 0 < self.gpu_memory_fraction <= 1:
@@ -84,11 +88,11 @@ class EngineLayout:
     kv_bytes_per_block: int
 
 
-def env_values(cls: type, prefix: str, error: Callable[[str, str], Exception]) -> dict[str, object]:
+def env_values(cls: type, prefix: str, error: type[FieldError]) -> dict[str, object]:
     """Fields of dataclass `cls` given as PREFIX + FIELD environment variables, parsed by their annotation.
 
     The only reader of environment variables in trtserve; `error(field, message)`
-    builds the caller's typed error for a value that does not parse.
+    is the caller's FieldError subclass, raised for a value that does not parse.
     """
     values: dict[str, object] = {}
     for field_ in fields(cls):

@@ -20,6 +20,8 @@ MAX_TOKENS_LIMIT = 2**31          # max_tokens must be below this (INT32 on the 
 SEED_LIMIT = 2**64                # seed must be below this (UINT64 on the wire)
 MAX_LOGPROBS = 20                 # most top-n logprobs a request may ask for
 PENALTY_LIMIT = 2.0               # presence / frequency penalties lie in [-2, 2]
+# Temperatures below this mean greedy (argmax): dividing logits by them would overflow float32.
+GREEDY_TEMPERATURE = 1e-5
 
 
 class SamplingParamsError(FieldError):
@@ -29,7 +31,7 @@ class SamplingParamsError(FieldError):
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
     max_tokens: int = 16
-    temperature: float = 1.0          # 0 means greedy
+    temperature: float = 1.0          # below GREEDY_TEMPERATURE (e.g. 0) means greedy
     top_k: int = 0                    # 0 means no top-k; > vocab is clamped by the sampler
     top_p: float = 1.0
     min_p: float = 0.0
@@ -47,7 +49,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        """Argmax decoding: the one meaning of greedy (the sampler uses it too)."""
+        return self.temperature < GREEDY_TEMPERATURE
 
     @classmethod
     def greedy_params(cls, max_tokens: int, ignore_eos: bool = False) -> "SamplingParams":

@@ -19,13 +19,10 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from runtime.errors import FieldError
+from runtime.config import CAPACITY_POLICIES, GUARANTEED_NO_EVICT, MAX_UTILIZATION
 from runtime.core.kv_cache import KVCacheManager
 from runtime.core.request import Request, RequestStatus
-
-MAX_UTILIZATION = "max_utilization"
-GUARANTEED_NO_EVICT = "guaranteed_no_evict"
-CAPACITY_POLICIES = (MAX_UTILIZATION, GUARANTEED_NO_EVICT)
+from runtime.errors import FieldError
 
 
 class SchedulerConfigError(FieldError):

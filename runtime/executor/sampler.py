@@ -13,7 +13,7 @@ row with its own SamplingParams, in a fixed order:
    `stop_token_ids`; bad words (TensorRT-LLM semantics: a one-token word is
    always banned; a longer word bans its last token when the tail of
    prompt + output equals the rest of it);
-4. greedy rows (temperature below `GREEDY_TEMPERATURE`): argmax;
+4. greedy rows (`SamplingParams.greedy`: temperature below `GREEDY_TEMPERATURE`): argmax;
    sampled rows: divide by temperature, top-k (0 or > V means V), top-p, min-p,
    softmax, then draw.
 
@@ -35,9 +35,6 @@ import torch
 
 from runtime.core.request import Request
 from runtime.sampling_params import SamplingParams
-
-# Temperatures below this are treated as greedy: dividing by them overflows float32.
-GREEDY_TEMPERATURE = 1e-5
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,7 +113,7 @@ class Sampler:
 
         sampled_ids = logits.argmax(dim=-1)
         # Row choices are made from the params on the host: no device syncs.
-        sampled_rows = [i for i, s in enumerate(requests) if not _is_greedy(s.params)]
+        sampled_rows = [i for i, s in enumerate(requests) if not s.params.greedy]
         if sampled_rows:
             rows = torch.tensor(sampled_rows, device=logits.device)
             sub_states = [requests[i] for i in sampled_rows]
@@ -159,7 +156,7 @@ def sampling_probs(logits: torch.Tensor, requests: list[SamplingState]) -> torch
     logits = _float32_copy(logits, requests)
     apply_penalties_and_bans(logits, requests)
     probs = torch.zeros_like(logits).scatter_(1, logits.argmax(dim=-1, keepdim=True), 1.0)
-    sampled_rows = [i for i, s in enumerate(requests) if not _is_greedy(s.params)]
+    sampled_rows = [i for i, s in enumerate(requests) if not s.params.greedy]
     if sampled_rows:
         rows = torch.tensor(sampled_rows, device=logits.device)
         probs[rows] = _processed_probs(logits[rows], [requests[i].params for i in sampled_rows])
@@ -178,10 +175,6 @@ def _float32_copy(logits: torch.Tensor, requests: list[SamplingState]) -> torch.
                          f"got {tuple(logits.shape)}")
     # A copy: the caller's tensor is never modified.
     return logits.to(torch.float32, copy=True)
-
-
-def _is_greedy(params: SamplingParams) -> bool:
-    return params.temperature < GREEDY_TEMPERATURE
 
 
 def _raw_logprobs(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor | None:
