@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml constraints-cpu.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -c constraints-cpu.txt torch==2.13.0
-	$(PY) -m pip install --quiet -c constraints-cpu.txt -e ".[dev,bench,video]"
+	$(PY) -m pip install --quiet -c constraints-cpu.txt -e ".[dev,bench,video,kernels]"
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -1,42 +1,96 @@
 """Pick the implementation of each custom op for a device.
 
-What it is for: the one place where the executor gets its ops, so GPU kernels
-(Triton) and TensorRT plugins can be added later without touching the model
-code. Today every device gets the reference implementations.
-Not for: the op implementations themselves (plugins/reference, later plugins/triton).
+What it is for: the one place where the executor gets its ops. "auto" gives the
+Triton kernels (plugins/triton) on CUDA and the reference implementations
+(plugins/reference) elsewhere; "reference" and "triton" force one set ("triton"
+on a CPU tensor needs TRITON_INTERPRET=1, which only tests set).
+Not for: the op implementations themselves.
 """
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-from plugins.reference import paged_attention, rmsnorm, rope
+from plugins.attention_metadata import AttentionMetadata
+from plugins.reference import activation, paged_attention, rmsnorm, rope
+
+OP_BACKENDS = ("auto", "reference", "triton")
 
 
 @dataclass(frozen=True, slots=True)
 class OpSet:
     name: str
-    rms_norm: Callable[..., torch.Tensor]
+    rms_norm: Callable[..., torch.Tensor]                          # (x, weight, eps)
+    add_rms_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]]  # (x, residual, weight, eps) -> (normed, residual)
+    silu_and_mul: Callable[..., torch.Tensor]                      # (gate, up)
     rope_cos_sin: Callable[..., tuple[torch.Tensor, torch.Tensor]]
-    apply_rope: Callable[..., tuple[torch.Tensor, torch.Tensor]]
-    write_kv_cache: Callable[..., None]
+    apply_rope: Callable[..., tuple[torch.Tensor, torch.Tensor]]   # may rotate q / k in place: use the result
+    write_kv_cache: Callable[..., None]                            # slot -1: skip the row (Triton)
+    # (q, key_cache, value_cache, block_tables, seq_lens, query_lens, scale): host lists, the reference signature
     paged_attention: Callable[..., torch.Tensor]
+    paged_attention_meta: Callable[..., torch.Tensor]              # (q, kc, vc, AttentionMetadata, scale)
+    # decode steps through these ops read only device tensors and static shapes: a CUDA graph may capture them
+    graph_safe: bool = False
+
+
+def _reference_attention_meta(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                              metadata: AttentionMetadata, scale: float) -> torch.Tensor:
+    return paged_attention.paged_attention(q, key_cache, value_cache, metadata.block_tables, metadata.seq_lens,
+                                           metadata.query_lens, scale)
 
 
 REFERENCE_OPS = OpSet(
     name="reference",
     rms_norm=rmsnorm.rms_norm,
+    add_rms_norm=rmsnorm.add_rms_norm,
+    silu_and_mul=activation.silu_and_mul,
     rope_cos_sin=rope.rope_cos_sin,
     apply_rope=rope.apply_rope,
     write_kv_cache=paged_attention.write_kv_cache,
     paged_attention=paged_attention.paged_attention,
+    paged_attention_meta=_reference_attention_meta,
 )
 
 
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_ops() -> OpSet:
+    """The Triton kernels (imported here, lazily: importing Triton costs time and CPU-only hosts skip it).
+
+    RoPE angles stay the reference's (once per step, float32; see plugins/triton/rope.py).
+    Quantization's kernels (int8 / FP8 KV dequantization, weight-only GEMMs) join here
+    as fields of their own; their seam is documented in plugins/triton/kv_cache.py.
+    """
+    from plugins.triton import attention, kv_cache, norm_act
+    from plugins.triton import rope as triton_rope
+
+    return OpSet(
+        name="triton",
+        rms_norm=norm_act.rms_norm,
+        add_rms_norm=norm_act.add_rms_norm,
+        silu_and_mul=norm_act.silu_and_mul,
+        rope_cos_sin=rope.rope_cos_sin,
+        apply_rope=triton_rope.apply_rope,
+        write_kv_cache=kv_cache.write_kv_cache,
+        paged_attention=attention.paged_attention,
+        paged_attention_meta=attention.paged_attention_meta,
+        graph_safe=True,
+    )
+
+
 def get_ops(device: torch.device, backend: str = "auto") -> OpSet:
-    """Return the op set for `device`. `backend`: "auto" or "reference"."""
-    if backend not in ("auto", "reference"):
-        raise ValueError(f"backend: unknown op backend {backend!r} (auto, reference)")
+    """Return the op set for `device`. `backend`: one of OP_BACKENDS."""
+    if backend not in OP_BACKENDS:
+        raise ValueError(f"backend: unknown op backend {backend!r} {OP_BACKENDS}")
+    if backend == "triton":
+        if not triton_available():
+            raise ValueError("backend: 'triton' needs the triton package (pip install 'trtserve[kernels]')")
+        return triton_ops()
+    if backend == "auto" and device.type == "cuda" and triton_available():
+        return triton_ops()
     return REFERENCE_OPS

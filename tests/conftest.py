@@ -4,11 +4,15 @@ server subprocess per test module plus the in-process reference engine it is com
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():       # before any kernel module is imported: Triton kernels run in its
+    os.environ.setdefault("TRITON_INTERPRET", "1")     # interpreter on CPU tensors (tests/plugins/test_triton_*)
 
 from builder.pipeline import BuildRequest, build_engine
 from builder.progress import Progress
