@@ -9,7 +9,7 @@ DTYPE ?= fp32
 RANDOM_WEIGHTS ?= 0
 ENGINE_DIR ?= engines/$(MODEL)-$(DTYPE)
 
-.PHONY: setup test demo engine serve proto clean bench
+.PHONY: setup test demo engine serve proto clean bench perf-analyzer
 
 $(STAMP): pyproject.toml constraints-cpu.txt
 	$(PYTHON) -m venv $(VENV)
@@ -20,7 +20,16 @@ $(STAMP): pyproject.toml constraints-cpu.txt
 
 setup: $(STAMP)
 
-test: $(STAMP)
+# NVIDIA perf_analyzer (tritonclient 2.41.0 wheel + Debian libb64-0d, unpacked here, nothing installed system-wide):
+# tests/grpc_service/test_triton_statistics.py runs it against the server.
+PERF_ANALYZER := .cache/perf_analyzer/perf_analyzer
+
+$(PERF_ANALYZER): benchmarks/get_perf_analyzer.sh | $(STAMP)
+	PY=$(PY) benchmarks/get_perf_analyzer.sh $(dir $(PERF_ANALYZER)) && touch $@
+
+perf-analyzer: $(PERF_ANALYZER)
+
+test: $(STAMP) $(PERF_ANALYZER)
 	$(PY) -m pytest -q -x --timeout=900 tests
 
 engine: $(STAMP)

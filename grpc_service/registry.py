@@ -14,9 +14,11 @@ import re
 from grpc_service.engine_host import ServedModel
 from grpc_service.errors import InvalidArgument, ModelNotFound, Unavailable
 from grpc_service.triton_models import TritonModel
+from grpc_service.triton_schema import ENSEMBLE
+from grpc_service.triton_stats import MODEL_VERSION
 
 MODEL_NAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}")
-SERVED_VERSION = "1"
+SERVED_VERSION = MODEL_VERSION
 
 
 def check_model_name(name: str, field: str = "model") -> str:
@@ -42,6 +44,16 @@ class ModelRegistry:
         if model.name in self._triton:
             raise ValueError(f"two Triton models are named {model.name!r}")
         self._triton[model.name] = model
+        self._link_ensembles()
+
+    def _link_ensembles(self) -> None:
+        """Give each ensemble the statistics of the composing models its steps name (those served here on
+        the same engine), so that an ensemble request counts on them too (whatever order they load in)."""
+        for model in self._triton.values():
+            if model.role != ENSEMBLE:
+                continue
+            steps = [self._triton.get(step.model_name) for step in model.config.ensemble_scheduling.step]
+            model.composing = {m.role: m.stats for m in steps if m is not None and m.served is model.served}
 
     @property
     def served_models(self) -> list[ServedModel]:

@@ -15,8 +15,9 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Coroutine
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import numpy as np
 from tritonclient.grpc import model_config_pb2 as mc
@@ -40,12 +41,14 @@ from grpc_service.triton_schema import (
     PERF_OUTPUT_NAMES,
     POSTPROCESSING,
     PREPROCESSING,
+    TENSORRT_LLM,
     kserve_datatype,
 )
-from grpc_service.triton_stats import InferenceStats
+from grpc_service.triton_stats import Execution, InferenceStats, RequestClock
 from grpc_service.triton_tensors import OutputTensor, decode_inputs, requested_outputs
 from runtime.outputs import RequestOutput
 
+_T = TypeVar("_T")
 API_LABEL = "kserve"
 LOG_PROB_OUTPUTS = ("cum_log_probs", "output_log_probs")
 
@@ -75,16 +78,21 @@ class TritonModel:
         self.served = served
         self.decoupled = config.model_transaction_policy.decoupled
         self.stats = InferenceStats()
+        self.composing: dict[str, InferenceStats] = {}     # ensemble only: role -> that model's statistics
         self._dtypes = {spec.name: kserve_datatype(spec.data_type) for spec in config.output}
 
     @property
     def ready(self) -> bool:
         return self.served.ready
 
-    async def infer(self, request: pb.ModelInferRequest, request_id: str) -> AsyncGenerator[ResponsePart, None]:
-        """Decode, validate and run one request; `request_id` is the engine-side id (unique in flight)."""
+    async def infer(self, request: pb.ModelInferRequest, request_id: str,
+                    clock: RequestClock) -> AsyncGenerator[ResponsePart, None]:
+        """Decode, validate and run one request; `request_id` is the engine-side id (unique in flight).
+        `clock` times it on this model (the caller adds response encoding and finishes it); an ensemble
+        request also records its composing models' executions (triton_stats.py)."""
         arrays = decode_inputs(request, self.config)
         wanted = requested_outputs(request, self.config)
+        clock.input_done()
         if self.role == PREPROCESSING:
             yield ResponsePart(self._select(self._preprocess(arrays), wanted, ()), True)
             return
@@ -92,7 +100,7 @@ class TritonModel:
             yield ResponsePart(self._select(self._postprocess(arrays), wanted, ()), True)
             return
         if self.role == ENSEMBLE:
-            generation, prompt_text = await ensemble_request(arrays, self.served)
+            generation, prompt_text = await self._preprocessing_step(ensemble_request(arrays, self.served))
         else:
             generation, prompt_text = tensorrt_llm_request(arrays, self.served), ""
         if generation.stream and not self.decoupled:
@@ -100,11 +108,42 @@ class TritonModel:
             raise InvalidArgument(name, f"streaming needs a decoupled model; model {self.name!r} is not decoupled")
         defaults = (LOG_PROB_OUTPUTS if generation.return_log_probs else ()) + (
             tuple(PERF_OUTPUT_NAMES) if generation.return_perf_metrics else ())
-        async for outputs, final in self._generate(generation, prompt_text, request_id):
-            yield ResponsePart(self._select(outputs, wanted, defaults), final)
+        async for outputs, final in self._generate(generation, prompt_text, request_id, clock):
+            start_ns = time.monotonic_ns()
+            part = ResponsePart(self._select(outputs, wanted, defaults), final)
+            if POSTPROCESSING in self.composing:       # the ensemble's postprocessing runs once per response
+                self.composing[POSTPROCESSING].record_success(Execution.compute_only(time.monotonic_ns() - start_ns))
+            yield part
 
-    async def _generate(self, generation: TritonGeneration, prompt_text: str,
-                        request_id: str) -> AsyncGenerator[tuple[dict[str, np.ndarray], bool], None]:
+    async def _preprocessing_step(self, work: Coroutine[Any, Any, _T]) -> _T:
+        """An ensemble's tokenization, counted as one execution of its preprocessing model."""
+        stats = self.composing.get(PREPROCESSING)
+        start_ns = time.monotonic_ns()
+        try:
+            result = await work
+        except BaseException:
+            if stats is not None:
+                stats.record_failure(time.monotonic_ns() - start_ns)
+            raise
+        if stats is not None:
+            stats.record_success(Execution.compute_only(time.monotonic_ns() - start_ns))
+        return result
+
+    async def _generate(self, generation: TritonGeneration, prompt_text: str, request_id: str,
+                        clock: RequestClock) -> AsyncGenerator[tuple[dict[str, np.ndarray], bool], None]:
+        # an ensemble request is one execution of its tensorrt_llm model, from admission to the last token
+        llm_step = RequestClock(self.composing[TENSORRT_LLM]) if TENSORRT_LLM in self.composing else None
+        engine_clock = llm_step if self.role == ENSEMBLE else clock
+        try:
+            async for item in self._generate_steps(generation, prompt_text, request_id, engine_clock, llm_step):
+                yield item
+        finally:
+            if llm_step is not None:
+                llm_step.finish(False)               # no-op when the last output already recorded it
+
+    async def _generate_steps(self, generation: TritonGeneration, prompt_text: str, request_id: str,
+                              engine_clock: RequestClock | None,
+                              llm_step: RequestClock | None) -> AsyncGenerator[tuple[dict[str, np.ndarray], bool], None]:
         progress = _Progress(time.time_ns())
         text_parts: list[str] = [] if generation.exclude_input_in_output or generation.stream else [prompt_text]
         token_ids: list[int] = [] if generation.exclude_input_in_output or generation.stream else list(
@@ -118,6 +157,11 @@ class TritonModel:
                 if out.finish_reason == "error":
                     raise RequestFailed(out.error or "the engine failed the request")
                 self._advance(progress, out)
+                if out.finished:
+                    if engine_clock is not None:
+                        engine_clock.queued(_queue_ns(out))
+                    if llm_step is not None:
+                        llm_step.finish(True)
                 text_parts.append(out.text)
                 token_ids.extend(out.token_ids)
                 log_probs.extend(lp.logprob for lp in out.logprobs)
@@ -210,6 +254,12 @@ class TritonModel:
             texts.append(self.served.decode([int(t) for t in tokens[beam][:length]], field="TOKENS_BATCH")
                          .encode("utf-8"))
         return {"OUTPUT": _bytes_array([texts])}
+
+
+def _queue_ns(out: RequestOutput) -> int:
+    """How long the engine kept the request waiting before its first step."""
+    queued_s = out.usage.time_in_queue_s
+    return int(queued_s * 1e9) if queued_s is not None else 0
 
 
 async def _tensor_errors(outputs: AsyncGenerator[RequestOutput, None],

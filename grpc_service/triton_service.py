@@ -27,7 +27,7 @@ from grpc_service.handlers import DRAINING_MESSAGE, MalformedMessage
 from grpc_service.registry import ModelRegistry
 from grpc_service.triton_models import TritonModel
 from grpc_service.triton_params import scalar_bool
-from grpc_service.triton_stats import model_metadata, server_metadata
+from grpc_service.triton_stats import RequestClock, model_metadata, server_metadata
 from grpc_service.triton_tensors import decode_inputs, encode_response
 
 DECOUPLED_UNARY_MESSAGE = "ModelInfer RPC doesn't support models with decoupled transaction policy"
@@ -88,14 +88,17 @@ class TritonService:
         model = self.registry.triton_model(request.model_name, request.model_version)
         if model.decoupled:
             raise Unsupported(DECOUPLED_UNARY_MESSAGE)
-        start = time.monotonic_ns()
+        clock = RequestClock(model.stats)
         ok = False
         try:
-            parts = [part async for part in model.infer(request, uuid.uuid4().hex)]
+            parts = [part async for part in model.infer(request, uuid.uuid4().hex, clock)]
+            start_ns = time.monotonic_ns()
+            response = encode_response(model.config, request.id, parts[-1].outputs, None)
+            clock.output(time.monotonic_ns() - start_ns)
             ok = True
         finally:
-            model.stats.record(ok, time.monotonic_ns() - start)
-        return encode_response(model.config, request.id, parts[-1].outputs, None)
+            clock.finish(ok)
+        return response
 
     async def ModelStreamInfer(self, requests: AsyncIterator[pb.ModelInferRequest | MalformedMessage],
                                context: Any) -> AsyncIterator[pb.ModelStreamInferResponse]:
@@ -169,13 +172,15 @@ class _StreamSession:
 
     async def _run(self, request: pb.ModelInferRequest, model: TritonModel, engine_id: str) -> None:
         empty_final = _empty_final(request)
-        start = time.monotonic_ns()
+        clock = RequestClock(model.stats)
         ok = False
         try:
-            async with contextlib.aclosing(model.infer(request, engine_id)) as parts:
+            async with contextlib.aclosing(model.infer(request, engine_id, clock)) as parts:
                 async for part in parts:
+                    start_ns = time.monotonic_ns()
                     self._respond(encode_response(model.config, request.id, part.outputs,
                                                   part.final and not empty_final))
+                    clock.output(time.monotonic_ns() - start_ns)
             if empty_final:
                 self._respond(encode_response(model.config, request.id, [], True))
             ok = True
@@ -184,7 +189,7 @@ class _StreamSession:
         finally:
             if self._by_client_id.get(request.id, (None, ""))[1] == engine_id:
                 del self._by_client_id[request.id]
-            model.stats.record(ok, time.monotonic_ns() - start)
+            clock.finish(ok)
 
     def _respond(self, response: pb.ModelInferResponse) -> None:
         self.responses.put_nowait(pb.ModelStreamInferResponse(infer_response=response))
