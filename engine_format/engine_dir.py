@@ -4,7 +4,8 @@ What it is for: everything that makes an engine directory self-describing and
 safe to load: `engine.json` (format_version, source, build config, components,
 checksums), path containment, checksum verification, and loading the LLM
 checkpoint and the vision tower (`vision/`) with every tensor checked against
-its config (the tower's tensors from the header only; `VisionComponent.load_weights`
+its config, the build limits and the tokenizer checked against the checkpoint
+(consistency.py) (the tower's tensors from the header only; `VisionComponent.load_weights`
 reads them where a backend needs them). Loading either returns a complete
 `LoadedEngine` or raises `EngineLoadError` naming the file and the field;
 nothing half-loads.
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from engine_format.checkpoint_layout import expected_tensor_shapes
+from engine_format.consistency import check_build_limits, check_pad_token, check_tokenizer
 from engine_format.errors import EngineLoadError
 from engine_format.llm_config import LLMConfig
 from engine_format.safetensors_check import read_safetensors_header
@@ -179,18 +181,19 @@ def load_engine(root: str | Path, verify_checksums: bool = True) -> LoadedEngine
     config_rel = llm.get("config")
     config_path = inside(root, config_rel, MANIFEST, "components.llm.config")
     llm_config = _read_llm_config(config_path, config_rel)
+    check_build_limits(build, llm_config, config_rel)
     weights_rel = llm.get("weights")
     weights_path = inside(root, weights_rel, MANIFEST, "components.llm.weights")
     weights = _load_weights(weights_path, weights_rel, llm_config)
     tok_rel = comps.get("tokenizer", {}).get("dir") if isinstance(comps.get("tokenizer"), dict) else None
     tokenizer_dir = inside(root, tok_rel, MANIFEST, "components.tokenizer.dir")
-    if not (tokenizer_dir / "tokenizer.json").is_file():
-        raise EngineLoadError(f"{tok_rel}/tokenizer.json", "missing")
+    check_tokenizer(tokenizer_dir, tok_rel, llm_config.vocab_size)
     gen = manifest["generation"]
     eos = gen.get("eos_token_ids") if isinstance(gen, dict) else None
     if not isinstance(eos, list) or not all(isinstance(t, int) and 0 <= t < llm_config.vocab_size for t in eos):
         raise EngineLoadError(MANIFEST, f"expected a list of token ids below vocab_size ({llm_config.vocab_size})",
                               "generation.eos_token_ids")
+    check_pad_token(gen.get("pad_token_id"), llm_config.vocab_size)
     if llm_config.mrope_section is not None and "vision" not in comps:
         raise EngineLoadError(MANIFEST, f"{llm_config.architecture} needs a vision tower", "components.vision")
     vision = _load_vision(root, comps["vision"], llm_config) if "vision" in comps else None

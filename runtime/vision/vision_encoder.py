@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Protocol, Sequence
 import torch
 
 from runtime.errors import FieldError
+from engine_format.errors import EngineLoadError
 from engine_format.vision_config import MAX_PATCHES_PER_ONNX_CALL, VisionConfig
 from runtime.vision.vision_inputs import GridTHW, num_patches, vision_inputs
 from runtime.vision.vision_model import vision_forward
@@ -133,7 +134,14 @@ def load_vision_encoder(engine: "LoadedEngine", backend: str = "auto",
     if backend == "onnxruntime":
         if device.type != "cpu":
             raise VisionBackendError(f"the onnxruntime vision backend runs on the CPU, not {device}")
-        return OnnxVisionEncoder(str(engine.vision.onnx_path), engine.vision.config)
+        try:
+            return OnnxVisionEncoder(str(engine.vision.onnx_path), engine.vision.config)
+        except VisionBackendError:
+            raise
+        except Exception as exc:  # ONNX Runtime's own errors (InvalidProtobuf, Fail, ...) name no file
+            rel = engine.vision.onnx_path.resolve().relative_to(engine.root.resolve()).as_posix()
+            first_line = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0][:300]
+            raise EngineLoadError(rel, f"ONNX Runtime cannot load it ({first_line})") from None
     # float16 / bfloat16 matmuls are slow or missing on CPU: compute there in float32.
     dtype = None if device.type == "cuda" else torch.float32
     return TorchVisionEncoder(engine.vision.config, engine.vision.load_weights(), device, dtype)

@@ -192,3 +192,78 @@ def test_unsupported_architecture(engine_copy: Path) -> None:
     (engine_copy / CONFIG).write_text(json.dumps(cfg))
     resign(engine_copy)
     assert expect_error(engine_copy, CONFIG, "not supported").field == "architecture"
+
+
+# ------------------------------------------------- parts that parse but disagree (checksums re-signed)
+
+TOKENIZER = "tokenizer/tokenizer.json"
+
+
+def _edit_json(root: Path, rel: str, edit: Callable[[dict], None]) -> None:
+    data = json.loads((root / rel).read_text())
+    edit(data)
+    (root / rel).write_text(json.dumps(data))
+    resign(root)
+
+
+@pytest.mark.parametrize(("content", "fragment"), [
+    ('{"version": "1.0", "model": ', "invalid JSON (line 1"),
+    ("{}", "not a tokenizer the tokenizers library can read"),
+    ("[1, 2]", "expected a JSON object"),
+])
+def test_tokenizer_json_unreadable(engine_copy: Path, content: str, fragment: str) -> None:
+    (engine_copy / TOKENIZER).write_text(content)
+    resign(engine_copy)
+    expect_error(engine_copy, TOKENIZER, fragment)
+
+
+def test_tokenizer_ids_beyond_the_vocabulary(engine_copy: Path) -> None:
+    vocab_size = json.loads((engine_copy / CONFIG).read_text())["vocab_size"]
+    _edit_json(engine_copy, TOKENIZER, lambda t: t["added_tokens"].append(
+        {"id": vocab_size + 5, "content": "<|extra|>", "single_word": False, "lstrip": False, "rstrip": False,
+         "normalized": False, "special": True}))
+    expect_error(engine_copy, TOKENIZER, "is outside the checkpoint's vocabulary", f"vocab_size {vocab_size}")
+
+
+def test_tokenizer_config_and_chat_template_must_parse(engine_copy: Path) -> None:
+    (engine_copy / "tokenizer/tokenizer_config.json").write_text("{,}")
+    resign(engine_copy)
+    expect_error(engine_copy, "tokenizer/tokenizer_config.json", "invalid JSON")
+    shutil.copytree(engine_copy, engine_copy.parent / "second")
+    second = engine_copy.parent / "second"
+    (second / "tokenizer/tokenizer_config.json").write_text("{}")
+    (second / "tokenizer/chat_template.jinja").write_text("{% for m in messages %}{{ m.content }")
+    resign(second)
+    expect_error(second, "tokenizer/chat_template.jinja", "not a valid Jinja template")
+
+
+@pytest.mark.parametrize(("edit", "field", "fragment"), [
+    ({"max_input_len": 4096, "max_seq_len": 2048}, "build.max_input_len", "exceeds build.max_seq_len (2048)"),
+    ({"max_num_tokens": 8, "tokens_per_block": 16}, "build.max_num_tokens", "below build.tokens_per_block (16)"),
+    ({"tokens_per_block": 24}, "build.tokens_per_block", "not a power of 2"),
+    ({"max_input_len": 1024, "max_seq_len": 10 ** 6}, "build.max_seq_len", "max_position_embeddings"),
+    ({"dtype": "bf16"}, "build.dtype", "disagrees with llm/config.json dtype 'float32'"),
+])
+def test_build_limits_that_contradict(engine_copy: Path, edit: dict, field: str, fragment: str) -> None:
+    resign(engine_copy, lambda d: d["build"].update(edit))
+    assert expect_error(engine_copy, MANIFEST, fragment).field == field
+
+
+def test_pad_token_outside_vocabulary(engine_copy: Path) -> None:
+    resign(engine_copy, lambda d: d["generation"].__setitem__("pad_token_id", -1))
+    assert expect_error(engine_copy, MANIFEST).field == "generation.pad_token_id"
+
+
+def test_serve_exits_2_with_one_line_naming_the_file(engine_copy: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """trtserve-serve's entry point: a tokenizer.json of `{}` (a KeyError traceback before) ends it with status 2
+    and one error line naming the file (no other exception escapes main)."""
+    from grpc_service.server_cli import main, parse_args
+
+    (engine_copy / TOKENIZER).write_text("{}")
+    resign(engine_copy)
+    argv = ["--engine", str(engine_copy), "--host", "127.0.0.1", "--port", "0", "--no-metrics"]
+    if hasattr(parse_args(argv), "http_port"):
+        argv += ["--http-port", "0"]
+    assert main(argv) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("trtserve-serve: error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"trtserve-serve: error: {TOKENIZER}: "), errors

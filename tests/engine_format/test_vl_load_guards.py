@@ -16,6 +16,7 @@ from builder.validate_vision import validate_vision
 from builder.vision_export import ONNX_DATA_FILE, export_vision_onnx
 from builder.vision_trt import patch_profile, shape_ranges, tensorrt_missing_reason
 from engine_format.engine_dir import MANIFEST, load_engine
+from engine_format.errors import EngineLoadError
 from runtime.vision.vision_encoder import OnnxVisionEncoder, TorchVisionEncoder, load_vision_encoder
 from tests.conftest import hf_dir_of
 from tests.engine_format.test_load_guards import expect_error, manifest, resign
@@ -178,3 +179,14 @@ def test_tensorrt_profile_without_tensorrt(vl_copy: Path) -> None:
     assert ranges["pixel_values"] == ((16, 1176), (256, 1176), (256, 1176))
     assert ranges["cu_seqlens"][2] == (65,)
     assert ("window_index" in ranges) == cfg.uses_windows
+
+
+def test_garbage_onnx_encoder_names_the_file(vl_copy: Path) -> None:
+    """An encoder.onnx that is not ONNX (checksums re-signed): ONNX Runtime's InvalidProtobuf becomes an
+    EngineLoadError naming the file when the engine's vision encoder is created."""
+    (vl_copy / "vision" / "encoder.onnx").write_bytes(b"\x08\x07garbage, not a protobuf model" * 64)
+    resign(vl_copy)
+    engine = load_engine(vl_copy)
+    with pytest.raises(EngineLoadError, match=r"^vision/encoder\.onnx: ONNX Runtime cannot load it \(") as info:
+        load_vision_encoder(engine, "onnxruntime")
+    assert info.value.file == "vision/encoder.onnx"
