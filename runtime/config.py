@@ -22,6 +22,7 @@ MAX_UTILIZATION = "max_utilization"
 GUARANTEED_NO_EVICT = "guaranteed_no_evict"
 CAPACITY_POLICIES = (MAX_UTILIZATION, GUARANTEED_NO_EVICT)
 VISION_BACKENDS = ("auto", "onnxruntime", "pytorch")
+OP_BACKENDS = ("auto", "reference", "triton")      # plugins/registry.py's backends
 ENV_PREFIX = "TRTSERVE_"
 
 
@@ -32,9 +33,10 @@ class EngineConfigError(FieldError):
 @dataclass(frozen=True, slots=True)
 class EngineConfig:
     device: str = "auto"                       # auto | cpu | cuda | cuda:N
-    num_kv_blocks: int | None = None           # None: sized from kv_cache_memory_gib and limits
+    num_kv_blocks: int | None = None           # None: sized from memory (below) and limits
     kv_cache_memory_gib: float = 2.0           # upper bound for the KV pool on CPU
-    gpu_memory_fraction: float = 0.9           # share of free GPU memory the KV pool may take
+    gpu_memory_fraction: float = 0.9           # share of total GPU memory for weights + profiled peak + KV pool
+    kv_cache_max_bytes: int | None = None      # hard cap on the KV pool in bytes, on every device
     capacity_policy: str = MAX_UTILIZATION      # one of CAPACITY_POLICIES
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
@@ -44,6 +46,9 @@ class EngineConfig:
     vision_backend: str = "auto"               # auto (onnxruntime on CPU, pytorch on CUDA) | onnxruntime | pytorch
     max_encoder_patches: int = 16384           # vision patches per encoder call (batched across requests)
     encoder_cache_tokens: int = 16384          # vision embeddings (LLM tokens) kept for reuse, across requests
+    op_backend: str = "auto"                   # auto (Triton kernels on CUDA) | reference | triton
+    enable_cuda_graphs: bool = True            # CUDA: decode steps replay graphs captured at start-up
+    max_cuda_graph_batch_size: int = 256       # largest decode batch captured (larger ones run eagerly)
 
     def validate(self) -> EngineConfig:
         if self.capacity_policy not in CAPACITY_POLICIES:
@@ -55,7 +60,11 @@ class EngineConfig:
             raise EngineConfigError("gpu_memory_fraction", "must be in (0, 1]")
         if not self.kv_cache_memory_gib > 0:
             raise EngineConfigError("kv_cache_memory_gib", "must be > 0")
-        for name in ("max_batch_size", "max_num_tokens", "max_encoder_patches"):
+        if self.kv_cache_max_bytes is not None and self.kv_cache_max_bytes < 1:
+            raise EngineConfigError("kv_cache_max_bytes", f"must be >= 1, got {self.kv_cache_max_bytes}")
+        if self.op_backend not in OP_BACKENDS:
+            raise EngineConfigError("op_backend", f"must be one of {OP_BACKENDS}, got {self.op_backend!r}")
+        for name in ("max_batch_size", "max_num_tokens", "max_encoder_patches", "max_cuda_graph_batch_size"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise EngineConfigError(name, f"must be >= 1, got {value}")
@@ -86,6 +95,13 @@ class EngineLayout:
     num_kv_blocks: int
     tokens_per_block: int
     kv_bytes_per_block: int
+    kv_sizing: str = ""                        # how num_kv_blocks was chosen, for the start-up report
+    profiled_peak_bytes: int | None = None     # CUDA: weights + activations of a max_num_tokens forward
+    cuda_graph_batch_sizes: tuple[int, ...] = ()   # decode batch sizes with a captured graph
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        return self.num_kv_blocks * self.kv_bytes_per_block
 
 
 def env_values(cls: type, prefix: str, error: type[FieldError]) -> dict[str, object]:

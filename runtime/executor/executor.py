@@ -8,28 +8,46 @@ Not for: choosing tokens (runtime/executor/sampler.py) or which requests run.
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 
+from plugins.registry import get_ops
 from runtime.config import EngineConfig, EngineLayout
 from runtime.vision.encoder_cache import ChunkRange, EncoderCache, EncoderCacheStats, VisionEmbedder
 from engine_format.engine_dir import LoadedEngine
 from runtime.executor.forward_batch import ForwardBatch, SequenceChunk
+from runtime.executor.cuda_graphs import CudaGraphRunner
+from runtime.executor.kv_sizing import GpuMemory, describe_pool, size_kv_pool
 from runtime.executor.kv_storage import KVStorage, bytes_per_block
 from runtime.executor.model import DecoderModel
 from runtime.multimodal.mrope import positions_for_range
 from runtime.core.scheduler import ScheduledRequest, SchedulerOutput
 from runtime.vision.vision_encoder import load_vision_encoder
 
+LOG = logging.getLogger(__name__)
+
 
 class PyTorchExecutor:
     def __init__(self, engine: LoadedEngine, config: EngineConfig) -> None:
         device = config.torch_device()
-        self.model = DecoderModel(engine.llm_config, engine.weights, device)
+        self.model = DecoderModel(engine.llm_config, engine.weights, device, get_ops(device, config.op_backend))
         block_size = engine.build.tokens_per_block
         per_block = bytes_per_block(engine.llm_config, block_size, self.model.dtype)
-        num_blocks = config.num_kv_blocks or _default_num_blocks(engine, config, device, per_block)
-        self.layout = EngineLayout(device, num_blocks, block_size, per_block)
-        self.kv = KVStorage(engine.llm_config, num_blocks, block_size, self.model.dtype, device)
+        gpu = None
+        if device.type == "cuda" and config.num_kv_blocks is None:
+            gpu = _profile_gpu_memory(self.model, engine, config, device)
+        pool = size_kv_pool(config, _wanted_blocks(engine, config), per_block, gpu)
+        self.kv = KVStorage(engine.llm_config, pool.num_blocks, block_size, self.model.dtype, device)
+        self.graphs: CudaGraphRunner | None = None
+        if _use_cuda_graphs(engine, config, device, self.model):
+            max_blocks = -(-engine.build.max_seq_len // block_size)
+            graph_batch = min(config.max_cuda_graph_batch_size, config.max_batch_size or engine.build.max_batch_size)
+            self.graphs = CudaGraphRunner(self.model, self.kv, graph_batch, max_blocks)
+        self.layout = EngineLayout(device, pool.num_blocks, block_size, per_block, pool.description,
+                                   gpu.peak_bytes if gpu is not None else None,
+                                   self.graphs.batch_sizes if self.graphs is not None else ())
+        LOG.info(describe_pool(pool.num_blocks, per_block, block_size, pool.description))
         self.vision: VisionEmbedder | None = None
         if engine.vision is not None:
             encoder = load_vision_encoder(engine, config.vision_backend, device)
@@ -42,6 +60,8 @@ class PyTorchExecutor:
         embeds = self._vision_embeds(output)
         chunks = [_sequence_chunk(s, e) for s, e in zip(scheduled, embeds)]
         batch = ForwardBatch.build(chunks, self.layout.tokens_per_block, self.layout.device)
+        if self.graphs is not None and self.graphs.can_run(batch):
+            return self.graphs.run(batch)
         return self.model.forward(batch, self.kv)
 
     def encoder_stats(self) -> EncoderCacheStats | None:
@@ -79,13 +99,44 @@ def _chunk_range(s: ScheduledRequest) -> ChunkRange | None:
     return ChunkRange(s.request.request_id, mm, s.num_computed_tokens, s.num_computed_tokens + s.num_new_tokens)
 
 
-def _default_num_blocks(engine: LoadedEngine, config: EngineConfig, device: torch.device, per_block: int) -> int:
-    """Enough blocks for max_batch_size full sequences, within the memory budget."""
+def _wanted_blocks(engine: LoadedEngine, config: EngineConfig) -> int:
+    """Enough blocks for max_batch_size full sequences: more would never be used."""
     build = engine.build
-    wanted = (config.max_batch_size or build.max_batch_size) * -(-build.max_seq_len // build.tokens_per_block)
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        budget = int(free * config.gpu_memory_fraction)
-    else:
-        budget = int(config.kv_cache_memory_gib * 2**30)
-    return max(1, min(wanted, budget // per_block))
+    return (config.max_batch_size or build.max_batch_size) * -(-build.max_seq_len // build.tokens_per_block)
+
+
+def _use_cuda_graphs(engine: LoadedEngine, config: EngineConfig, device: torch.device, model: DecoderModel) -> bool:
+    """CUDA, asked for, graph-safe ops, and a float KV cache (the one-byte cache's attention syncs the host)."""
+    return (device.type == "cuda" and config.enable_cuda_graphs and model.ops.graph_safe
+            and engine.llm_config.kv_cache_quant_algo is None)
+
+
+def _profile_gpu_memory(model: DecoderModel, engine: LoadedEngine, config: EngineConfig,
+                        device: torch.device) -> GpuMemory:
+    """Peak memory of a warm-up forward over max_num_tokens tokens (in max_batch_size sequences, so the
+    logits and the sampler's sort are at their largest too), measured by PyTorch's allocator."""
+    build = engine.build
+    max_num_tokens = config.max_num_tokens or build.max_num_tokens
+    num_seqs = max(min(config.max_batch_size or build.max_batch_size, max_num_tokens),
+                   -(-max_num_tokens // build.max_seq_len))
+    block_size = build.tokens_per_block
+    lengths = [max_num_tokens // num_seqs + (i < max_num_tokens % num_seqs) for i in range(num_seqs)]
+    chunks, next_block = [], 0
+    for length in lengths:
+        num_blocks = -(-length // block_size)
+        chunks.append(SequenceChunk([i % engine.llm_config.vocab_size for i in range(length)], 0,
+                                    list(range(next_block, next_block + num_blocks))))
+        next_block += num_blocks
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    kv = KVStorage(engine.llm_config, next_block, block_size, model.dtype, device)
+    logits = model.forward(ForwardBatch.build(chunks, block_size, device), kv)
+    torch.sort(torch.softmax(logits, dim=-1), dim=-1, descending=True)
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - next_block * bytes_per_block(engine.llm_config, block_size,
+                                                                                   model.dtype)
+    del kv, logits
+    torch.cuda.empty_cache()
+    free, total = torch.cuda.mem_get_info(device)
+    return GpuMemory(total, free, torch.cuda.memory_reserved(device), peak)

@@ -4,7 +4,8 @@ What it is for: the one place where plain-Python scheduling decisions (which
 tokens of which sequence, in which KV blocks) become tensors for the executor:
 token ids, positions (1-D, or [3, T] M-RoPE positions when a chunk carries
 them), slot mapping, block tables, sequence / query lengths, which positions need logits, and the rows
-whose token embedding is replaced by a vision embedding.
+whose token embedding is replaced by a vision embedding. On CUDA the host tensors go up through pinned
+memory without blocking the host.
 Not for: deciding what to run (runtime/core/scheduler.py) or running it (runtime/executor/model.py).
 """
 from __future__ import annotations
@@ -13,6 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from plugins.attention_metadata import AttentionMetadata, to_device
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +42,7 @@ class ForwardBatch:
     logits_indices: torch.Tensor  # [num_logits] int64, indices into T
     seq_lens: list[int]           # per sequence: tokens in the cache after this step
     query_lens: list[int]         # per sequence: tokens computed this step
+    attention: AttentionMetadata  # the same lengths and block tables as device tensors, for the attention op
     embed_rows: torch.Tensor | None = None   # [R] int64 indices into T whose embedding is replaced
     embeds: torch.Tensor | None = None       # [R, hidden] float32, the replacements in embed_rows order
 
@@ -89,10 +93,11 @@ class ForwardBatch:
             table[i, :len(chunk.block_ids)] = torch.tensor(chunk.block_ids, dtype=torch.int64)
 
         def as_tensor(values: list[int]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.int64, device=device)
+            return to_device(torch.tensor(values, dtype=torch.int64), device)
 
-        return cls(as_tensor(token_ids), _positions(positions, mrope_rows).to(device), as_tensor(slots),
-                   table.to(device), as_tensor(logits_indices), seq_lens, query_lens,
+        attention = AttentionMetadata.build(table, seq_lens, query_lens, device)
+        return cls(as_tensor(token_ids), to_device(_positions(positions, mrope_rows), device), as_tensor(slots),
+                   attention.block_tables, as_tensor(logits_indices), seq_lens, query_lens, attention,
                    as_tensor(embed_rows) if embeds else None,
                    torch.cat([e.to(device) for e in embeds]) if embeds else None)
 
