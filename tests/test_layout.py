@@ -4,14 +4,15 @@ the six packages must follow an allowed arrow; a failure names the module, the l
 
 Arrows (docs/architecture.md): grpc_service -> runtime, engine_format; runtime -> plugins, engine_format;
 builder -> engine_format, plugins, and -> runtime only from the validation step and the vision-tower export
-(which traces the runtime's single vision-tower implementation); bench -> the client side of grpc_service
-only (client, proto, launcher), and that client side imports nothing else of the project;
-engine_format and plugins import none of the others. benchmarks/ (scripts) and tests/ sit on top of
-everything and are not checked.
+(BUILDER_MODULES_USING_RUNTIME); bench -> the client side of grpc_service only (client, proto, launcher),
+and that client side imports nothing else of the project; engine_format and plugins import none of the
+others. benchmarks/ (scripts) and tests/ sit on top of everything and are not checked. The last test
+keeps docs/architecture.md true to the tree: every repository path it quotes exists.
 """
 from __future__ import annotations
 
 import ast
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +26,10 @@ ALLOWED: dict[str, frozenset[str]] = {
     "grpc_service": frozenset({"runtime", "engine_format"}),
     "bench": frozenset(),
 }
-BUILDER_MODULES_USING_RUNTIME = frozenset({"builder.validate", "builder.validate_vision", "builder.vision_export"})
+# the validation step (parity with HF, the vision tower across backends, a quantized build against its float
+# model, perplexity beside HF) runs the built engine; the ONNX export traces the runtime's one vision tower
+BUILDER_MODULES_USING_RUNTIME = frozenset({"builder.validate", "builder.validate_vision", "builder.quantize_validate",
+                                           "builder.perplexity", "builder.vision_export"})
 GRPC_CLIENT_SIDE = ("grpc_service.client", "grpc_service.proto", "grpc_service.launcher")
 IMPORT_FUNCTIONS = frozenset({"import_module", "__import__"})
 
@@ -102,8 +106,8 @@ def scan(root: Path) -> tuple[list[Import], list[str]]:
     imports = [imp for f in files
                for imp in imports_of(f.read_text(encoding="utf-8"), module_name(f, root), f.name == "__init__.py",
                                      known)]
-    problems = [f"{imp.module} (line {imp.line}) imports {imp.target}: {why}"
-                for imp in imports if (why := violation(imp)) is not None]
+    problems = list(dict.fromkeys(f"{imp.module} (line {imp.line}) imports {imp.target}: {why}"
+                                  for imp in imports if (why := violation(imp)) is not None))
     return imports, problems
 
 
@@ -171,3 +175,14 @@ def test_scan_fails_on_a_tree_with_a_wrong_way_import(tmp_path: Path) -> None:
     assert problems == ["engine_format.manifest (line 5) imports runtime.engine: "
                         "engine_format may import no other project package"]
     assert Import("runtime.engine", "engine_format.manifest", 1) in imports
+
+
+def test_architecture_doc_names_only_existing_files() -> None:
+    """docs/architecture.md stays true to the tree: every repository path it quotes exists."""
+    text = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
+    roots = PACKAGES + ("tests", "benchmarks", "docs")
+    quoted = {q.split()[0] for q in re.findall(r"`([^`]+)`", text)}
+    paths = sorted(q for q in quoted if "/" in q and q.split("/")[0] in roots and "{" not in q)
+    assert len(paths) > 30, paths
+    missing = [p for p in paths if not (ROOT / p).exists()]
+    assert missing == [], f"docs/architecture.md names paths that do not exist: {missing}"

@@ -4,7 +4,9 @@ Builds the wheel from a copy of the working tree (so the checkout gets no build/
 installs it with --no-deps into a fresh venv that borrows the project venv's site-packages for the
 dependencies only (a .pth line: the editable install's finder there is never run), and from a
 directory outside the repository checks that every module of the six packages imports from the new
-venv, then runs `trtserve-build --model tiny-qwen2` and `trtserve-generate` on the result.
+venv, then runs `trtserve-build --model tiny-qwen2` and `trtserve-generate` on the result (the build
+shares the test session's cache directory, so the offline tokenizer is trained once per session; its
+corpus is still read from the installed package to find its cache key).
 """
 from __future__ import annotations
 
@@ -90,7 +92,7 @@ def test_wheel_holds_every_module_and_the_package_data(source: Path, wheel: Path
 
 
 def test_installed_package_builds_and_generates_outside_the_checkout(
-        source: Path, venv: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+        source: Path, venv: Path, cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
     work = tmp_path_factory.mktemp("user-dir")
     assert ROOT not in work.parents
     bin_dir = venv / "bin"
@@ -101,7 +103,7 @@ def test_installed_package_builds_and_generates_outside_the_checkout(
     assert outside == [], "modules imported from outside the installed package"
 
     out = _run([str(bin_dir / "trtserve-build"), "--model", "tiny-qwen2", "--output", "engines/tiny",
-                "--cache-dir", str(work / "cache"), "--quiet"], cwd=work, timeout=180)
+                "--cache-dir", str(cache_dir), "--quiet"], cwd=work, timeout=180)   # the session's tokenizer
     assert "engines/tiny: built" in out
     assert (work / "engines" / "tiny" / "engine.json").is_file()
     assert (work / "engines" / "tiny" / "tokenizer" / "tokenizer.json").is_file()
