@@ -31,20 +31,36 @@ STDLIB_FILES = (
     "json/encoder.py", "logging/__init__.py", "statistics.py", "string.py", "textwrap.py",
     "threading.py", "typing.py", "collections/__init__.py", "dataclasses.py", "random.py",
 )
+# Qwen2.5's conventions: ChatML turns, and with `tools` a system turn listing them and asking for
+# <tool_call>{"name": ..., "arguments": {...}}</tool_call> replies (the text is this project's own).
+# Without tools it renders exactly what it rendered before tools were added. (HF renders
+# templates with trim_blocks: a newline right after a block tag is written as {{ '\\n' }}.)
 CHAT_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\n"
+    "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}"
+    "{% else %}You are a helpful assistant.{% endif %}{{ '\\n\\n' }}# Tools\n\n"
+    "You may call one or more functions. Their signatures are inside <tools></tools>:\n<tools>"
+    "{% for tool in tools %}{{ '\\n' }}{{ tool | tojson }}{% endfor %}{{ '\\n' }}</tools>\n\n"
+    "For each call, reply with a JSON object holding the function name and its arguments inside "
+    "<tool_call></tool_call> tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": "
+    "<args-json-object>}\n</tool_call><|im_end|>\n{% endif %}"
     "{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}"
+    "{% if not (tools and loop.first and message['role'] == 'system') %}"
+    "{% if not tools and loop.first and message['role'] != 'system' %}"
     "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
     "{% endif %}"
     "<|im_start|>{{ message['role'] }}\n"
     "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for part in message['content'] %}"
+    "{% elif message['content'] %}{% for part in message['content'] %}"
     "{% if part['type'] == 'text' %}{{ part['text'] }}"
     "{% elif part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
     "{% elif part['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
     "{% endif %}{% endfor %}{% endif %}"
+    "{% for call in message['tool_calls'] or [] %}"
+    "<tool_call>\n{\"name\": \"{{ call['function']['name'] }}\", \"arguments\": "
+    "{{ call['function']['arguments'] | tojson }}}\n</tool_call>{% endfor %}"
     "<|im_end|>\n"
-    "{% endfor %}"
+    "{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 

@@ -40,6 +40,8 @@ class ServerConfig:
     port: int = 8001                          # gRPC (Triton's default gRPC port); 0 picks a free one
     metrics_port: int = 8002                  # Prometheus HTTP (Triton's default); 0 picks a free one
     enable_metrics: bool = True
+    http_port: int = 8000                     # OpenAI-compatible HTTP (FastAPI); 0 picks a free one
+    enable_http: bool = True
     max_queue_size: int = 64                  # requests waiting beyond max_batch_size, per model
     max_receive_message_bytes: int = 64 << 20
     max_send_message_bytes: int = 64 << 20
@@ -59,6 +61,7 @@ class ServerConfig:
             raise ServerConfigError("engine_dirs", "give engine directories or a model repository (exactly one)")
         _check_port("port", self.port)
         _check_port("metrics_port", self.metrics_port)
+        _check_port("http_port", self.http_port)
         if not isinstance(self.max_queue_size, int) or self.max_queue_size < 0:
             raise ServerConfigError("max_queue_size", f"must be an integer >= 0, got {self.max_queue_size!r}")
         for name in ("max_receive_message_bytes", "max_send_message_bytes"):

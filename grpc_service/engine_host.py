@@ -20,7 +20,7 @@ import uuid
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 from jinja2 import TemplateError
 
@@ -39,7 +39,8 @@ from runtime.config import EngineConfig
 from runtime.core.engine_core import EngineCore, EngineRequest, EngineStats
 from runtime.multimodal.processor import MultimodalInputs
 from runtime.outputs import RequestOutput
-from runtime.sampling_params import SamplingParams
+from runtime.errors import FieldError
+from runtime.sampling_params import GuidedDecoding, SamplingParams
 
 MAX_PROMPT_CHARS_PER_TOKEN = 32     # refuse absurd texts before spending time tokenizing them
 CHAT_ROLES = ("system", "user", "assistant", "tool")
@@ -148,13 +149,25 @@ class ServedModel:
 
     def encode_chat(self, messages: Sequence[tuple[str, str]], add_generation_prompt: bool = True) -> list[int]:
         self.check_chat([role for role, _ in messages], sum(len(content) for _, content in messages))
+        return self.render_chat([{"role": role, "content": content} for role, content in messages],
+                                add_generation_prompt)
+
+    def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                    tools: list[dict[str, Any]] | None = None, field: str = "chat.messages") -> list[int]:
+        """Checked messages (role, content and, for tool use, tool_calls / tool_call_id) through the chat
+        template; `tools` (JSON-schema function specs) are rendered by the template when given."""
         try:
             rendered = self.tokenizer.apply_chat_template(
-                [{"role": role, "content": content} for role, content in messages],
-                add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=True)
+                messages, tools=tools, add_generation_prompt=add_generation_prompt, tokenize=True,
+                return_dict=True)
         except TemplateError as exc:      # the template's own raise_exception(...) messages are for users
-            raise InvalidArgument("chat.messages", f"the chat template refused them: {exc.message}") from None
+            raise InvalidArgument(field, f"the chat template refused them: {exc.message}") from None
         return [int(t) for t in cast(dict[str, list[int]], rendered)["input_ids"]]
+
+    @property
+    def chat_template(self) -> str:
+        template = getattr(self.tokenizer, "chat_template", None)
+        return template if isinstance(template, str) else ""
 
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True, field: str = "token_ids") -> str:
         self.check_token_ids(token_ids, field)
@@ -199,6 +212,16 @@ class ServedModel:
     def tokenize_words(self, words: Sequence[str]) -> tuple[tuple[int, ...], ...]:
         """Each non-empty word as the token ids it would be generated as (for bad-word lists)."""
         return tuple(tuple(self.encode_text(w)) for w in words if w)
+
+    # ---------------------------------------------------- structured output
+
+    async def prepare_guide(self, guide: GuidedDecoding, field: str) -> None:
+        """Compile a request's guide off the event loop (the engine step then finds it cached);
+        InvalidArgument naming `field` (this API's name for it) when it cannot be enforced."""
+        try:
+            await asyncio.to_thread(self.core.grammars.compile, guide.validated())
+        except FieldError as exc:
+            raise InvalidArgument(field, str(exc).split(": ", 1)[-1]) from None
 
     # ---------------------------------------------------------- generation
 

@@ -24,6 +24,7 @@ from typing import IO
 from prometheus_client.parser import text_string_to_metric_families
 
 LISTENING = re.compile(r"listening on ([\d.]+):(\d+) \(gRPC\), metrics (?:on [\d.]+:(\d+)/metrics|off)")
+HTTP_LISTENING = re.compile(r"OpenAI HTTP on [\d.]+:(\d+)")
 START_TIMEOUT_S = 120.0
 EOF_LINE = "<eof>"
 
@@ -34,6 +35,7 @@ class ServerProcess:
     log_path: Path | None
     port: int = 0
     metrics_port: int = 0
+    http_port: int = 0                 # 0: the OpenAI-compatible HTTP API is off
     lines: queue.Queue[str] = field(default_factory=queue.Queue)
 
     @classmethod
@@ -51,16 +53,19 @@ class ServerProcess:
             log_path = log_dir / f"server-{time.monotonic_ns()}.log"
             stderr = log_path.open("w")
         command = [sys.executable, "-m", "grpc_service.server_cli", "--host", "127.0.0.1", "--port", "0",
-                   "--metrics-port", "0", *args]
+                   "--metrics-port", "0", "--http-port", "0", *args]
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True,
                                    env={**os.environ, **(env or {})}, start_new_session=own_session)
         server = cls(process, log_path)
         threading.Thread(target=server._read_stdout, daemon=True).start()
-        match = LISTENING.search(server.wait_for("listening"))
+        line = server.wait_for("listening")
+        match = LISTENING.search(line)
         if match is None:
             raise RuntimeError("unexpected 'listening' line from trtserve-serve")
         server.port = int(match.group(2))
         server.metrics_port = int(match.group(3) or 0)
+        http = HTTP_LISTENING.search(line)
+        server.http_port = int(http.group(1)) if http else 0
         if wait_ready:
             server.wait_for("ready")
         return server
@@ -87,6 +92,11 @@ class ServerProcess:
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def http_url(self) -> str:
+        """Base URL of the OpenAI-compatible API (an OpenAI client's base_url is this + "/v1")."""
+        return f"http://127.0.0.1:{self.http_port}"
 
     def log(self) -> str:
         return self.log_path.read_text()[-6000:] if self.log_path is not None else ""

@@ -27,6 +27,8 @@ from tritonclient.grpc import service_pb2 as kserve_pb2
 from grpc_service.config import ServerConfig
 from grpc_service.engine_host import ServedModel
 from grpc_service.handlers import RpcGuard, register_service
+from grpc_service.http.app import create_app
+from grpc_service.http.serve import HttpFace
 from grpc_service.metrics import ServerMetrics
 from grpc_service.native_service import NativeService
 from grpc_service.proto import trtserve_pb2
@@ -62,6 +64,8 @@ class Server:
         self.accepting = True
         self.port = 0
         self.metrics_port = 0
+        self.http_port = 0
+        self._http: HttpFace | None = None
         self._grpc: grpc.aio.Server | None = None
         self._stop = asyncio.Event()
         self._metrics_httpd: WSGIServer | None = None
@@ -115,8 +119,14 @@ class Server:
         if cfg.enable_metrics:
             self._metrics_httpd, _ = start_http_server(cfg.metrics_port, addr=cfg.host, registry=self.metrics.registry)
             self.metrics_port = self._metrics_httpd.server_port
+        if cfg.enable_http:
+            app = create_app(self.registry, lambda: self.accepting, cfg.max_receive_message_bytes,
+                             self.metrics.count_rpc_error)
+            self._http = HttpFace(app, cfg.host, cfg.http_port)
+            self.http_port = await self._http.start()
         _announce(f"listening on {cfg.host}:{self.port} (gRPC), metrics "
-                  + (f"on {cfg.host}:{self.metrics_port}/metrics" if cfg.enable_metrics else "off"))
+                  + (f"on {cfg.host}:{self.metrics_port}/metrics" if cfg.enable_metrics else "off")
+                  + (f", OpenAI HTTP on {cfg.host}:{self.http_port}" if cfg.enable_http else ""))
 
     async def load(self) -> None:
         started = time.monotonic()
@@ -190,6 +200,8 @@ class Server:
                 LOG.warning("grace period over; cancelling %d request(s)", sum(m.gate.in_flight for m in models))
         if self._grpc is not None:
             await self._grpc.stop(STREAM_CLOSE_GRACE_S)
+        if self._http is not None:
+            await self._http.stop()
         for model in models:
             model.shutdown()
         if self._metrics_httpd is not None:

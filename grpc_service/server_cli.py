@@ -1,9 +1,11 @@
 """`trtserve-serve`: serve engine directories (or a Triton-style model repository) over gRPC.
 
-Both APIs share one port: the native `trtserve.v1.LLMService` and KServe v2
+Both gRPC APIs share one port: the native `trtserve.v1.LLMService` and KServe v2
 `inference.GRPCInferenceService` (Triton's TensorRT-LLM backend models
 ensemble / tensorrt_llm / preprocessing / postprocessing), plus grpc.health.v1
-and server reflection. Prometheus metrics are served over HTTP on their own port.
+and server reflection. The OpenAI-compatible HTTP API (/v1/chat/completions,
+/v1/completions, /v1/models, /health) has its own port (--http-port, default
+8000; --no-http turns it off). Prometheus metrics are served over HTTP on their own port.
 Options not given on the command line come from TRTSERVE_SERVER_* (server) and
 TRTSERVE_* (engine) environment variables, then the defaults.
 """
@@ -31,6 +33,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--port", type=int, help="gRPC port (default 8001; 0 picks a free one)")
     p.add_argument("--metrics-port", type=int, help="Prometheus port (default 8002; 0 picks a free one)")
     p.add_argument("--no-metrics", action="store_true", help="do not serve Prometheus metrics")
+    p.add_argument("--http-port", type=int, help="OpenAI-compatible HTTP port (default 8000; 0 picks a free one)")
+    p.add_argument("--no-http", action="store_true", help="do not serve the OpenAI-compatible HTTP API")
     p.add_argument("--max-queue-size", type=int, help="requests waiting beyond max_batch_size per model (64)")
     p.add_argument("--max-message-bytes", type=int, help="largest request / response message (64 MiB)")
     p.add_argument("--grace-period", type=float, help="seconds in-flight requests get after SIGTERM (30)")
@@ -59,6 +63,7 @@ def configs_from_args(args: argparse.Namespace) -> tuple[ServerConfig, EngineCon
         engine_dirs=tuple(args.engine) if args.engine else None, model_repository=args.model_repository,
         host=args.host, port=args.port, metrics_port=args.metrics_port,
         enable_metrics=False if args.no_metrics else None, max_queue_size=args.max_queue_size,
+        http_port=args.http_port, enable_http=False if args.no_http else None,
         max_receive_message_bytes=message_bytes, max_send_message_bytes=message_bytes,
         grace_period_s=args.grace_period, warmup=False if args.no_warmup else None,
         max_images_per_request=args.max_images_per_request, max_image_pixels=args.max_image_pixels,

@@ -20,12 +20,47 @@ MAX_TOKENS_LIMIT = 2**31          # max_tokens must be below this (INT32 on the 
 SEED_LIMIT = 2**64                # seed must be below this (UINT64 on the wire)
 MAX_LOGPROBS = 20                 # most top-n logprobs a request may ask for
 PENALTY_LIMIT = 2.0               # presence / frequency penalties lie in [-2, 2]
+GUIDE_KINDS = ("json_object", "json_schema", "regex", "ebnf")
+MAX_GUIDE_CHARS = 1 << 16         # a JSON schema, regex or grammar of at most 64 Ki characters
 # Temperatures below this mean greedy (argmax): dividing logits by them would overflow float32.
 GREEDY_TEMPERATURE = 1e-5
 
 
 class SamplingParamsError(FieldError):
     """A sampling parameter is out of range; `field` names it."""
+
+
+@dataclass(frozen=True, slots=True)
+class GuidedDecoding:
+    """Structured output: every generated token must keep the text a prefix of the language of `spec`.
+
+    `kind`: json_object (any JSON object; spec unused), json_schema (spec: the schema as JSON text),
+    regex, ebnf (GBNF-style grammar with a `root` rule). `prefix` / `suffix` are literal text the
+    output starts / ends with around that language (a tool call's tags). Compiled and enforced by
+    runtime.structured; an unsupported construct is refused there, naming it.
+    """
+
+    kind: str
+    spec: str = ""
+    prefix: str = ""
+    suffix: str = ""
+
+    def validated(self) -> "GuidedDecoding":
+        self.validate()
+        return self
+
+    def validate(self) -> None:
+        if self.kind not in GUIDE_KINDS:
+            raise SamplingParamsError("guided_decoding.kind", f"must be one of {GUIDE_KINDS}, got {self.kind!r}")
+        for name in ("spec", "prefix", "suffix"):
+            value = getattr(self, name)
+            if not isinstance(value, str):
+                raise SamplingParamsError(f"guided_decoding.{name}", "must be a string")
+            if len(value) > MAX_GUIDE_CHARS:
+                raise SamplingParamsError(f"guided_decoding.{name}", f"{len(value)} characters exceed the "
+                                                                      f"limit of {MAX_GUIDE_CHARS}")
+        if self.kind != "json_object" and not self.spec:
+            raise SamplingParamsError("guided_decoding.spec", f"must not be empty for kind {self.kind!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +81,7 @@ class SamplingParams:
     bad_words_ids: tuple[tuple[int, ...], ...] = ()
     logprobs: int | None = None       # None: no logprobs; 0: sampled token only; n: plus top n
     skip_special_tokens: bool = True
+    guided_decoding: GuidedDecoding | None = None   # structured output (runtime.structured)
 
     @property
     def greedy(self) -> bool:
@@ -83,6 +119,10 @@ class SamplingParams:
         self._validate_bad_words(vocab_size)
         if self.logprobs is not None:
             _check_int("logprobs", self.logprobs, 0, MAX_LOGPROBS)
+        if self.guided_decoding is not None:
+            if not isinstance(self.guided_decoding, GuidedDecoding):
+                raise SamplingParamsError("guided_decoding", "must be a GuidedDecoding")
+            self.guided_decoding.validate()
         return self
 
     def _validate_stop(self) -> None:

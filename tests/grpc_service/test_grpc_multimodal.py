@@ -355,3 +355,53 @@ def test_too_many_images_through_both_apis(client: NativeClient, triton: TritonC
         triton.generate("Compare.", VL_GREEDY, images=pixels)
     assert_idle(client)
     assert client.generate("Still serving?", VL_GREEDY).finish_reason in ("stop", "length")
+
+
+# ------------------------------------------------------------------------------------------- OpenAI HTTP
+
+
+def test_openai_chat_with_image_and_video_urls(vl_server: ServerProcess, client: NativeClient,
+                                               reference: VLReference, image_dir: Path) -> None:
+    """image_url (data: and file:// under --allowed-image-dir) and video_url parts through the OpenAI API,
+    equal to the runtime; the same policy and limits refuse what gRPC refuses, naming the part."""
+    import openai
+
+    from tests.helpers.openai_helpers import assert_no_extra_fields, openai_client
+
+    oa = openai_client(vl_server)
+    model = client.models()[0].name
+
+    def chat(*parts: dict) -> openai.types.chat.ChatCompletion:
+        return oa.chat.completions.create(model=model, messages=[{"role": "user", "content": list(parts)}],
+                                          max_tokens=VL_GREEDY.max_tokens, temperature=0)
+
+    png = media.gradient_png(seed=1)
+    expected = reference.greedy(reference.chat({"type": "image", "image": png}, {"type": "text", "text": "Describe."}))
+    response = chat({"type": "image_url", "image_url": {"url": "data:image/png;base64,"
+                                                               + base64.b64encode(png).decode()}},
+                    {"type": "text", "text": "Describe."})
+    assert_no_extra_fields(response)
+    assert response.choices[0].message.content == expected[0] and response.usage.completion_tokens == len(expected[1])
+    on_disk = (image_dir / "gradient.png").read_bytes()
+    expected = reference.greedy(reference.chat({"type": "image", "image": on_disk}, {"type": "text", "text": "And?"}))
+    response = chat({"type": "image_url", "image_url": {"url": (image_dir / "gradient.png").as_uri()}},
+                    {"type": "text", "text": "And?"})
+    assert response.choices[0].message.content == expected[0]
+    gif = media.animated_gif()
+    expected = reference.greedy(reference.chat({"type": "video", "video": gif, "fps": None},
+                                               {"type": "text", "text": "Go."}))
+    response = chat({"type": "video_url", "video_url": {"url": "data:image/gif;base64,"
+                                                               + base64.b64encode(gif).decode()}},
+                    {"type": "text", "text": "Go."})
+    assert response.choices[0].message.content == expected[0]
+    refusals = {
+        "messages[0].content[0].image_url.url": [{"type": "image_url", "image_url": {
+            "url": (image_dir / "escape.png").as_uri()}}],
+        "messages": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,"
+                                                                + base64.b64encode(png).decode()}}] * (VL_MAX_IMAGES + 1),
+    }
+    for field_name, parts in refusals.items():
+        with pytest.raises(openai.BadRequestError) as info:
+            chat(*parts)
+        assert info.value.body["param"] == field_name, info.value.body
+    assert_idle(client)
