@@ -228,15 +228,13 @@ class ServedModel:
     async def generate(self, prompt_ids: list[int], params: SamplingParams, api: str, cache_salt: str | None = None,
                        request_id: str | None = None,
                        multimodal: MultimodalInputs | None = None) -> AsyncGenerator[RequestOutput, None]:
-        """Admit (or raise Overloaded), then stream the engine's deltas.
+        """Admit (or raise Overloaded), then stream the engine's deltas (the engine judges the request itself:
+        runtime/core/admission.py; its refusals come from the first iteration).
 
         `request_id` (default: a fresh uuid) must be unique among requests in flight; `abort(request_id)`
         then ends the request with finish_reason "abort". Close the iterator (`contextlib.aclosing`)
         when leaving early: that aborts the request too.
         """
-        if not prompt_ids:
-            self.metrics.count_refusal(self.name, api, "invalid_argument")
-            raise InvalidArgument("prompt", "is empty (needs at least 1 token)")
         try:
             self.gate.acquire()
         except Overloaded:

@@ -109,7 +109,6 @@ def tensorrt_llm_request(arrays: Mapping[str, np.ndarray], model: ServedModel) -
     if length is None or not 1 <= length <= len(input_ids):
         raise InvalidArgument("input_lengths", f"must be in [1, {len(input_ids)}] (the input_ids given), got {length}")
     prompt_ids = input_ids[:length]
-    model.check_token_ids(prompt_ids, "input_ids")
     stop_words = word_list(arrays.get("stop_words_list"), "stop_words_list")
     bad_words = word_list(arrays.get("bad_words_list"), "bad_words_list")
     for words, name in ((stop_words, "stop_words_list"), (bad_words, "bad_words_list")):

@@ -1,9 +1,10 @@
 """EngineCore: one step of in-flight batching (schedule -> execute -> sample -> update).
 
-What it is for: owning the scheduler, the KV cache manager, the executor and
-per-request output state (sampler state, detokenizer, stop checker), and
-turning each step into `RequestOutput` deltas. Synchronous and single-threaded:
-`AsyncEngine` runs it on its one engine thread.
+What it is for: the engine's door (`add_request`: one admission check, then one
+`Request` record per request) and its loop (`step`), over the scheduler, the KV
+cache manager, the executor and the sampler, turning each step into
+`RequestOutput` deltas. Synchronous and single-threaded: `AsyncEngine` runs it
+on its one engine thread.
 Not for: threads, asyncio or wire formats.
 """
 from __future__ import annotations
@@ -14,31 +15,25 @@ from pathlib import Path
 
 import torch
 
-from runtime.config import EngineConfig
-from runtime.core.detokenizer import IncrementalDetokenizer
-from runtime.vision.encoder_cache import EncoderCacheStats
 from engine_format.engine_dir import LoadedEngine, load_engine
-from runtime.executor.executor import PyTorchExecutor
+from runtime.config import EngineConfig
+from runtime.core.admission import AdmissionLimits, check_request
+from runtime.core.detokenizer import IncrementalDetokenizer
 from runtime.core.kv_cache import KVCacheManager, KVCacheStats
-from runtime.multimodal.processor import MultimodalInputs, check_multimodal, mrope_spec_of
-from runtime.outputs import RequestOutput, Usage
-from runtime.core.request import Request, RequestStatus
-from runtime.executor.sampler import Sampler, SamplingState, TokenLogprobs
-from runtime.sampling_params import SamplingParams
-from runtime.core.scheduler import RequestRejectedError, Scheduler, SchedulerConfig, SchedulerOutput
+from runtime.core.request import EngineRequest, Request, RequestStatus
+from runtime.core.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from runtime.core.stop_checker import StopChecker
+from runtime.executor.executor import PyTorchExecutor
+from runtime.executor.sampler import Sampler, SamplerOutput, TokenLogprobs, make_generator
+from runtime.multimodal.processor import mrope_spec_of
+from runtime.outputs import RequestOutput, Usage
+from runtime.sampling_params import SamplingParams
+from runtime.vision.encoder_cache import EncoderCacheStats
+
+__all__ = ["EngineCore", "EngineRequest", "EngineStats", "collect_text"]
 
 LOG = logging.getLogger(__name__)
 STEP_ERROR_MESSAGE = "internal error while running the model; the request was not completed"
-
-
-@dataclass(frozen=True, slots=True)
-class EngineRequest:
-    request_id: str
-    prompt_token_ids: list[int]
-    sampling_params: SamplingParams
-    cache_salt: str | None = None
-    multimodal: MultimodalInputs | None = None     # images / videos of the prompt (VL engines)
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,14 +46,6 @@ class EngineStats:
     num_computed_prompt_tokens: int
     num_preemptions: int
     encoder: EncoderCacheStats | None = None       # VL engines: vision encoder cache and calls
-
-
-@dataclass(slots=True)
-class _RequestState:
-    request: Request
-    sampling: SamplingState
-    detokenizer: IncrementalDetokenizer
-    stop: StopChecker
 
 
 class EngineCore:
@@ -81,8 +68,8 @@ class EngineCore:
         self.sampler = Sampler(torch.Generator(layout.device).manual_seed(self.config.seed))
         self.tokenizer = AutoTokenizer.from_pretrained(str(engine.tokenizer_dir))
         self.vocab_size = engine.llm_config.vocab_size
-        self.mrope_spec = mrope_spec_of(engine)
-        self._states: dict[str, _RequestState] = {}
+        self.limits = AdmissionLimits(self.vocab_size, build.max_input_len, build.max_seq_len,
+                                      layout.num_kv_blocks, layout.tokens_per_block, mrope_spec_of(engine))
         self._num_steps = 0
         self._num_generated_tokens = 0
         self._num_computed_prompt_tokens = 0
@@ -95,32 +82,26 @@ class EngineCore:
     # ------------------------------------------------------------- requests
 
     def add_request(self, engine_request: EngineRequest) -> None:
-        """Admit a request or raise a typed ValueError (field named) without changing anything."""
-        params = engine_request.sampling_params.validate(self.vocab_size)
+        """The engine's door: admit a request, or raise a FieldError naming the field, changing nothing."""
+        params = check_request(engine_request, self.limits, self.scheduler.has_request)
+        self.scheduler.add_request(self._new_request(engine_request, params))
+
+    def _new_request(self, engine_request: EngineRequest, params: SamplingParams) -> Request:
+        """The engine's one record of an admitted request, with its output state."""
         ids = list(engine_request.prompt_token_ids)
-        if len(ids) > self.engine.build.max_input_len:
-            raise RequestRejectedError("prompt_token_ids", f"prompt ({len(ids)} tokens) exceeds max_input_len "
-                                       f"({self.engine.build.max_input_len})")
-        bad = next((t for t in ids if not isinstance(t, int) or not 0 <= t < self.vocab_size), None)
-        if bad is not None:
-            raise RequestRejectedError("prompt_token_ids", f"token id {bad!r} is outside the vocabulary "
-                                       f"[0, {self.vocab_size})")
-        mm = engine_request.multimodal
-        check_multimodal(ids, mm, self.mrope_spec)
-        request = Request(engine_request.request_id, ids, params, self.engine.eos_token_ids,
-                          cache_salt=engine_request.cache_salt, mm_spans=mm.spans if mm else (), multimodal=mm)
-        self.scheduler.add_request(request)
-        self._states[request.request_id] = _RequestState(
-            request, SamplingState.from_request(request, self.executor.layout.device),
-            IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens),
-            StopChecker(params, self.engine.eos_token_ids))
+        eos_ids = self.engine.eos_token_ids
+        generator = None if params.seed is None else make_generator(params.seed, self.executor.layout.device)
+        return Request(engine_request.request_id, ids, params, eos_ids, engine_request.cache_salt,
+                       engine_request.multimodal, generator,
+                       IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens),
+                       StopChecker(params, eos_ids))
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Finish a request as aborted; returns its final output, or None if unknown."""
-        state = self._states.get(request_id)
-        if state is None or not self.scheduler.finish_request(request_id, RequestStatus.FINISHED_ABORTED):
+        request = self.scheduler.finish_request(request_id, RequestStatus.FINISHED_ABORTED)
+        if request is None:
             return None
-        return self._finish(state, RequestStatus.FINISHED_ABORTED, state.stop.flush(), (), ())
+        return _output(request, _stop_checker(request).flush(), (), (), RequestStatus.FINISHED_ABORTED)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished
@@ -128,68 +109,51 @@ class EngineCore:
     # ----------------------------------------------------------------- step
 
     def step(self) -> list[RequestOutput]:
-        output = self.scheduler.schedule()
-        self._num_preemptions += len(output.preempted_request_ids)
-        if output.is_empty:
+        """Schedule, execute, sample, update; one output per request that got a token or failed."""
+        plan = self.scheduler.schedule()
+        self._num_preemptions += len(plan.preempted_request_ids)
+        if plan.is_empty:
             return []
         self._num_steps += 1
-        sampling = [s for s in output.scheduled if s.samples]
         try:
-            logits = self.executor.execute(output)
-            sampled = self.sampler.sample(logits, [self._states[s.request.request_id].sampling for s in sampling])
+            logits = self.executor.execute(plan)
+            sampled = self.sampler.sample(logits, plan.sampling_requests)
         except Exception:  # a failing step fails its requests, not the engine
-            LOG.exception("step failed; failing its %d requests", len(output.scheduled))
-            return self._fail_step(output)
-        by_id = {s.request.request_id: i for i, s in enumerate(sampling)}
-        self._num_computed_prompt_tokens += sum(
-            max(0, min(s.num_computed_tokens + s.num_new_tokens, s.request.num_prompt_tokens) - s.num_computed_tokens)
-            for s in output.scheduled)
-        token_map = {rid: sampled.sampled_token_ids[i] for rid, i in by_id.items()}
-        outputs = []
-        for request in self.scheduler.update_from_output(output, token_map):
-            index = by_id[request.request_id]
-            outputs.append(self._on_token(request, sampled.logprobs[index]))
-        return outputs
+            LOG.exception("step failed; failing its %d requests", len(plan.scheduled))
+            return self._fail(plan)
+        return self._update(plan, sampled)
+
+    def _update(self, plan: SchedulerOutput, sampled: SamplerOutput) -> list[RequestOutput]:
+        """Advance the scheduled requests and turn each new token into an output delta."""
+        self._num_computed_prompt_tokens += plan.num_prompt_tokens
+        rows = {request.request_id: row for row, request in enumerate(plan.sampling_requests)}
+        token_ids = {request_id: sampled.sampled_token_ids[row] for request_id, row in rows.items()}
+        return [self._on_token(request, sampled.logprobs[rows[request.request_id]])
+                for request in self.scheduler.update_from_output(plan, token_ids)]
 
     def _on_token(self, request: Request, logprobs: TokenLogprobs | None) -> RequestOutput:
-        state = self._states[request.request_id]
+        """The text delta of the request's newest token and the stop decision it brings."""
+        detokenizer, stop = request.detokenizer, _stop_checker(request)
+        assert detokenizer is not None, "set at admission"
         token_id = request.output_token_ids[-1]
         self._num_generated_tokens += 1
-        delta = state.detokenizer.add_tokens([token_id])
-        decision = state.stop.update(token_id, request.num_output_tokens, delta, state.detokenizer.flush)
+        delta = detokenizer.add_tokens([token_id])
+        decision = stop.update(token_id, request.num_output_tokens, delta, detokenizer.flush)
         lps = (logprobs,) if logprobs is not None else ()
-        if decision.finish is None:
-            return RequestOutput(request.request_id, decision.emit_text, (token_id,), False, None,
-                                 self._usage(request), logprobs=lps)
-        self.scheduler.finish_request(request.request_id, decision.finish)
-        return self._finish(state, decision.finish, decision.emit_text, (token_id,), lps, decision.stop_reason)
+        if decision.finish is not None:
+            self.scheduler.finish_request(request.request_id, decision.finish)
+        return _output(request, decision.emit_text, (token_id,), lps, decision.finish, decision.stop_reason)
 
-    def _fail_step(self, output: SchedulerOutput) -> list[RequestOutput]:
+    def _fail(self, plan: SchedulerOutput) -> list[RequestOutput]:
         outputs = []
-        for item in output.scheduled:
-            rid = item.request.request_id
-            if self.scheduler.finish_request(rid, RequestStatus.FINISHED_ERROR):
-                state = self._states[rid]
-                outputs.append(self._finish(state, RequestStatus.FINISHED_ERROR, state.stop.flush(), (), (),
-                                            error=STEP_ERROR_MESSAGE))
+        for item in plan.scheduled:
+            request = self.scheduler.finish_request(item.request.request_id, RequestStatus.FINISHED_ERROR)
+            if request is not None:
+                outputs.append(_output(request, _stop_checker(request).flush(), (), (),
+                                       RequestStatus.FINISHED_ERROR, error=STEP_ERROR_MESSAGE))
         return outputs
 
-    def _finish(self, state: _RequestState, status: RequestStatus, text: str, token_ids: tuple[int, ...],
-                logprobs: tuple[TokenLogprobs, ...], stop_reason: int | str | None = None,
-                error: str | None = None) -> RequestOutput:
-        request = state.request
-        self._states.pop(request.request_id, None)
-        return RequestOutput(request.request_id, text, token_ids, True, status.value, self._usage(request),
-                             stop_reason, logprobs, error)
-
-    @staticmethod
-    def _usage(request: Request) -> Usage:
-        def since_arrival(t: float | None) -> float | None:
-            return None if t is None else t - request.arrival_time
-
-        return Usage(request.num_prompt_tokens, request.num_output_tokens, request.num_cached_tokens,
-                     since_arrival(request.first_token_time), request.num_preemptions,
-                     since_arrival(request.first_scheduled_time))
+    # ---------------------------------------------------------------- stats
 
     def stats(self) -> EngineStats:
         return EngineStats(self.scheduler.num_running, self.scheduler.num_waiting, self.kv_cache.stats(),
@@ -209,8 +173,28 @@ class EngineCore:
         raise RuntimeError(f"requests did not finish within {max_steps} steps")
 
 
+def _stop_checker(request: Request) -> StopChecker:
+    assert request.stop_checker is not None, "set at admission"
+    return request.stop_checker
+
+
+def _output(request: Request, text: str, token_ids: tuple[int, ...], logprobs: tuple[TokenLogprobs, ...],
+            finish: RequestStatus | None = None, stop_reason: int | str | None = None,
+            error: str | None = None) -> RequestOutput:
+    """One delta of the request's output; `finish` set: its last one."""
+    return RequestOutput(request.request_id, text, token_ids, finish is not None,
+                         None if finish is None else finish.value, _usage(request), stop_reason, logprobs, error)
+
+
+def _usage(request: Request) -> Usage:
+    def since_arrival(t: float | None) -> float | None:
+        return None if t is None else t - request.arrival_time
+
+    return Usage(request.num_prompt_tokens, request.num_output_tokens, request.num_cached_tokens,
+                 since_arrival(request.first_token_time), request.num_preemptions,
+                 since_arrival(request.first_scheduled_time))
+
+
 def collect_text(outputs: list[RequestOutput]) -> tuple[str, list[int]]:
     """Concatenate a request's deltas."""
     return "".join(o.text for o in outputs), [t for o in outputs for t in o.token_ids]
-
-

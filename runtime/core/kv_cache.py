@@ -151,17 +151,9 @@ class KVCacheManager:
     def num_hit_tokens(self) -> int:
         return self._num_hit_tokens
 
-    @property
-    def hit_rate(self) -> float:
-        return self._num_hit_tokens / self._num_queried_tokens if self._num_queried_tokens else 0.0
-
     def num_blocks_needed(self, num_tokens: int) -> int:
         """Blocks that hold `num_tokens` tokens."""
         return -(-max(num_tokens, 0) // self._block_size)
-
-    def can_fit(self, num_tokens: int) -> bool:
-        """Whether a request holding no blocks could get blocks for `num_tokens` now."""
-        return self.num_blocks_needed(num_tokens) <= self.num_free_blocks
 
     def stats(self) -> KVCacheStats:
         return KVCacheStats(

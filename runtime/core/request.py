@@ -1,8 +1,15 @@
-"""A generation request as the engine thread sees it.
+"""A generation request: the API's input record and the engine's one record per request.
 
-What it is for: the state the scheduler, KV cache manager and sampler share
-about one request (token ids, progress, status). Plain Python, no tensors.
-Not for: wire formats (grpc_service) or text (the detokenizer keeps that).
+What it is for: `EngineRequest`, what a caller hands the engine (immutable), and
+`Request`, the one record the engine core keeps for it from admission to
+finish: its inputs (tokens, parameters, images, cache salt), its progress
+(computed and generated tokens, status, preemptions, times) and its output
+state (the seeded random stream the sampler draws from, the detokenizer and the
+stop checker). The scheduler, the KV cache manager, the sampler and the engine
+loop all read this record; nothing copies parts of it.
+Not for: validation (runtime/core/admission.py judges an EngineRequest once,
+before a Request exists), wire formats (grpc_service), or the per-step view the
+executor gets (`ScheduledRequest` in runtime/core/scheduler.py).
 """
 from __future__ import annotations
 
@@ -14,6 +21,10 @@ from typing import TYPE_CHECKING
 from runtime.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
+    import torch
+
+    from runtime.core.detokenizer import IncrementalDetokenizer
+    from runtime.core.stop_checker import StopChecker
     from runtime.multimodal.processor import MultimodalInputs
 
 
@@ -40,15 +51,34 @@ class MultimodalSpan:
     content_hash: str
 
 
+@dataclass(frozen=True, slots=True)
+class EngineRequest:
+    """A request as callers of the engine (the service, the CLI, tests) submit it."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    cache_salt: str | None = None
+    multimodal: MultimodalInputs | None = None     # images / videos of the prompt (VL engines)
+
+
 @dataclass(slots=True, eq=False)
 class Request:
+    """One admitted request inside the engine core (see the module docstring)."""
+
+    # -- inputs, fixed at admission
     request_id: str
     prompt_token_ids: list[int]
     sampling_params: SamplingParams
     eos_token_ids: tuple[int, ...] = ()
     cache_salt: str | None = None
-    mm_spans: tuple[MultimodalSpan, ...] = ()
-    multimodal: MultimodalInputs | None = None   # visuals and M-RoPE positions (VL engines)
+    multimodal: MultimodalInputs | None = None   # visuals, spans and M-RoPE positions (VL engines)
+    # -- output state (the engine sets the detokenizer and stop checker at admission; tests of the
+    #    scheduler and sampler, which need tokens only, leave them None)
+    generator: torch.Generator | None = None     # a seeded request's own random stream; None: the sampler's
+    detokenizer: IncrementalDetokenizer | None = None
+    stop_checker: StopChecker | None = None
+    # -- progress
     arrival_time: float = field(default_factory=time.monotonic)
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
@@ -57,6 +87,13 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
+    # The prompt as an int64 tensor, built once by the sampler when a penalty needs it.
+    prompt_ids_tensor: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def mm_spans(self) -> tuple[MultimodalSpan, ...]:
+        """The placeholder spans of the prompt's images and videos (prefix-cache keys)."""
+        return self.multimodal.spans if self.multimodal is not None else ()
 
     @property
     def num_prompt_tokens(self) -> int:

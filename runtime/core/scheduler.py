@@ -7,7 +7,8 @@ tokens (`num_tokens - num_computed_tokens`), within the step budget
 memory") is a policy: `max_utilization` admits while blocks are free and
 preempts the newest running request (recompute) when a running one needs a
 block; `guaranteed_no_evict` admits only what it can carry to `max_tokens` and
-never preempts. Admission rejects requests that could never fit.
+never preempts. It queues only requests the engine's door
+(runtime/core/admission.py) found servable: each fits the whole KV cache alone.
 
 Not for: tensors (the model runner turns a SchedulerOutput into a batch), stop
 conditions (EOS, stop strings, max_tokens are judged elsewhere, which then calls
@@ -27,10 +28,6 @@ from runtime.errors import FieldError
 
 class SchedulerConfigError(FieldError):
     """A scheduler setting is out of range; `field` names it."""
-
-
-class RequestRejectedError(FieldError):
-    """A request can never be served with this configuration; `field` names why."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,7 +57,10 @@ class SchedulerConfig:
 
 @dataclass(frozen=True, slots=True)
 class ScheduledRequest:
-    """One request's share of a step: tokens [num_computed_tokens, +num_new_tokens)."""
+    """One request's share of a step: tokens [num_computed_tokens, +num_new_tokens).
+
+    The per-step view the executor reads (with the request's record behind it).
+    """
 
     request: Request
     num_new_tokens: int
@@ -78,6 +78,12 @@ class ScheduledRequest:
     def samples(self) -> bool:
         """Whether this chunk reaches the last known token, so the step samples a token."""
         return self.num_computed_tokens + self.num_new_tokens == self.num_known_tokens
+
+    @property
+    def num_new_prompt_tokens(self) -> int:
+        """Prompt tokens this chunk computes (prefill); the rest are generated tokens (decode, recompute)."""
+        return max(0, min(self.num_computed_tokens + self.num_new_tokens, self.request.num_prompt_tokens)
+                   - self.num_computed_tokens)
 
     @property
     def token_ids(self) -> list[int]:
@@ -101,6 +107,16 @@ class SchedulerOutput:
     @property
     def is_empty(self) -> bool:
         return not self.scheduled
+
+    @property
+    def sampling_requests(self) -> list[Request]:
+        """The requests that sample a token this step, in the order of the executor's logits rows."""
+        return [item.request for item in self.scheduled if item.samples]
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        """Prompt tokens computed this step."""
+        return sum(item.num_new_prompt_tokens for item in self.scheduled)
 
 
 class Scheduler:
@@ -141,51 +157,18 @@ class Scheduler:
         """Waiting and preempted requests in the order they will be admitted."""
         return [request.request_id for request in self._waiting]
 
-    @property
-    def running_request_ids(self) -> list[str]:
-        """Running requests, oldest admitted first (the last is preempted first)."""
-        return [request.request_id for request in self._running]
-
-    def get_request(self, request_id: str) -> Request | None:
-        return self._requests.get(request_id)
+    def has_request(self, request_id: str) -> bool:
+        """Whether the id is queued, running or preempted (not yet finished)."""
+        return request_id in self._requests
 
     # ------------------------------------------------------------ admission
 
     def add_request(self, request: Request) -> None:
-        """Queue the request, or raise RequestRejectedError if it can never be served."""
-        self._check_admissible(request)
+        """Queue an admitted request (runtime/core/admission.py has checked it can ever be served)."""
+        assert request.request_id not in self._requests, "admission refuses an id in flight"
         request.status = RequestStatus.WAITING
         self._requests[request.request_id] = request
         self._waiting.append(request)
-
-    def _check_admissible(self, request: Request) -> None:
-        num_prompt = request.num_prompt_tokens
-        max_tokens = request.sampling_params.max_tokens
-        max_seq_len = self._config.max_seq_len
-        if request.request_id in self._requests:
-            raise RequestRejectedError(
-                "request_id", f"{request.request_id!r} is already queued or running")
-        if num_prompt == 0:
-            raise RequestRejectedError("prompt_token_ids", "prompt is empty (needs >= 1 token)")
-        if max_tokens < 1:
-            raise RequestRejectedError("max_tokens", f"must be >= 1, got {max_tokens}")
-        if num_prompt > max_seq_len:
-            raise RequestRejectedError(
-                "prompt_token_ids", f"prompt ({num_prompt}) exceeds max_seq_len ({max_seq_len})")
-        if num_prompt + max_tokens > max_seq_len:
-            raise RequestRejectedError(
-                "max_tokens",
-                f"prompt ({num_prompt}) + max_tokens ({max_tokens}) exceeds max_seq_len ({max_seq_len})")
-        num_blocks = self._kv.total_num_blocks
-        capacity = f"the whole KV cache ({num_blocks} blocks of {self._kv.block_size} tokens)"
-        if self._kv.num_blocks_needed(num_prompt) > num_blocks:
-            raise RequestRejectedError(
-                "prompt_token_ids", f"prompt ({num_prompt}) needs more blocks than {capacity}")
-        if self._kv.num_blocks_needed(num_prompt + max_tokens) > num_blocks:
-            raise RequestRejectedError(
-                "max_tokens",
-                f"prompt ({num_prompt}) + max_tokens ({max_tokens}) needs "
-                f"{self._kv.num_blocks_needed(num_prompt + max_tokens)} blocks, more than {capacity}")
 
     # ------------------------------------------------------------- schedule
 
@@ -313,16 +296,16 @@ class Scheduler:
                 sampled.append(request)
         return sampled
 
-    def finish_request(self, request_id: str, status: RequestStatus) -> bool:
-        """Remove a waiting, running or preempted request and free its blocks.
+    def finish_request(self, request_id: str, status: RequestStatus) -> Request | None:
+        """Remove a waiting, running or preempted request and free its blocks; returns its record.
 
-        Returns False (changing nothing) for an unknown or already finished id.
+        Returns None (changing nothing) for an unknown or already finished id.
         """
         if not status.finished:
             raise ValueError(f"status: {status.name} is not a finished status")
         request = self._requests.pop(request_id, None)
         if request is None:
-            return False
+            return None
         if request in self._running:
             self._running.remove(request)
         else:
@@ -330,4 +313,4 @@ class Scheduler:
         self._kv.free(request)
         request.status = status
         self._finished_since_schedule.append(request_id)
-        return True
+        return request

@@ -17,24 +17,30 @@ row with its own SamplingParams, in a fixed order:
    sampled rows: divide by temperature, top-k (0 or > V means V), top-p, min-p,
    softmax, then draw.
 
-Randomness: a row with a seed draws from its own `torch.Generator` (kept on its
-SamplingState across steps), so the same seed gives the same tokens whatever
-else is in the batch and wherever the row sits; rows without a seed share the
-sampler's generator. Draws use the exponential race `argmax(p / E)`, E ~ Exp(1),
-which picks token i with probability p_i; everything but the draws of seeded
-rows is vectorised over the batch.
+Each row is one request's engine record (runtime/core/request.py): the sampler
+reads its parameters, prompt and output ids, EOS ids and generator, and writes
+nothing back but a cached tensor of the prompt.
+Randomness: a row with a seed draws from its own `torch.Generator`
+(`Request.generator`, made at admission and kept across steps), so the same
+seed gives the same tokens whatever else is in the batch and wherever the row
+sits; rows without a seed share the sampler's generator. Draws use the
+exponential race `argmax(p / E)`, E ~ Exp(1), which picks token i with
+probability p_i; everything but the draws of seeded rows is vectorised over the
+batch.
 Not for: deciding when a request stops (runtime/core/stop_checker.py) or validating
 parameters (SamplingParams.validate, which the sampler trusts).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
-from runtime.core.request import Request
 from runtime.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from runtime.core.request import Request
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,47 +58,11 @@ class SamplerOutput:
     logprobs: list[TokenLogprobs | None]        # None where the request did not ask
 
 
-@dataclass(slots=True, eq=False)
-class SamplingState:
-    """What the sampler needs to know about one request.
-
-    The token lists are read, never written; `from_request` shares the
-    Request's own lists, so one state per request stays current across steps.
-    """
-
-    params: SamplingParams
-    prompt_token_ids: list[int]
-    output_token_ids: list[int]
-    eos_token_ids: tuple[int, ...] = ()
-    generator: torch.Generator | None = None    # None: the sampler's shared generator
-    _prompt_ids_tensor: torch.Tensor | None = field(default=None, init=False, repr=False)
-
-    @classmethod
-    def from_request(cls, request: Request,
-                     device: torch.device | str = "cpu") -> "SamplingState":
-        """Build the state for `request`; a seeded request gets its own generator.
-
-        Call once per request and keep the result: the generator's position is
-        part of the request's random stream.
-        """
-        seed = request.sampling_params.seed
-        return cls(
-            params=request.sampling_params,
-            prompt_token_ids=request.prompt_token_ids,
-            output_token_ids=request.output_token_ids,
-            eos_token_ids=request.eos_token_ids,
-            generator=None if seed is None else make_generator(seed, device),
-        )
-
-    def prompt_ids_tensor(self) -> torch.Tensor:
-        """The prompt ids as an int64 CPU tensor, built once (prompts do not change)."""
-        if self._prompt_ids_tensor is None:
-            self._prompt_ids_tensor = torch.tensor(self.prompt_token_ids, dtype=torch.long)
-        return self._prompt_ids_tensor
-
-
 def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
-    """A generator for one request's random stream; `seed` in [0, 2**64)."""
+    """A generator for one request's random stream (`Request.generator`); `seed` in [0, 2**64).
+
+    Make it once per request and keep it: its position is part of the request's stream.
+    """
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
     return generator
@@ -105,7 +75,7 @@ class Sampler:
         # Shared stream for rows without a seed; None means torch's default generator.
         self._generator = generator
 
-    def sample(self, logits: torch.Tensor, requests: list[SamplingState]) -> SamplerOutput:
+    def sample(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
         """One token per row of `logits` [B, V] (any float dtype; computed in float32)."""
         logits = _float32_copy(logits, requests)
         raw_logprobs = _raw_logprobs(logits, requests)
@@ -113,29 +83,29 @@ class Sampler:
 
         sampled_ids = logits.argmax(dim=-1)
         # Row choices are made from the params on the host: no device syncs.
-        sampled_rows = [i for i, s in enumerate(requests) if not s.params.greedy]
+        sampled_rows = [i for i, s in enumerate(requests) if not s.sampling_params.greedy]
         if sampled_rows:
             rows = torch.tensor(sampled_rows, device=logits.device)
-            sub_states = [requests[i] for i in sampled_rows]
-            probs = _processed_probs(logits[rows], [s.params for s in sub_states])
-            sampled_ids[rows] = self._draw(probs, sub_states)
+            sub_requests = [requests[i] for i in sampled_rows]
+            probs = _processed_probs(logits[rows], [s.sampling_params for s in sub_requests])
+            sampled_ids[rows] = self._draw(probs, sub_requests)
 
         token_ids: list[int] = sampled_ids.tolist()
         return SamplerOutput(token_ids, _collect_logprobs(raw_logprobs, token_ids, requests))
 
-    def _draw(self, probs: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
+    def _draw(self, probs: torch.Tensor, requests: list[Request]) -> torch.Tensor:
         """One token per row of `probs` by exponential race; seeded rows use their own generator."""
         vocab_size = probs.shape[1]
         noise = torch.empty_like(probs)
-        unseeded = [i for i, s in enumerate(states) if s.generator is None]
+        unseeded = [i for i, s in enumerate(requests) if s.generator is None]
         if unseeded:
             shared = torch.empty(len(unseeded), vocab_size, device=probs.device)
             shared.exponential_(generator=self._generator_for(probs.device))
             noise[unseeded] = shared
-        for i, state in enumerate(states):
-            if state.generator is not None:
-                row = torch.empty(vocab_size, device=state.generator.device)
-                noise[i] = row.exponential_(generator=state.generator).to(probs.device)
+        for i, request in enumerate(requests):
+            if request.generator is not None:
+                row = torch.empty(vocab_size, device=request.generator.device)
+                noise[i] = row.exponential_(generator=request.generator).to(probs.device)
         # Exp(1) can return exactly 0; a floor keeps p / E finite and 0 / E zero.
         noise.clamp_(min=torch.finfo(torch.float32).tiny)
         return (probs / noise).argmax(dim=-1)
@@ -147,7 +117,7 @@ class Sampler:
         return self._generator
 
 
-def sampling_probs(logits: torch.Tensor, requests: list[SamplingState]) -> torch.Tensor:
+def sampling_probs(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
     """The distribution `Sampler.sample` draws each row from, as float32 [B, V].
 
     Greedy rows get a one-hot of their argmax. For tests, and for strategies
@@ -156,20 +126,20 @@ def sampling_probs(logits: torch.Tensor, requests: list[SamplingState]) -> torch
     logits = _float32_copy(logits, requests)
     apply_penalties_and_bans(logits, requests)
     probs = torch.zeros_like(logits).scatter_(1, logits.argmax(dim=-1, keepdim=True), 1.0)
-    sampled_rows = [i for i, s in enumerate(requests) if not s.params.greedy]
+    sampled_rows = [i for i, s in enumerate(requests) if not s.sampling_params.greedy]
     if sampled_rows:
         rows = torch.tensor(sampled_rows, device=logits.device)
-        probs[rows] = _processed_probs(logits[rows], [requests[i].params for i in sampled_rows])
+        probs[rows] = _processed_probs(logits[rows], [requests[i].sampling_params for i in sampled_rows])
     return probs
 
 
-def apply_penalties_and_bans(logits: torch.Tensor, requests: list[SamplingState]) -> None:
+def apply_penalties_and_bans(logits: torch.Tensor, requests: list[Request]) -> None:
     """Steps 2 and 3 of the module docstring, in place on float32 `logits`."""
     _apply_penalties(logits, requests)
     _apply_bans(logits, requests)
 
 
-def _float32_copy(logits: torch.Tensor, requests: list[SamplingState]) -> torch.Tensor:
+def _float32_copy(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
     if logits.dim() != 2 or logits.shape[0] != len(requests):
         raise ValueError(f"logits must be [num_requests={len(requests)}, vocab], "
                          f"got {tuple(logits.shape)}")
@@ -177,67 +147,75 @@ def _float32_copy(logits: torch.Tensor, requests: list[SamplingState]) -> torch.
     return logits.to(torch.float32, copy=True)
 
 
-def _raw_logprobs(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor | None:
+def _raw_logprobs(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor | None:
     """log_softmax of the raw logits for the rows that asked, else None."""
-    if all(s.params.logprobs is None for s in states):
+    if all(s.sampling_params.logprobs is None for s in requests):
         return None
     return torch.log_softmax(logits, dim=-1)
 
 
 def _collect_logprobs(raw_logprobs: torch.Tensor | None, token_ids: list[int],
-                      states: list[SamplingState]) -> list[TokenLogprobs | None]:
-    out: list[TokenLogprobs | None] = [None] * len(states)
-    rows = [i for i, s in enumerate(states) if s.params.logprobs is not None]
+                      requests: list[Request]) -> list[TokenLogprobs | None]:
+    out: list[TokenLogprobs | None] = [None] * len(requests)
+    rows = [i for i, s in enumerate(requests) if s.sampling_params.logprobs is not None]
     if raw_logprobs is None or not rows:
         return out
     device = raw_logprobs.device
     chosen = raw_logprobs[torch.tensor(rows, device=device),
                           torch.tensor([token_ids[i] for i in rows], device=device)].tolist()
     # One top-k for all rows at the largest n asked for; each row keeps its own n.
-    num_top = min(max(states[i].params.logprobs or 0 for i in rows), raw_logprobs.shape[1])
+    num_top = min(max(requests[i].sampling_params.logprobs or 0 for i in rows), raw_logprobs.shape[1])
     top_values: list[list[float]] = [[] for _ in rows]
     top_ids: list[list[int]] = [[] for _ in rows]
     if num_top > 0:
         values, ids = raw_logprobs[torch.tensor(rows, device=device)].topk(num_top, dim=-1)
         top_values, top_ids = values.tolist(), ids.tolist()
     for j, i in enumerate(rows):
-        num = states[i].params.logprobs or 0
+        num = requests[i].sampling_params.logprobs or 0
         top = tuple(zip(top_ids[j][:num], top_values[j][:num]))
         out[i] = TokenLogprobs(token_ids[i], chosen[j], top)
     return out
 
 
-def _apply_penalties(logits: torch.Tensor, states: list[SamplingState]) -> None:
+def _apply_penalties(logits: torch.Tensor, requests: list[Request]) -> None:
     """Repetition penalty over prompt + output, then frequency / presence over output.
 
     In place, touching only the rows that have the penalty.
     """
     device = logits.device
-    rep_rows = [i for i, s in enumerate(states) if s.params.repetition_penalty != 1.0]
+    rep_rows = [i for i, s in enumerate(requests) if s.sampling_params.repetition_penalty != 1.0]
     if rep_rows:
-        token_ids = [torch.cat((states[i].prompt_ids_tensor(),
-                                _ids_tensor(states[i].output_token_ids))) for i in rep_rows]
+        token_ids = [torch.cat((_prompt_ids_tensor(requests[i]),
+                                _ids_tensor(requests[i].output_token_ids))) for i in rep_rows]
         index = torch.tensor(rep_rows, device=device)
         sub = logits[index]
         seen = torch.zeros_like(sub, dtype=torch.bool)
         seen[_row_col_index(token_ids, device)] = True
-        penalty = _column([states[i].params.repetition_penalty for i in rep_rows], device)
+        penalty = _column([requests[i].sampling_params.repetition_penalty for i in rep_rows], device)
         penalised = torch.where(sub > 0, sub / penalty, sub * penalty)
         logits[index] = torch.where(seen, penalised, sub)
 
-    count_rows = [i for i, s in enumerate(states)
-                  if (s.params.frequency_penalty != 0.0 or s.params.presence_penalty != 0.0)
+    count_rows = [i for i, s in enumerate(requests)
+                  if (s.sampling_params.frequency_penalty != 0.0
+                      or s.sampling_params.presence_penalty != 0.0)
                   and s.output_token_ids]
     if count_rows:
         index = torch.tensor(count_rows, device=device)
         counts = torch.zeros(len(count_rows), logits.shape[1], device=device)
         rows, cols = _row_col_index(
-            [_ids_tensor(states[i].output_token_ids) for i in count_rows], device)
+            [_ids_tensor(requests[i].output_token_ids) for i in count_rows], device)
         counts.index_put_((rows, cols), torch.ones_like(rows, dtype=counts.dtype),
                           accumulate=True)
-        frequency = _column([states[i].params.frequency_penalty for i in count_rows], device)
-        presence = _column([states[i].params.presence_penalty for i in count_rows], device)
+        frequency = _column([requests[i].sampling_params.frequency_penalty for i in count_rows], device)
+        presence = _column([requests[i].sampling_params.presence_penalty for i in count_rows], device)
         logits[index] -= frequency * counts + presence * (counts > 0).to(counts.dtype)
+
+
+def _prompt_ids_tensor(request: Request) -> torch.Tensor:
+    """The prompt ids as an int64 CPU tensor, built once per request (prompts do not change)."""
+    if request.prompt_ids_tensor is None:
+        request.prompt_ids_tensor = torch.tensor(request.prompt_token_ids, dtype=torch.long)
+    return request.prompt_ids_tensor
 
 
 def _ids_tensor(token_ids: list[int]) -> torch.Tensor:
@@ -256,12 +234,12 @@ def _row_col_index(token_ids: list[torch.Tensor],
     return rows.to(device), torch.cat(token_ids).to(device)
 
 
-def _apply_bans(logits: torch.Tensor, states: list[SamplingState]) -> None:
+def _apply_bans(logits: torch.Tensor, requests: list[Request]) -> None:
     """min_tokens and bad-words bans: the banned tokens' logits become -inf, in place."""
     rows: list[int] = []
     cols: list[int] = []
-    for i, state in enumerate(states):
-        banned = _banned_token_ids(state)
+    for i, request in enumerate(requests):
+        banned = _banned_token_ids(request)
         rows.extend([i] * len(banned))
         cols.extend(banned)
     if rows:
@@ -269,16 +247,16 @@ def _apply_bans(logits: torch.Tensor, states: list[SamplingState]) -> None:
                torch.tensor(cols, device=logits.device)] = float("-inf")
 
 
-def _banned_token_ids(state: SamplingState) -> list[int]:
-    params = state.params
+def _banned_token_ids(request: Request) -> list[int]:
+    params = request.sampling_params
     banned: list[int] = []
-    if len(state.output_token_ids) < params.min_tokens:
+    if len(request.output_token_ids) < params.min_tokens:
         banned.extend(params.stop_token_ids)
         if not params.ignore_eos:
-            banned.extend(state.eos_token_ids)
+            banned.extend(request.eos_token_ids)
     for word in params.bad_words_ids:
         prefix = word[:-1]
-        if _tail_equals(state.prompt_token_ids, state.output_token_ids, prefix):
+        if _tail_equals(request.prompt_token_ids, request.output_token_ids, prefix):
             banned.append(word[-1])
     return banned
 

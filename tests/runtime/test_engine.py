@@ -13,7 +13,7 @@ from runtime.core.engine_core import EngineCore, EngineRequest, collect_text
 from engine_format.engine_dir import load_engine
 from runtime.executor.model import DecoderModel
 from runtime.sampling_params import SamplingParams
-from runtime.core.scheduler import RequestRejectedError
+from runtime.core.admission import RequestRejectedError
 from runtime.executor.sequential import SequentialRunner
 from tests.helpers.engine_helpers import (
     assert_all_blocks_free,

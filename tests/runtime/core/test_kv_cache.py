@@ -10,19 +10,7 @@ from runtime.core.kv_cache import (
     hash_block_tokens,
 )
 from runtime.core.request import MultimodalSpan, Request
-from runtime.sampling_params import SamplingParams
-
-
-def make_request(
-    request_id: str,
-    prompt: list[int],
-    *,
-    max_tokens: int = 4,
-    salt: str | None = None,
-    mm_spans: tuple[MultimodalSpan, ...] = (),
-) -> Request:
-    return Request(request_id, list(prompt), SamplingParams(max_tokens=max_tokens),
-                   cache_salt=salt, mm_spans=mm_spans)
+from tests.helpers.requests import make_request
 
 
 def compute_all(kv: KVCacheManager, request: Request) -> list[int]:
@@ -230,7 +218,7 @@ def test_prefix_caching_disabled() -> None:
     compute_all(kv, first)
     assert kv.num_cached_blocks == 0
     assert kv.get_computed_blocks(make_request("b", [1, 2, 3, 4, 5])) == ([], 0)
-    assert kv.hit_rate == 0.0
+    assert kv.stats().hit_rate == 0.0
     kv.free(first)
     assert_all_free(kv)
 

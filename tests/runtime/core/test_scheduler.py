@@ -1,10 +1,12 @@
-"""Scheduler: token budget, chunked prefill, FCFS, admission, capacity policies, abort.
+"""Scheduler: token budget, chunked prefill, FCFS, capacity policies, prefix cache, abort.
 
 The engine loop is simulated with a fake model that keeps a paged "KV cache"
 of token values (block id, slot) -> value, writes the scheduled positions into
 the blocks it was given, and reads the whole history back from those blocks to
 pick the next token. A wrong block table or a wrong prefix hit therefore shows
-up as a wrong output token. Hypothesis property tests are at the end.
+up as a wrong output token. Requests reach the scheduler through the engine's
+door (runtime/core/admission.py), as in EngineCore. Hypothesis property tests
+are at the end.
 """
 from __future__ import annotations
 
@@ -15,16 +17,11 @@ import pytest
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
+from runtime.core.admission import AdmissionLimits, RequestRejectedError, check_request
 from runtime.core.kv_cache import KVCacheManager
-from runtime.core.request import MultimodalSpan, Request, RequestStatus
-from runtime.sampling_params import SamplingParams
-from runtime.core.scheduler import (
-    RequestRejectedError,
-    Scheduler,
-    SchedulerConfig,
-    SchedulerConfigError,
-    SchedulerOutput,
-)
+from runtime.core.request import EngineRequest, MultimodalSpan, Request, RequestStatus
+from runtime.core.scheduler import Scheduler, SchedulerConfig, SchedulerConfigError, SchedulerOutput
+from tests.helpers.requests import make_request
 
 
 # ---------------------------------------------------------------- fake engine
@@ -45,7 +42,7 @@ def next_token(values: list[int]) -> int:
 def expected_output(request: Request) -> list[int]:
     """The output the request gets when it runs alone (the fake model is deterministic)."""
     alone = Request("alone", list(request.prompt_token_ids), request.sampling_params,
-                    mm_spans=request.mm_spans)
+                    multimodal=request.multimodal)
     for _ in range(request.sampling_params.max_tokens):
         alone.append_output_token(next_token([token_value(alone, p) for p in range(alone.num_tokens)]))
     return alone.output_token_ids
@@ -76,10 +73,17 @@ class FakeModel:
 class Engine:
     scheduler: Scheduler
     model: FakeModel
+    limits: AdmissionLimits
 
     @property
     def kv(self) -> KVCacheManager:
         return self.scheduler.kv_cache
+
+    def add(self, request: Request) -> None:
+        """The engine's door for the request's tokens and parameters, then the queue (as EngineCore)."""
+        check_request(EngineRequest(request.request_id, request.prompt_token_ids, request.sampling_params),
+                      self.limits, self.scheduler.has_request)
+        self.scheduler.add_request(request)
 
     def step(self) -> SchedulerOutput:
         output = self.scheduler.schedule()
@@ -124,15 +128,9 @@ def make_engine(
 ) -> Engine:
     config = SchedulerConfig(max_batch_size, max_num_tokens, max_seq_len, policy, chunked)
     kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching=prefix_caching)
-    return Engine(Scheduler(config, kv), FakeModel(block_size))
-
-
-def make_request(
-    request_id: str, prompt: list[int], max_tokens: int = 4, *,
-    salt: str | None = None, mm_spans: tuple[MultimodalSpan, ...] = (),
-) -> Request:
-    return Request(request_id, list(prompt), SamplingParams(max_tokens=max_tokens),
-                   cache_salt=salt, mm_spans=mm_spans)
+    limits = AdmissionLimits(vocab_size=1000, max_input_len=max_seq_len, max_seq_len=max_seq_len,
+                             num_kv_blocks=num_blocks, tokens_per_block=block_size)
+    return Engine(Scheduler(config, kv), FakeModel(block_size), limits)
 
 
 def scheduled_tokens(output: SchedulerOutput) -> dict[str, int]:
@@ -144,7 +142,7 @@ def scheduled_tokens(output: SchedulerOutput) -> dict[str, int]:
 def test_token_budget_and_chunked_prefill() -> None:
     engine = make_engine(max_num_tokens=8)
     long = make_request("long", list(range(20)), max_tokens=2)
-    engine.scheduler.add_request(long)
+    engine.add(long)
     first, second, third = engine.step(), engine.step(), engine.step()
     assert [scheduled_tokens(o) for o in (first, second, third)] == [{"long": 8}, {"long": 8}, {"long": 4}]
     assert [o.scheduled[0].samples for o in (first, second, third)] == [False, False, True]
@@ -157,7 +155,7 @@ def test_decode_requests_get_one_token_each_and_budget_is_shared() -> None:
     engine = make_engine(max_num_tokens=10)
     requests = [make_request(f"r{i}", [i + 1] * 6, max_tokens=5) for i in range(3)]
     for request in requests:
-        engine.scheduler.add_request(request)
+        engine.add(request)
     assert scheduled_tokens(engine.step()) == {"r0": 6, "r1": 4}             # r1 chunked
     assert scheduled_tokens(engine.step()) == {"r0": 1, "r1": 2, "r2": 6}
     assert scheduled_tokens(engine.step()) == {"r0": 1, "r1": 1, "r2": 1}
@@ -169,8 +167,8 @@ def test_decode_requests_get_one_token_each_and_budget_is_shared() -> None:
 def test_without_chunked_prefill_a_prompt_waits_for_a_whole_budget() -> None:
     engine = make_engine(max_num_tokens=16, max_seq_len=16, chunked=False)
     first, second = make_request("a", [1] * 10, 3), make_request("b", [2] * 10, 3)
-    engine.scheduler.add_request(first)
-    engine.scheduler.add_request(second)
+    engine.add(first)
+    engine.add(second)
     assert scheduled_tokens(engine.step()) == {"a": 10}
     assert scheduled_tokens(engine.step()) == {"a": 1, "b": 10}
     engine.run()
@@ -181,7 +179,7 @@ def test_batch_size_limits_running_requests_fcfs() -> None:
     engine = make_engine(max_batch_size=2)
     requests = [make_request(f"r{i}", [i] * 3, max_tokens=2 + i) for i in range(3)]
     for request in requests:
-        engine.scheduler.add_request(request)
+        engine.add(request)
     assert list(scheduled_tokens(engine.step())) == ["r0", "r1"]
     assert engine.scheduler.num_waiting == 1
     outputs = engine.run()
@@ -196,7 +194,7 @@ def test_fcfs_head_that_does_not_fit_blocks_later_requests() -> None:
     big = make_request("big", [2] * 16, max_tokens=4)                 # needs 4 blocks now
     small = make_request("small", [3] * 3, max_tokens=2)              # would fit in 1
     for request in (holder, big, small):
-        engine.scheduler.add_request(request)
+        engine.add(request)
     assert scheduled_tokens(engine.step()) == {"holder": 12}
     assert engine.scheduler.num_waiting == 2                          # small not ahead of big
     engine.run()
@@ -204,38 +202,7 @@ def test_fcfs_head_that_does_not_fit_blocks_later_requests() -> None:
         assert request.output_token_ids == expected_output(request)
 
 
-# ---------------------------------------------------------------- admission
-
-@pytest.mark.parametrize("prompt_len, max_tokens, field_name, message", [
-    (0, 4, "prompt_token_ids", "prompt is empty"),
-    (129, 1, "prompt_token_ids", "prompt (129) exceeds max_seq_len (128)"),
-    (100, 50, "max_tokens", "max_tokens: prompt (100) + max_tokens (50) exceeds max_seq_len (128)"),
-    (100, 0, "max_tokens", "must be >= 1, got 0"),
-    (70, 4, "prompt_token_ids", "needs more blocks than the whole KV cache (16 blocks of 4 tokens)"),
-    (60, 8, "max_tokens", "needs 17 blocks, more than the whole KV cache"),
-])
-def test_rejects_requests_that_can_never_fit(
-    prompt_len: int, max_tokens: int, field_name: str, message: str
-) -> None:
-    engine = make_engine(num_blocks=16, block_size=4, max_seq_len=128)
-    with pytest.raises(RequestRejectedError) as info:
-        engine.scheduler.add_request(make_request("bad", [1] * prompt_len, max_tokens))
-    assert info.value.field == field_name and str(info.value).startswith(field_name + ":")
-    assert message in str(info.value)
-    assert not engine.scheduler.has_unfinished and engine.scheduler.num_waiting == 0
-    good = make_request("good", [5] * 8, max_tokens=3)
-    engine.scheduler.add_request(good)                                 # not blocked by the rejected one
-    engine.run()
-    assert good.output_token_ids == expected_output(good)
-
-
-def test_rejects_duplicate_request_id() -> None:
-    engine = make_engine()
-    engine.scheduler.add_request(make_request("a", [1, 2]))
-    with pytest.raises(RequestRejectedError, match="request_id"):
-        engine.scheduler.add_request(make_request("a", [3, 4]))
-    engine.run()
-
+# ------------------------------------------------------------------- config
 
 @pytest.mark.parametrize("kwargs, field_name", [
     ({"max_batch_size": 0}, "max_batch_size"),
@@ -260,7 +227,7 @@ def test_max_utilization_preempts_the_newest_requeues_it_first_and_it_completes(
     old, new = make_request("old", [1] * 8, max_tokens=12), make_request("new", [2] * 8, max_tokens=12)
     late = make_request("late", [3] * 4, max_tokens=2)                # waits: batch is full
     for request in (old, new, late):
-        engine.scheduler.add_request(request)
+        engine.add(request)
     num_preempted_steps = 0
     while engine.scheduler.has_unfinished:
         output = engine.step()
@@ -279,8 +246,8 @@ def test_max_utilization_preempts_the_newest_requeues_it_first_and_it_completes(
 def test_guaranteed_no_evict_never_preempts() -> None:
     engine = make_engine(num_blocks=6, block_size=4, max_seq_len=24, policy="guaranteed_no_evict")
     old, new = make_request("old", [1] * 8, max_tokens=12), make_request("new", [2] * 8, max_tokens=12)
-    engine.scheduler.add_request(old)
-    engine.scheduler.add_request(new)
+    engine.add(old)
+    engine.add(new)
     assert scheduled_tokens(engine.step()) == {"old": 8}              # new's worst case does not fit
     outputs = engine.run()
     assert all(not o.preempted_request_ids for o in outputs)
@@ -293,10 +260,10 @@ def test_guaranteed_no_evict_never_preempts() -> None:
 def test_prefix_hit_skips_cached_tokens_and_keeps_outputs() -> None:
     engine = make_engine(block_size=4)
     first = make_request("a", list(range(14)), max_tokens=3)
-    engine.scheduler.add_request(first)
+    engine.add(first)
     engine.run()
     second = make_request("b", list(range(12)) + [40, 41], max_tokens=3)
-    engine.scheduler.add_request(second)
+    engine.add(second)
     output = engine.step()
     assert output.scheduled[0].num_computed_tokens == 12 and output.scheduled[0].num_new_tokens == 2
     assert second.num_cached_tokens == 12
@@ -307,11 +274,11 @@ def test_prefix_hit_skips_cached_tokens_and_keeps_outputs() -> None:
 def test_only_computed_blocks_are_cached() -> None:
     engine = make_engine(block_size=4)
     first = make_request("a", [1, 2, 3, 4, 5, 6, 7], max_tokens=3)
-    engine.scheduler.add_request(first)
+    engine.add(first)
     engine.step()                                      # computes 7 tokens, samples the 8th
     assert first.num_tokens == 8 and engine.kv.num_cached_blocks == 1
     second = make_request("b", first.all_token_ids + [9], max_tokens=2)
-    engine.scheduler.add_request(second)
+    engine.add(second)
     output = engine.step()                             # block 1's last slot is not written yet
     assert {i.request.request_id: i.num_computed_tokens for i in output.scheduled} == {"a": 7, "b": 4}
     engine.run()
@@ -324,7 +291,7 @@ def test_same_tokens_different_images_give_their_own_outputs() -> None:
     spans = {name: (MultimodalSpan(2, 6, name),) for name in ("cat", "dog")}
     requests = [make_request(name, prompt, max_tokens=3, mm_spans=spans[name]) for name in spans]
     for request in requests:
-        engine.scheduler.add_request(request)
+        engine.add(request)
         engine.run()
     assert requests[1].num_cached_tokens == 0
     assert requests[0].output_token_ids != requests[1].output_token_ids
@@ -337,8 +304,8 @@ def test_same_tokens_different_images_give_their_own_outputs() -> None:
 def test_abort_waiting_running_and_unknown_requests() -> None:
     engine = make_engine(max_batch_size=1)
     running, waiting = make_request("run", [1] * 9), make_request("wait", [2] * 5)
-    engine.scheduler.add_request(running)
-    engine.scheduler.add_request(waiting)
+    engine.add(running)
+    engine.add(waiting)
     engine.step()
     assert engine.kv.num_used_blocks == 3
     assert engine.scheduler.finish_request("wait", RequestStatus.FINISHED_ABORTED)
@@ -355,7 +322,7 @@ def test_abort_waiting_running_and_unknown_requests() -> None:
 def test_abort_between_schedule_and_update_is_skipped() -> None:
     engine = make_engine()
     request = make_request("a", [1, 2, 3])
-    engine.scheduler.add_request(request)
+    engine.add(request)
     output = engine.scheduler.schedule()
     sampled = engine.model.execute(output)
     engine.scheduler.finish_request("a", RequestStatus.FINISHED_ABORTED)
@@ -366,7 +333,7 @@ def test_abort_between_schedule_and_update_is_skipped() -> None:
 def test_missing_sampled_token_raises_and_changes_nothing() -> None:
     engine = make_engine()
     request = make_request("a", [1, 2, 3])
-    engine.scheduler.add_request(request)
+    engine.add(request)
     output = engine.scheduler.schedule()
     with pytest.raises(ValueError, match="sampled_token_ids"):
         engine.scheduler.update_from_output(output, {})
@@ -433,9 +400,10 @@ def run_workload(ops: list[tuple[str, object]], options: dict[str, object]) -> E
             if not arg.prompt or num_total > scheduler.config.max_seq_len or \
                     kv.num_blocks_needed(num_total) > kv.total_num_blocks:
                 with pytest.raises(RequestRejectedError):
-                    scheduler.add_request(request)
+                    engine.add(request)
+                assert not scheduler.has_request(request.request_id)
                 continue
-            scheduler.add_request(request)
+            engine.add(request)
             admitted.append(request)
         elif kind == "step":
             for _ in range(int(arg)):  # type: ignore[call-overload]

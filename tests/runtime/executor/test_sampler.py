@@ -12,8 +12,7 @@ import pytest
 import torch
 
 from runtime.core.request import Request
-from runtime.executor.sampler import (Sampler, SamplingState, TokenLogprobs, make_generator,
-                             sampling_probs)
+from runtime.executor.sampler import Sampler, TokenLogprobs, make_generator, sampling_probs
 from runtime.sampling_params import SamplingParams
 
 VOCAB = 64
@@ -21,15 +20,15 @@ EOS = 3
 
 
 def state(params: SamplingParams, prompt: list[int] | None = None,
-          output: list[int] | None = None, eos: tuple[int, ...] = (EOS,)) -> SamplingState:
-    return SamplingState(params=params, prompt_token_ids=prompt or [1, 2],
-                         output_token_ids=output or [], eos_token_ids=eos,
-                         generator=None if params.seed is None else make_generator(params.seed))
+          output: list[int] | None = None, eos: tuple[int, ...] = (EOS,)) -> Request:
+    """A request record as the engine admits it (a seeded one with its own generator)."""
+    return Request("r", prompt or [1, 2], params, eos_token_ids=eos, output_token_ids=output or [],
+                   generator=None if params.seed is None else make_generator(params.seed))
 
 
-def reference_probs(logits: torch.Tensor, st: SamplingState) -> torch.Tensor:
+def reference_probs(logits: torch.Tensor, st: Request) -> torch.Tensor:
     """Independent float64 per-row implementation of the documented order."""
-    p = st.params
+    p = st.sampling_params
     x = [float(v) for v in logits.double()]
     for t in set(st.prompt_token_ids + st.output_token_ids):
         x[t] = x[t] / p.repetition_penalty if x[t] > 0 else x[t] * p.repetition_penalty
@@ -45,7 +44,7 @@ def reference_probs(logits: torch.Tensor, st: SamplingState) -> torch.Tensor:
             banned.add(word[-1])
     for t in banned:
         x[t] = -math.inf
-    if p.temperature == 0.0:
+    if p.greedy:
         out = [0.0] * len(x)
         out[max(range(len(x)), key=lambda i: x[i])] = 1.0
         return torch.tensor(out, dtype=torch.float64)
@@ -92,7 +91,7 @@ PARAM_CASES = [
 ]
 
 
-def batch_states() -> list[SamplingState]:
+def batch_states() -> list[Request]:
     gen = torch.Generator().manual_seed(7)
     states = []
     for i, params in enumerate(PARAM_CASES):
@@ -109,7 +108,7 @@ def test_processed_distribution_matches_float64_reference() -> None:
     for i, st in enumerate(states):
         ref = reference_probs(logits[i], st)
         torch.testing.assert_close(probs[i].double(), ref, atol=2e-6, rtol=0,
-                                   msg=lambda m, i=i: f"row {i} ({states[i].params}): {m}")
+                                   msg=lambda m, i=i: f"row {i} ({states[i].sampling_params}): {m}")
 
 
 def test_samples_only_from_support_and_input_untouched() -> None:
@@ -144,7 +143,7 @@ def test_greedy_equals_argmax(dtype: torch.dtype) -> None:
     assert out.sampled_token_ids == logits.float().argmax(dim=-1).tolist()
 
 
-def run_steps(sampler: Sampler, batch: list[SamplingState], index: int,
+def run_steps(sampler: Sampler, batch: list[Request], index: int,
               num_steps: int, seed: int) -> list[int]:
     tokens = []
     gen = torch.Generator().manual_seed(seed)
@@ -173,15 +172,19 @@ def test_seeded_row_reproduces_across_batches_and_positions() -> None:
     assert other_seed != alone
 
 
-def test_from_request_shares_token_lists_and_seeds_generator() -> None:
-    request = Request("r", [4, 5], SamplingParams(seed=5), eos_token_ids=(EOS,))
-    st = SamplingState.from_request(request)
-    request.append_output_token(9)
-    assert st.output_token_ids == [9] and st.eos_token_ids == (EOS,)
-    assert st.generator is not None
-    expected = make_generator(5)
-    assert torch.equal(torch.rand(3, generator=st.generator), torch.rand(3, generator=expected))
-    assert SamplingState.from_request(Request("u", [1], SamplingParams())).generator is None
+def test_make_generator_starts_the_seeds_stream() -> None:
+    expected = torch.Generator().manual_seed(5)
+    assert torch.equal(torch.rand(3, generator=make_generator(5)), torch.rand(3, generator=expected))
+
+
+def test_penalties_see_the_records_tokens_as_they_grow() -> None:
+    params = SamplingParams(temperature=0.0, repetition_penalty=100.0)
+    logits = torch.zeros(1, VOCAB)
+    logits[0, 10], logits[0, 11], logits[0, 12] = 3.0, 2.0, 1.0
+    request = state(params, prompt=[10])
+    assert Sampler().sample(logits, [request]).sampled_token_ids == [11]   # 10 is in the prompt
+    request.append_output_token(11)
+    assert Sampler().sample(logits, [request]).sampled_token_ids == [12]   # and now 11 was generated
 
 
 def test_min_tokens_bans_eos_and_stop_tokens() -> None:
@@ -261,7 +264,7 @@ def test_cuda_matches_cpu() -> None:
     torch.testing.assert_close(sampling_probs(logits.cuda(), states).cpu(),
                                sampling_probs(logits, states), atol=1e-5, rtol=0)
     seeded = SamplingParams(temperature=1.0, seed=7)
-    cuda_state = SamplingState(seeded, [1], [], generator=make_generator(7, "cuda"))
+    cuda_state = Request("c", [1], seeded, generator=make_generator(7, "cuda"))
     out = Sampler(torch.Generator("cuda").manual_seed(0)).sample(
         logits.cuda().half(), states + [cuda_state, state(seeded)])
     assert len(out.sampled_token_ids) == len(states) + 2
