@@ -20,6 +20,7 @@ from pathlib import Path
 from grpc_service.config import ServerConfig, ServerConfigError
 from grpc_service.repository import RepositoryError
 from runtime.config import CAPACITY_POLICIES, EngineConfig, EngineConfigError
+from runtime.engine_args import add_engine_gpu_arguments
 from engine_format.errors import EngineLoadError
 
 
@@ -53,6 +54,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--num-kv-blocks", type=int, help="KV-cache blocks per engine (default: sized from memory)")
     p.add_argument("--capacity-policy", choices=CAPACITY_POLICIES)
+    add_engine_gpu_arguments(p)
     p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     return p.parse_args(argv)
 
@@ -71,7 +73,10 @@ def configs_from_args(args: argparse.Namespace) -> tuple[ServerConfig, EngineCon
         allowed_image_dir=args.allowed_image_dir, allow_image_url_fetch=True if args.allow_image_url_fetch else None,
         image_fetch_timeout_s=args.image_fetch_timeout)
     engine = EngineConfig.from_env(device=args.device, num_kv_blocks=args.num_kv_blocks,
-                                   capacity_policy=args.capacity_policy)
+                                   capacity_policy=args.capacity_policy, kv_cache_max_bytes=args.kv_cache_max_bytes,
+                                   gpu_memory_fraction=args.gpu_memory_fraction,
+                                   enable_cuda_graphs=False if args.no_cuda_graphs else None,
+                                   op_backend=args.op_backend)
     return server, engine
 
 

@@ -17,6 +17,8 @@ from runtime.core.async_engine import AsyncEngine
 from runtime.config import EngineConfig
 from runtime.core.engine_core import EngineCore, EngineRequest
 from engine_format.errors import EngineLoadError
+from runtime.engine_args import add_engine_gpu_arguments
+from runtime.executor.kv_sizing import layout_report
 from runtime.sampling_params import SamplingParams, SamplingParamsError
 
 
@@ -40,6 +42,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--ignore-eos", action="store_true")
     p.add_argument("--concurrency", type=int, default=8, help="requests in flight at once")
     p.add_argument("--device", default="auto")
+    add_engine_gpu_arguments(p)
     return p.parse_args(argv)
 
 
@@ -107,7 +110,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         sampling_from_args(args).validate()
-        core = EngineCore.from_dir(args.engine, EngineConfig(device=args.device))
+        config = EngineConfig.from_env(device=args.device, kv_cache_max_bytes=args.kv_cache_max_bytes,
+                                       gpu_memory_fraction=args.gpu_memory_fraction, op_backend=args.op_backend,
+                                       enable_cuda_graphs=False if args.no_cuda_graphs else None)
+        core = EngineCore.from_dir(args.engine, config)
+        print(layout_report(core.executor.layout), file=sys.stderr)
     except (EngineLoadError, SamplingParamsError, ValueError) as exc:
         print(f"trtserve-generate: error: {exc}", file=sys.stderr)
         return 2

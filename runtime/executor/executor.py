@@ -18,7 +18,7 @@ from runtime.vision.encoder_cache import ChunkRange, EncoderCache, EncoderCacheS
 from engine_format.engine_dir import LoadedEngine
 from runtime.executor.forward_batch import ForwardBatch, SequenceChunk
 from runtime.executor.cuda_graphs import CudaGraphRunner
-from runtime.executor.kv_sizing import GpuMemory, describe_pool, size_kv_pool
+from runtime.executor.kv_sizing import GpuMemory, layout_report, size_kv_pool
 from runtime.executor.kv_storage import KVStorage, bytes_per_block
 from runtime.executor.model import DecoderModel
 from runtime.multimodal.mrope import positions_for_range
@@ -47,7 +47,7 @@ class PyTorchExecutor:
         self.layout = EngineLayout(device, pool.num_blocks, block_size, per_block, pool.description,
                                    gpu.peak_bytes if gpu is not None else None,
                                    self.graphs.batch_sizes if self.graphs is not None else ())
-        LOG.info(describe_pool(pool.num_blocks, per_block, block_size, pool.description))
+        LOG.info(layout_report(self.layout))
         self.vision: VisionEmbedder | None = None
         if engine.vision is not None:
             encoder = load_vision_encoder(engine, config.vision_backend, device)

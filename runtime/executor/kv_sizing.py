@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from runtime.config import EngineConfig, EngineConfigError
+from runtime.config import EngineConfig, EngineConfigError, EngineLayout
 
 GIB = 2**30
 CUDA_GRAPH_RESERVE_BYTES = 256 * 2**20     # private pool of the captured decode graphs (small activations)
@@ -76,7 +76,15 @@ def gpu_kv_budget(gpu: GpuMemory, fraction: float, cuda_graphs: bool) -> int:
     return int(gpu.total_bytes * fraction) - gpu.peak_bytes - outside_torch - reserve
 
 
-def describe_pool(num_blocks: int, bytes_per_block: int, tokens_per_block: int, how: str) -> str:
-    total = num_blocks * bytes_per_block
-    return (f"KV cache: {num_blocks} blocks x {tokens_per_block} tokens = {num_blocks * tokens_per_block} tokens, "
-            f"{total / GIB:.3f} GiB ({total} bytes); sized by {how}")
+def layout_report(layout: EngineLayout) -> str:
+    """The start-up report: the KV pool, how it was sized, the profiled peak and the captured graphs."""
+    total = layout.kv_cache_bytes
+    lines = [f"KV cache on {layout.device}: {layout.num_kv_blocks} blocks x {layout.tokens_per_block} tokens = "
+             f"{layout.num_kv_blocks * layout.tokens_per_block} tokens, {total / GIB:.3f} GiB ({total} bytes); "
+             f"sized by {layout.kv_sizing}"]
+    if layout.profiled_peak_bytes is not None:
+        lines.append(f"profiled peak (weights + activations at max_num_tokens): "
+                     f"{layout.profiled_peak_bytes / GIB:.3f} GiB")
+    if layout.cuda_graph_batch_sizes:
+        lines.append(f"CUDA graphs for decode batch sizes {list(layout.cuda_graph_batch_sizes)}")
+    return "; ".join(lines)

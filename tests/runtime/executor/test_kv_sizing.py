@@ -59,3 +59,15 @@ def test_cap_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TRTSERVE_ENABLE_CUDA_GRAPHS", "0")
     config = EngineConfig.from_env()
     assert config.kv_cache_max_bytes == 123456 and config.enable_cuda_graphs is False
+
+
+def test_generate_cli_caps_and_reports_the_pool(build_tiny, capsys: pytest.CaptureFixture[str]) -> None:
+    from runtime.generate_cli import main
+
+    code = main(["--engine", str(build_tiny("tiny-qwen2")), "--prompt", "hello", "--max-tokens", "2",
+                 "--device", "cpu", "--kv-cache-max-bytes", "300000", "--no-cuda-graphs"])
+    err = capsys.readouterr().err
+    assert code == 0
+    assert "KV cache on cpu:" in err and "sized by kv_cache_max_bytes=300000" in err
+    code = main(["--engine", str(build_tiny("tiny-qwen2")), "--prompt", "hello", "--kv-cache-max-bytes", "10"])
+    assert code == 2 and "kv_cache_max_bytes" in capsys.readouterr().err

@@ -1,0 +1,23 @@
+"""Command-line flags for the GPU-path engine settings, shared by trtserve-serve and trtserve-generate.
+
+What it is for: one definition of --kv-cache-max-bytes, --gpu-memory-fraction,
+--no-cuda-graphs and --op-backend (EngineConfig fields; unset flags leave the
+defaults and TRTSERVE_* environment values in force).
+Not for: the other flags of either tool.
+"""
+from __future__ import annotations
+
+import argparse
+
+from runtime.config import OP_BACKENDS
+
+
+def add_engine_gpu_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--kv-cache-max-bytes", type=int,
+                        help="hard cap on the KV-cache pool in bytes, on any device (default: no cap)")
+    parser.add_argument("--gpu-memory-fraction", type=float,
+                        help="share of total GPU memory for weights + profiled peak + KV pool (0.9)")
+    parser.add_argument("--no-cuda-graphs", action="store_true",
+                        help="run decode steps eagerly on CUDA instead of replaying captured graphs")
+    parser.add_argument("--op-backend", choices=OP_BACKENDS,
+                        help="custom ops: auto (Triton kernels on CUDA), reference, triton")

@@ -1,0 +1,15 @@
+"""trtserve-serve's GPU-path flags reach EngineConfig (the cap itself is tested in
+tests/runtime/executor/test_kv_sizing.py)."""
+from __future__ import annotations
+
+from grpc_service.server_cli import configs_from_args, parse_args
+
+
+def test_flags_fill_the_engine_config() -> None:
+    _, engine = configs_from_args(parse_args(["--engine", "e", "--kv-cache-max-bytes", "1048576",
+                                              "--gpu-memory-fraction", "0.5", "--no-cuda-graphs",
+                                              "--op-backend", "reference"]))
+    assert (engine.kv_cache_max_bytes, engine.gpu_memory_fraction) == (1048576, 0.5)
+    assert engine.enable_cuda_graphs is False and engine.op_backend == "reference"
+    _, default = configs_from_args(parse_args(["--engine", "e"]))
+    assert default.kv_cache_max_bytes is None and default.enable_cuda_graphs and default.op_backend == "auto"
