@@ -72,9 +72,13 @@ def test_token_id_prompt_and_tokenize_roundtrip(client: NativeClient, reference:
 
 def test_repeated_prompt_reuses_the_prefix_cache(client: NativeClient) -> None:
     prompt = "shared prefix " * 20
+    num_prompt_tokens = len(client.tokenize(prompt))
+    block_size = client.models()[0].tokens_per_block
     client.generate(prompt, Sampling(max_tokens=2))
     again = client.generate(prompt, Sampling(max_tokens=2))
-    assert again.cached_tokens >= 16
+    # Every full block but the one holding the last prompt token (the model must compute that token).
+    expected = (num_prompt_tokens - 1) // block_size * block_size
+    assert expected >= block_size and again.cached_tokens == expected
 
 
 def test_health_and_reflection(grpc_server: ServerProcess) -> None:
@@ -131,8 +135,10 @@ def test_bad_input_is_invalid_argument(stub: trtserve_pb2_grpc.LLMServiceStub, l
 
 def test_top_k_beyond_vocab_is_clamped(client: NativeClient, reference: Reference) -> None:
     ids = reference.encode("clamp me")
-    completion = client.generate(ids, Sampling(max_tokens=4, temperature=1.0, top_k=10**9, seed=3))
-    assert len(completion.token_ids) == 4 or completion.finish_reason == "stop"
+    clamped = client.generate(ids, Sampling(max_tokens=4, temperature=1.0, top_k=10**9, seed=3, ignore_eos=True))
+    no_top_k = client.generate(ids, Sampling(max_tokens=4, temperature=1.0, top_k=0, seed=3, ignore_eos=True))
+    assert clamped.finish_reason == "length" and len(clamped.token_ids) == 4
+    assert clamped.token_ids == no_top_k.token_ids        # the same seeded draws from the same distribution
 
 
 def test_unknown_and_malformed_model_names(stub: trtserve_pb2_grpc.LLMServiceStub) -> None:

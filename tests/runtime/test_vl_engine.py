@@ -163,8 +163,9 @@ def test_held_embeddings_are_released_when_a_request_is_aborted(engine, processo
     ids, mm = chat(processor, "Look: ", noise_image(22, 224, 196), "Now answer.")
     core = EngineCore(engine, EngineConfig(max_num_tokens=16, encoder_cache_tokens=0))
     core.add_request(EngineRequest("r", ids, greedy(8), multimodal=mm))
-    while core.executor.vision.num_held == 0:      # until a chunk has started the image
+    for _ in range(mm.spans[0].offset // 16 + 1):  # up to the first 16-token chunk that reaches the image
         core.step()
+    assert core.executor.vision.num_held == 1      # the image, held for the rest of the prefill
     core.abort("r")
     core.add_request(EngineRequest("t", ids[:5], greedy(1)))
     core.step()                                    # the next schedule reports the abort
