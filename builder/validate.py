@@ -6,7 +6,9 @@ prompts in the same dtype; HF generates greedily and the engine is fed the
 same tokens (teacher forcing), so every position is compared: max absolute and
 relative logit error, and greedy agreement. A disagreement counts as decisive
 only where the reference's top-1 margin exceeds twice the tolerance (random
-weights can tie).
+weights can tie). Both models' perplexity on a fixed real text
+(builder/perplexity.py) is recorded side by side. A GGUF source is compared
+with transformers' own load of the GGUF file, not with the checkpoint derived from it.
 Not for: unit-test assertions (tests compare directly, with their own tolerances).
 """
 from __future__ import annotations
@@ -16,6 +18,8 @@ from typing import Any
 
 import torch
 
+from builder.gguf_source import load_gguf_reference
+from builder.perplexity import MAX_TEXT_TOKENS, perplexity_report
 from engine_format.engine_dir import LoadedEngine
 from engine_format.llm_config import VL_ARCHITECTURES
 from runtime.executor.model import DecoderModel
@@ -29,23 +33,29 @@ PROMPTS = (
 )
 # Max |engine - HF| allowed, relative to max(1, max |HF logit|).
 TOLERANCE = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 6e-2}
+# |engine perplexity / HF perplexity - 1| allowed on the reference text.
+PERPLEXITY_TOLERANCE = {"float32": 1e-3, "float16": 2e-2, "bfloat16": 5e-2}
 
 
-def load_hf_reference(hf_dir: Path, architecture: str, dtype: torch.dtype) -> Any:
-    """The HF model an engine is compared with (VL architectures load through the image-text-to-text class)."""
+def load_hf_reference(hf_dir: Path, architecture: str, dtype: torch.dtype, gguf_file: Path | None = None) -> Any:
+    """The HF model an engine is compared with (VL architectures load through the image-text-to-text class;
+    a GGUF source through transformers' GGUF loader)."""
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
+    if gguf_file is not None:
+        return load_gguf_reference(gguf_file, dtype)
     auto_class = AutoModelForImageTextToText if architecture in VL_ARCHITECTURES else AutoModelForCausalLM
     return auto_class.from_pretrained(str(hf_dir), dtype=dtype).eval()
 
 
-def validate_engine(engine: LoadedEngine, hf_dir: Path, num_new_tokens: int = 16) -> dict[str, Any]:
+def validate_engine(engine: LoadedEngine, hf_dir: Path, num_new_tokens: int = 16,
+                    gguf_file: Path | None = None, perplexity_tokens: int = MAX_TEXT_TOKENS) -> dict[str, Any]:
     """Text prompts only: on a VL engine M-RoPE with three equal axes is 1-D RoPE, in HF and here."""
     from transformers import AutoTokenizer
 
     dtype = getattr(torch, engine.llm_config.dtype)
     tokenizer = AutoTokenizer.from_pretrained(str(engine.tokenizer_dir))
-    hf = load_hf_reference(hf_dir, engine.llm_config.architecture, dtype)
+    hf = load_hf_reference(hf_dir, engine.llm_config.architecture, dtype, gguf_file)
     model = DecoderModel(engine.llm_config, engine.weights, torch.device("cpu"))
     tol = TOLERANCE[engine.llm_config.dtype]
     prompts = []
@@ -57,15 +67,19 @@ def validate_engine(engine: LoadedEngine, hf_dir: Path, num_new_tokens: int = 16
     max_abs = max(p["max_abs_err"] for p in prompts)
     scale = max(1.0, max(p["max_abs_ref"] for p in prompts))
     decisive = sum(p["decisive_disagreements"] for p in prompts)
+    ppl = perplexity_report(model, hf, tokenizer, engine.build.max_seq_len, engine.build.tokens_per_block,
+                            perplexity_tokens)
+    ppl_tol = PERPLEXITY_TOLERANCE[engine.llm_config.dtype]
     return {
         "reference": f"transformers {__import__('transformers').__version__}, {engine.llm_config.dtype}, cpu",
         "dtype": engine.llm_config.dtype,
-        "tolerance": {"max_abs_err_over_scale": tol},
+        "tolerance": {"max_abs_err_over_scale": tol, "perplexity_rel_diff": ppl_tol},
         "num_prompts": len(prompts), "tokens_per_prompt": num_new_tokens,
         "max_abs_err": max_abs, "max_rel_err": max_abs / scale,
         "greedy_agreement": sum(p["greedy_agree"] for p in prompts) / sum(p["positions"] for p in prompts),
         "decisive_disagreements": decisive,
-        "passed": bool(max_abs / scale <= tol and decisive == 0),
+        "perplexity": ppl,
+        "passed": bool(max_abs / scale <= tol and decisive == 0 and ppl["rel_diff"] <= ppl_tol),
         "prompts": prompts,
     }
 
