@@ -23,6 +23,9 @@ class AttentionMetadata:
     seq_lens: list[int]             # host copy of seq_lens_tensor (reference op, eager paths)
     query_lens: list[int]           # host copy of the query lengths
     max_query_len: int
+    # decode: the context length split-K divides (static, e.g. the engine's max_seq_len, so eager steps and
+    # captured graphs split alike); 0: the block-table width
+    split_context: int = 0
 
     @property
     def num_seqs(self) -> int:
@@ -35,7 +38,7 @@ class AttentionMetadata:
 
     @classmethod
     def build(cls, block_tables: torch.Tensor, seq_lens: list[int], query_lens: list[int],
-              device: torch.device) -> AttentionMetadata:
+              device: torch.device, split_context: int = 0) -> AttentionMetadata:
         """Host lists -> the device tensors, in one host-to-device copy (pinned, non-blocking on CUDA)."""
         if len(seq_lens) != len(query_lens) or len(seq_lens) != block_tables.shape[0]:
             raise ValueError(f"seq_lens ({len(seq_lens)}), query_lens ({len(query_lens)}) and block_tables "
@@ -46,7 +49,7 @@ class AttentionMetadata:
         packed = to_device(torch.tensor(seq_lens + starts, dtype=torch.int32), device)
         num_seqs = len(seq_lens)
         return cls(to_device(block_tables, device), packed[:num_seqs], packed[num_seqs:], list(seq_lens),
-                   list(query_lens), max(query_lens, default=0))
+                   list(query_lens), max(query_lens, default=0), split_context)
 
 
 def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:

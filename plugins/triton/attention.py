@@ -19,7 +19,7 @@ def paged_attention_meta(q: torch.Tensor, key_cache: torch.Tensor, value_cache: 
     """q: [T, H, D] packed by sequence; reads only the metadata's device tensors and static shapes."""
     if metadata.decode_only and q.shape[0] == metadata.num_seqs:
         return paged_attention_decode(q, key_cache, value_cache, metadata.block_tables, metadata.seq_lens_tensor,
-                                      scale)
+                                      scale, max_context=metadata.split_context or None)
     return paged_attention_prefill(q, key_cache, value_cache, metadata.block_tables, metadata.seq_lens_tensor,
                                    metadata.query_start_loc, metadata.max_query_len, scale)
 

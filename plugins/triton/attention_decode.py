@@ -114,10 +114,11 @@ def _num_sms(device: torch.device) -> int:
 
 def paged_attention_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
-                           num_splits: int | None = None) -> torch.Tensor:
+                           num_splits: int | None = None, max_context: int | None = None) -> torch.Tensor:
     """q: [B, H, D] (one token per sequence); seq_lens: [B] int32 on q's device; returns [B, H, D].
 
-    `num_splits`: None picks from the static shapes (choose_num_splits); tests force it.
+    `max_context`: the longest context split-K plans for (None: the block-table width); no sequence
+    may be longer. `num_splits`: None picks from the static shapes (choose_num_splits); tests force it.
     """
     num_seqs, num_heads, head_size = q.shape
     _, block_size, num_kv_heads, cache_head_size = key_cache.shape
@@ -130,7 +131,7 @@ def paged_attention_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache
     if num_seqs == 0:
         return out
     group = num_heads // num_kv_heads
-    max_context = block_tables.shape[1] * block_size
+    max_context = max_context or block_tables.shape[1] * block_size
     if num_splits is None:
         num_splits = choose_num_splits(num_seqs, num_kv_heads, max_context, _num_sms(q.device))
     block_n = 16 if q.device.type != "cuda" else (64 if head_size <= 128 else 32)

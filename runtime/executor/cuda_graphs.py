@@ -48,21 +48,23 @@ class _StaticInputs:
     seq_lens: torch.Tensor         # [N] int32, 0 on padding rows
     query_start_loc: torch.Tensor  # [N + 1] int32, 0..N (one token per sequence)
     logits_indices: torch.Tensor   # [N] int64, 0..N-1
+    split_context: int             # max_blocks * block_size: eager decode steps split the same way
 
     @classmethod
-    def allocate(cls, size: int, max_blocks: int, device: torch.device) -> _StaticInputs:
+    def allocate(cls, size: int, max_blocks: int, block_size: int, device: torch.device) -> _StaticInputs:
         def zeros(*shape: int, dtype: torch.dtype = torch.int64) -> torch.Tensor:
             return torch.zeros(shape, dtype=dtype, device=device)
 
         return cls(zeros(size), zeros(size), torch.full((size,), -1, dtype=torch.int64, device=device),
                    zeros(size, max_blocks), zeros(size, dtype=torch.int32),
                    torch.arange(size + 1, dtype=torch.int32, device=device),
-                   torch.arange(size, dtype=torch.int64, device=device))
+                   torch.arange(size, dtype=torch.int64, device=device), max_blocks * block_size)
 
     def batch(self, size: int) -> ForwardBatch:
         """A decode ForwardBatch of `size` rows whose tensors are views of the buffers."""
         attention = AttentionMetadata(self.block_tables[:size], self.seq_lens[:size],
-                                      self.query_start_loc[:size + 1], [0] * size, [1] * size, 1)
+                                      self.query_start_loc[:size + 1], [0] * size, [1] * size, 1,
+                                      self.split_context)
         return ForwardBatch(token_ids=self.token_ids[:size], positions=self.positions[:size],
                             slot_mapping=self.slot_mapping[:size], block_tables=self.block_tables[:size],
                             logits_indices=self.logits_indices[:size], seq_lens=[0] * size, query_lens=[1] * size,
@@ -88,7 +90,7 @@ class CudaGraphRunner:
             raise ValueError(f"op backend {model.ops.name!r} is not graph-safe (decode must read device tensors)")
         self.batch_sizes = batch_size_ladder(max_batch_size)
         self.max_blocks_per_seq = max_blocks_per_seq
-        self._inputs = _StaticInputs.allocate(self.batch_sizes[-1], max_blocks_per_seq, model.device)
+        self._inputs = _StaticInputs.allocate(self.batch_sizes[-1], max_blocks_per_seq, kv.block_size, model.device)
         self._steps: dict[int, Callable[[], torch.Tensor]] = {}
         if capture:
             self._capture(model, kv)

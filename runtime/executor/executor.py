@@ -39,9 +39,10 @@ class PyTorchExecutor:
             gpu = _profile_gpu_memory(self.model, engine, config, device)
         pool = size_kv_pool(config, _wanted_blocks(engine, config), per_block, gpu)
         self.kv = KVStorage(engine.llm_config, pool.num_blocks, block_size, self.model.dtype, device)
+        max_blocks = -(-engine.build.max_seq_len // block_size)
+        self.split_context = max_blocks * block_size     # decode split-K plans for this, eager and graphs alike
         self.graphs: CudaGraphRunner | None = None
         if _use_cuda_graphs(engine, config, device, self.model):
-            max_blocks = -(-engine.build.max_seq_len // block_size)
             graph_batch = min(config.max_cuda_graph_batch_size, config.max_batch_size or engine.build.max_batch_size)
             self.graphs = CudaGraphRunner(self.model, self.kv, graph_batch, max_blocks)
         self.layout = EngineLayout(device, pool.num_blocks, block_size, per_block, pool.description,
@@ -59,7 +60,7 @@ class PyTorchExecutor:
         scheduled = output.scheduled
         embeds = self._vision_embeds(output)
         chunks = [_sequence_chunk(s, e) for s, e in zip(scheduled, embeds)]
-        batch = ForwardBatch.build(chunks, self.layout.tokens_per_block, self.layout.device)
+        batch = ForwardBatch.build(chunks, self.layout.tokens_per_block, self.layout.device, self.split_context)
         if self.graphs is not None and self.graphs.can_run(batch):
             return self.graphs.run(batch)
         return self.model.forward(batch, self.kv)

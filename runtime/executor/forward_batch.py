@@ -51,9 +51,10 @@ class ForwardBatch:
         return int(self.token_ids.shape[0])
 
     @classmethod
-    def build(cls, chunks: list[SequenceChunk], block_size: int, device: torch.device) -> ForwardBatch:
+    def build(cls, chunks: list[SequenceChunk], block_size: int, device: torch.device,
+              split_context: int = 0) -> ForwardBatch:
         """Pack chunks; positions are [3, T] only if some chunk has M-RoPE positions (the others then
-        repeat their 1-D positions on every axis), else 1-D."""
+        repeat their 1-D positions on every axis), else 1-D. `split_context`: AttentionMetadata's."""
         if not chunks:
             raise ValueError("chunks: a forward batch needs at least one sequence")
         token_ids: list[int] = []
@@ -95,7 +96,7 @@ class ForwardBatch:
         def as_tensor(values: list[int]) -> torch.Tensor:
             return to_device(torch.tensor(values, dtype=torch.int64), device)
 
-        attention = AttentionMetadata.build(table, seq_lens, query_lens, device)
+        attention = AttentionMetadata.build(table, seq_lens, query_lens, device, split_context)
         return cls(as_tensor(token_ids), to_device(_positions(positions, mrope_rows), device), as_tensor(slots),
                    attention.block_tables, as_tensor(logits_indices), seq_lens, query_lens, attention,
                    as_tensor(embed_rows) if embeds else None,
