@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine_format.checkpoint_layout import expected_tensor_shapes
+from engine_format.checkpoint_layout import check_checkpoint_header
 from engine_format.consistency import check_build_limits, check_pad_token, check_tokenizer
 from engine_format.errors import EngineLoadError
 from engine_format.llm_config import LLMConfig
@@ -240,7 +240,7 @@ def _load_vision(root: Path, comp: Any, llm: LLMConfig) -> VisionComponent:
 def _load_weights(path: Path, rel: str, cfg: LLMConfig) -> dict[str, Any]:
     from safetensors.torch import load_file
 
-    _check_header(path, rel, expected_tensor_shapes(cfg), cfg.dtype, "llm/config.json")
+    check_checkpoint_header(path, rel, cfg)          # names / shapes / dtypes, quantized tensors included
     return load_file(str(path))
 
 

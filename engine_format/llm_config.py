@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from engine_format.errors import EngineLoadError
+from engine_format.quant_config import QuantSpec
 
 TORCH_DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
 SHORT_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -41,8 +42,15 @@ class LLMConfig:
     hidden_act: str = "silu"
     position_embedding_type: str = "rope_gpt_neox"
     logits_dtype: str = "float32"
-    quant_algo: str | None = None
-    kv_cache_quant_algo: str | None = None
+    quant: QuantSpec = QuantSpec()
+
+    @property
+    def quant_algo(self) -> str | None:
+        return self.quant.quant_algo
+
+    @property
+    def kv_cache_quant_algo(self) -> str | None:
+        return self.quant.kv_cache_quant_algo
 
     @property
     def num_queries_per_kv(self) -> int:
@@ -68,7 +76,7 @@ class LLMConfig:
             "rotary_scaling": self.rotary_scaling, "tie_word_embeddings": self.tie_word_embeddings,
             "attn_bias": self.attn_bias, "mlp_bias": False,
             "mapping": {"world_size": 1, "tp_size": 1, "pp_size": 1},
-            "quantization": {"quant_algo": self.quant_algo, "kv_cache_quant_algo": self.kv_cache_quant_algo},
+            "quantization": self.quant.to_json(),
         }
         if self.architecture in QWEN_TYPES:
             data["qwen_type"] = QWEN_TYPES[self.architecture]
@@ -99,9 +107,7 @@ class LLMConfig:
         mapping = data.get("mapping", {"world_size": 1})
         if not isinstance(mapping, dict) or mapping.get("world_size", 1) != 1:
             raise EngineLoadError(file, "only world_size 1 is supported by the PyTorch executor", "mapping")
-        quant = data.get("quantization") or {}
-        if not isinstance(quant, dict):
-            raise EngineLoadError(file, "expected an object", "quantization")
+        quant = QuantSpec.from_json(data.get("quantization"), file)
         scaling = data.get("rotary_scaling")
         if scaling is not None and not isinstance(scaling, dict):
             raise EngineLoadError(file, "expected an object or null", "rotary_scaling")
@@ -117,7 +123,7 @@ class LLMConfig:
             hidden_act=str(data.get("hidden_act", "silu")),
             position_embedding_type=position_type,
             logits_dtype=str(data.get("logits_dtype", "float32")),
-            quant_algo=quant.get("quant_algo"), kv_cache_quant_algo=quant.get("kv_cache_quant_algo"))
+            quant=quant)
 
 
 def _check_mrope(position_type: str, scaling: dict[str, Any] | None, head_size: int, arch: str, file: str) -> None:

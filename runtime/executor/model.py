@@ -15,9 +15,11 @@ import torch.nn.functional as F
 
 from plugins.reference.rope import rope_inv_freq
 from plugins.registry import OpSet, get_ops
-from engine_format.checkpoint_layout import layer_prefix
+from engine_format.checkpoint_layout import layer_prefix, linear_shapes
 from runtime.executor.forward_batch import ForwardBatch
+from runtime.executor.kv_quant import paged_attention_quant, write_kv_cache_quant
 from runtime.executor.kv_storage import KVStorage
+from runtime.executor.quant_linear import build_linears
 from engine_format.llm_config import LLMConfig
 
 
@@ -34,6 +36,9 @@ class DecoderModel:
         self.scale = cfg.head_size ** -0.5
         self.q_size = cfg.num_attention_heads * cfg.head_size
         self.kv_size = cfg.num_key_value_heads * cfg.head_size
+        # quantized engines: each linear runs its low-precision kernel (runtime/executor/quant_linear.py)
+        self.linears = build_linears(cfg, self.w, list(linear_shapes(cfg)), device)
+        self.kv_algo = cfg.kv_cache_quant_algo
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, kv: KVStorage) -> torch.Tensor:
@@ -65,20 +70,25 @@ class DecoderModel:
     def _attention(self, layer: int, p: str, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                    batch: ForwardBatch, kv: KVStorage) -> torch.Tensor:
         cfg, w = self.cfg, self.w
-        qkv = F.linear(x, w[f"{p}.attention.qkv.weight"], w.get(f"{p}.attention.qkv.bias"))
+        qkv = self.linears[f"{p}.attention.qkv"](x)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, cfg.num_attention_heads, cfg.head_size)
         k = k.view(-1, cfg.num_key_value_heads, cfg.head_size)
         v = v.view(-1, cfg.num_key_value_heads, cfg.head_size)
         q, k = self.ops.apply_rope(q, k, cos, sin)
         key_cache, value_cache = kv.key_caches[layer], kv.value_caches[layer]
-        self.ops.write_kv_cache(key_cache, value_cache, k, v, batch.slot_mapping)
-        out = self.ops.paged_attention(q, key_cache, value_cache, batch.block_tables,
-                                       batch.seq_lens, batch.query_lens, self.scale)
-        return F.linear(out.reshape(-1, self.q_size), w[f"{p}.attention.dense.weight"])
+        if self.kv_algo is None:
+            self.ops.write_kv_cache(key_cache, value_cache, k, v, batch.slot_mapping)
+            out = self.ops.paged_attention(q, key_cache, value_cache, batch.block_tables,
+                                           batch.seq_lens, batch.query_lens, self.scale)
+        else:       # one-byte cache with the layer's static scale (runtime/executor/kv_quant.py)
+            kv_scale = w[f"{p}.attention.kv_cache_scaling_factor"]
+            write_kv_cache_quant(self.ops, key_cache, value_cache, k, v, batch.slot_mapping, kv_scale, self.kv_algo)
+            out = paged_attention_quant(self.ops, q, key_cache, value_cache, batch.block_tables,
+                                        batch.seq_lens, batch.query_lens, self.scale, kv_scale, self.kv_algo)
+        return self.linears[f"{p}.attention.dense"](out.reshape(-1, self.q_size))
 
     def _mlp(self, p: str, x: torch.Tensor) -> torch.Tensor:
-        w = self.w
-        gate = F.linear(x, w[f"{p}.mlp.fc.weight"])
-        up = F.linear(x, w[f"{p}.mlp.gate.weight"])
-        return F.linear(F.silu(gate) * up, w[f"{p}.mlp.proj.weight"])
+        gate = self.linears[f"{p}.mlp.fc"](x)
+        up = self.linears[f"{p}.mlp.gate"](x)
+        return self.linears[f"{p}.mlp.proj"](F.silu(gate) * up)
