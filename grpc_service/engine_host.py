@@ -3,7 +3,10 @@
 What it is for: `ServedModel`, which both APIs (native and KServe) call. It
 loads an engine directory off the event loop, warms it up, turns text and chat
 messages into token ids (with its own tokenizer instance, used only on the
-event-loop thread; the engine thread keeps the runtime's), admits requests
+tokenizer thread: `off_loop(fn, ...)` runs tokenizer work there, so that a long
+text never blocks the event loop that also serves health and cancellation; the
+engine thread keeps the runtime's tokenizer), bounds what one request may ask
+of it (bad words, chat messages, ids to decode), admits requests
 through a bounded `AdmissionGate` (beyond it: `Overloaded` at once), gives each
 request a fresh internal id, records metrics, and guarantees that leaving the
 stream early aborts the request (its KV blocks are freed within one step).
@@ -16,11 +19,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import uuid
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 from jinja2 import TemplateError
 
@@ -40,9 +45,18 @@ from runtime.core.engine_core import EngineCore, EngineRequest, EngineStats
 from runtime.multimodal.processor import MultimodalInputs
 from runtime.outputs import RequestOutput
 from runtime.errors import FieldError
-from runtime.sampling_params import GuidedDecoding, SamplingParams
+from runtime.sampling_params import (
+    MAX_BAD_WORD_CHARS,
+    MAX_BAD_WORDS,
+    GuidedDecoding,
+    SamplingParams,
+    SamplingParamsError,
+    check_list_size,
+)
 
 MAX_PROMPT_CHARS_PER_TOKEN = 32     # refuse absurd texts before spending time tokenizing them
+MAX_CHAT_MESSAGES = 1024            # messages in one chat prompt
+_T = TypeVar("_T")
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 
 
@@ -86,6 +100,15 @@ class AdmissionGate:
         await self._idle.wait()
 
 
+def check_words(field: str, words: Sequence[object]) -> None:
+    """A list of word texts (bad words) within MAX_BAD_WORDS entries and MAX_BAD_WORD_CHARS characters;
+    INVALID_ARGUMENT naming `field` (this API's name) otherwise. Call it before any work on the entries."""
+    try:
+        check_list_size(field, words, MAX_BAD_WORDS, MAX_BAD_WORD_CHARS, "characters")
+    except SamplingParamsError as exc:
+        raise InvalidArgument(field, str(exc).split(": ", 1)[-1]) from None
+
+
 class ServedModel:
     def __init__(self, core: EngineCore, max_queue_size: int, metrics: ServerMetrics,
                  media: MediaPolicy | None = None) -> None:
@@ -99,6 +122,7 @@ class ServedModel:
                                   loaded.build.max_seq_len, loaded.build.tokens_per_block, loaded.eos_token_ids,
                                   loaded.pad_token_id)
         self.tokenizer = AutoTokenizer.from_pretrained(str(loaded.tokenizer_dir))
+        self._tokenizer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"tokenizer-{self.name}")
         self.has_chat_template = bool(getattr(self.tokenizer, "chat_template", None))
         self.gate = AdmissionGate(self.name, self.limits.max_batch_size + max_queue_size)
         self.metrics = metrics
@@ -112,8 +136,8 @@ class ServedModel:
                    metrics: ServerMetrics, media: MediaPolicy | None = None) -> ServedModel:
         core = await asyncio.to_thread(EngineCore.from_dir, engine_dir, engine_config)
         model = await asyncio.to_thread(cls, core, max_queue_size, metrics, media)
-        metrics.attach(EngineGaugeSource(model.name, model.stats, lambda: model.gate.in_flight, model.gate.limit),
-                       asyncio.get_running_loop())
+        metrics.attach(EngineGaugeSource(model.name, lambda: model.engine.call_threadsafe(lambda core: core.stats()),
+                                         lambda: model.gate.in_flight, model.gate.limit))
         return model
 
     async def warm_up(self) -> None:
@@ -125,6 +149,12 @@ class ServedModel:
         self.ready = True
 
     # ---------------------------------------------------------------- text
+
+    async def off_loop(self, fn: Callable[..., _T], *args: object) -> _T:
+        """`fn(*args)` (tokenizer work: encode_text, encode_chat, tokenize_words, decode) on this model's
+        tokenizer thread, one call at a time; the event loop stays free for other clients meanwhile."""
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizer_thread,
+                                                                functools.partial(fn, *args))
 
     def encode_text(self, text: str, add_special_tokens: bool = False) -> list[int]:
         limit = self.limits.max_input_len * MAX_PROMPT_CHARS_PER_TOKEN
@@ -140,6 +170,8 @@ class ServedModel:
             raise InvalidArgument("chat", f"model {self.name!r} has no chat template; send text or token ids")
         if not roles:
             raise InvalidArgument("chat.messages", "must hold at least 1 message")
+        if len(roles) > MAX_CHAT_MESSAGES:
+            raise InvalidArgument("chat.messages", f"{len(roles)} messages exceed the limit of {MAX_CHAT_MESSAGES}")
         for i, role in enumerate(roles):
             if role not in CHAT_ROLES:
                 raise InvalidArgument("chat.messages", f"message {i}: role must be one of {CHAT_ROLES}, got {role!r}")
@@ -170,6 +202,9 @@ class ServedModel:
         return template if isinstance(template, str) else ""
 
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True, field: str = "token_ids") -> str:
+        if len(token_ids) > self.limits.max_seq_len:
+            raise InvalidArgument(field, f"{len(token_ids)} token ids exceed the limit of max_seq_len "
+                                         f"({self.limits.max_seq_len})")
         self.check_token_ids(token_ids, field)
         return str(self.tokenizer.decode(list(token_ids), skip_special_tokens=skip_special_tokens))
 
@@ -209,8 +244,10 @@ class ServedModel:
             raise InvalidArgument(names.rename("text"), f"text of {len(text)} characters is too long (limit {limit})")
         return await visual.text(text, images, videos, names)
 
-    def tokenize_words(self, words: Sequence[str]) -> tuple[tuple[int, ...], ...]:
-        """Each non-empty word as the token ids it would be generated as (for bad-word lists)."""
+    def tokenize_words(self, words: Sequence[str], field: str = "bad_words") -> tuple[tuple[int, ...], ...]:
+        """Each non-empty word as the token ids it would be generated as (for bad-word lists), after checking
+        the list's size (count first) against MAX_BAD_WORDS / MAX_BAD_WORD_CHARS."""
+        check_words(field, words)
         return tuple(tuple(self.encode_text(w)) for w in words if w)
 
     # ---------------------------------------------------- structured output
@@ -271,5 +308,6 @@ class ServedModel:
     def shutdown(self) -> None:
         self.ready = False
         self.engine.shutdown()
+        self._tokenizer_thread.shutdown(wait=False, cancel_futures=True)
         if self.visual is not None:
             self.visual.shutdown()

@@ -4,17 +4,18 @@ What it is for: `ServerMetrics` owns one `CollectorRegistry` per server (never
 the process-global default registry): request counts by model, API and outcome;
 TTFT, TPOT and end-to-end histograms; prompt / generated token counters; and an
 `EngineCollector` that, when scraped, asks every loaded model's engine thread
-for its stats (queue depth, running requests, KV blocks free / used / cached,
+for its stats directly from the scrape's HTTP thread (never through the event
+loop, so a scrape does not wait behind request processing) (queue depth, running requests, KV blocks free / used / cached,
 prefix-cache hit rate). `RequestTracker` records one request's timings.
 Not for: serving the HTTP endpoint's lifecycle policy (server.py starts it) or
 the KServe ModelStatistics counters (triton_stats.py).
 """
 from __future__ import annotations
 
-import asyncio
+import concurrent.futures
 import logging
 import time
-from collections.abc import Callable, Coroutine, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -35,7 +36,7 @@ class EngineGaugeSource:
     """What the collector needs from one served model, without importing the model class."""
 
     model_name: str
-    stats: Callable[[], Coroutine[object, object, EngineStats]]
+    stats: Callable[[], concurrent.futures.Future[object]]     # resolves to EngineStats, from any thread
     in_flight: Callable[[], int]
     in_flight_limit: int
 
@@ -63,9 +64,9 @@ class ServerMetrics:
         self._engines = EngineCollector()
         self.registry.register(self._engines)
 
-    def attach(self, source: EngineGaugeSource, loop: asyncio.AbstractEventLoop) -> None:
+    def attach(self, source: EngineGaugeSource) -> None:
         """Report this model's engine gauges from now on."""
-        self._engines.add(source, loop)
+        self._engines.add(source)
 
     def count_rpc_error(self, method: str, code: str) -> None:
         self.rpc_errors.labels(method, code).inc()
@@ -115,18 +116,18 @@ class EngineCollector(Collector):
     """Gauges read from each engine thread at scrape time (the scrape runs on the HTTP thread)."""
 
     def __init__(self) -> None:
-        self._sources: list[tuple[EngineGaugeSource, asyncio.AbstractEventLoop]] = []
+        self._sources: list[EngineGaugeSource] = []
 
-    def add(self, source: EngineGaugeSource, loop: asyncio.AbstractEventLoop) -> None:
-        self._sources.append((source, loop))
+    def add(self, source: EngineGaugeSource) -> None:
+        self._sources.append(source)
 
     def describe(self) -> Iterable[Metric]:
         return []
 
     def collect(self) -> Iterator[Metric]:
         families = _families()
-        for source, loop in list(self._sources):
-            stats = self._fetch(source, loop)
+        for source in list(self._sources):
+            stats = self._fetch(source)
             name = source.model_name
             families["in_flight"].add_metric([name], source.in_flight())
             families["in_flight_limit"].add_metric([name], source.in_flight_limit)
@@ -144,12 +145,10 @@ class EngineCollector(Collector):
         yield from families.values()
 
     @staticmethod
-    def _fetch(source: EngineGaugeSource, loop: asyncio.AbstractEventLoop) -> EngineStats | None:
-        if loop.is_closed() or not loop.is_running():
-            return None
+    def _fetch(source: EngineGaugeSource) -> EngineStats | None:
         try:
-            future = asyncio.run_coroutine_threadsafe(source.stats(), loop)
-            return future.result(timeout=SCRAPE_TIMEOUT_S)
+            stats = source.stats().result(timeout=SCRAPE_TIMEOUT_S)
+            return stats if isinstance(stats, EngineStats) else None
         except Exception:  # a stopped engine must not break the scrape
             LOG.debug("engine stats unavailable for %s", source.model_name, exc_info=True)
             return None

@@ -21,14 +21,20 @@ from typing import Any
 
 import grpc
 
-from grpc_service.engine_host import ServedModel
+from grpc_service.engine_host import MAX_CHAT_MESSAGES, ServedModel, check_words
 from grpc_service.errors import DeadlineExceeded, InvalidArgument, RequestFailed
 from grpc_service.proto import trtserve_pb2 as pb
 from grpc_service.registry import ModelRegistry
 from grpc_service.visual_inputs import ChatContent, FieldNames, ImageSource, VideoSource
 from runtime.multimodal.processor import MultimodalInputs
 from runtime.outputs import RequestOutput
-from runtime.sampling_params import SamplingParams
+from runtime.sampling_params import (
+    MAX_STOP_CHARS,
+    MAX_STOP_STRINGS,
+    MAX_STOP_TOKEN_IDS,
+    SamplingParams,
+    check_list_size,
+)
 
 API_LABEL = "native"
 _FLOAT_FIELDS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
@@ -46,7 +52,7 @@ class NativeService:
     async def Generate(self, request: pb.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
         model = self.registry.served_model(request.model)
-        params = sampling_params(request.sampling, model)
+        params = await sampling_params(request.sampling, model)
         prompt_ids, multimodal = await prompt_inputs(request, model)
         salt = request.cache_salt if request.HasField("cache_salt") else None
         stream = model.generate(prompt_ids, params, API_LABEL, cache_salt=salt, multimodal=multimodal)
@@ -75,16 +81,16 @@ class NativeService:
                 ids, _ = await model.encode_visual_chat(turns, _add_generation_prompt(request.chat), names,
                                                         "chat.messages")
             else:
-                ids = model.encode_chat(_text_turns(turns), _add_generation_prompt(request.chat))
+                ids = await model.off_loop(model.encode_chat, _text_turns(turns), _add_generation_prompt(request.chat))
         else:
-            ids = model.encode_text(request.text, add_special_tokens=request.add_special_tokens)
+            ids = await model.off_loop(model.encode_text, request.text, request.add_special_tokens)
         return pb.TokenizeResponse(token_ids=ids, num_tokens=len(ids), max_input_len=model.limits.max_input_len)
 
     async def Detokenize(self, request: pb.DetokenizeRequest,
                          context: grpc.aio.ServicerContext) -> pb.DetokenizeResponse:
         model = self.registry.served_model(request.model)
         skip = request.skip_special_tokens if request.HasField("skip_special_tokens") else True
-        return pb.DetokenizeResponse(text=model.decode(list(request.token_ids), skip))
+        return pb.DetokenizeResponse(text=await model.off_loop(model.decode, request.token_ids, skip))
 
     async def ListModels(self, request: pb.ListModelsRequest,
                          context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
@@ -119,14 +125,17 @@ async def prompt_inputs(request: pb.GenerateRequest,
         if names is not None:
             return await model.encode_visual_chat(turns, _add_generation_prompt(request.chat), names,
                                                   "chat.messages")
-        return model.encode_chat(_text_turns(turns), _add_generation_prompt(request.chat)), None
+        return await model.off_loop(model.encode_chat, _text_turns(turns), _add_generation_prompt(request.chat)), None
     if images or videos:
         if kind != "text":
             raise InvalidArgument(visual_field, "need a text or chat prompt (token ids cannot carry images)")
         return await model.encode_visual_text(request.text, images, videos, FieldNames({}), visual_field)
     if kind == "text":
-        return model.encode_text(request.text), None
+        return await model.off_loop(model.encode_text, request.text), None
     if kind == "token_ids":
+        if len(request.token_ids.ids) > model.limits.max_input_len:     # before copying millions of ids
+            raise InvalidArgument("token_ids", f"prompt ({len(request.token_ids.ids)} tokens) exceeds max_input_len "
+                                               f"({model.limits.max_input_len})")
         return list(request.token_ids.ids), None
     raise InvalidArgument("prompt", "set one of text, token_ids or chat")
 
@@ -134,6 +143,8 @@ async def prompt_inputs(request: pb.GenerateRequest,
 def chat_turns(chat: pb.ChatMessages) -> tuple[list[tuple[str, ChatContent]], FieldNames | None]:
     """(role, content) per message, content being text or a list of parts; FieldNames (runtime field ->
     this API's) when some message holds an image or video, else None."""
+    if len(chat.messages) > MAX_CHAT_MESSAGES:
+        raise InvalidArgument("chat.messages", f"{len(chat.messages)} messages exceed the limit of {MAX_CHAT_MESSAGES}")
     turns: list[tuple[str, ChatContent]] = []
     aliases = {"messages": "chat.messages"}
     has_visuals = False
@@ -197,8 +208,12 @@ def _add_generation_prompt(chat: pb.ChatMessages) -> bool:
     return chat.add_generation_prompt if chat.HasField("add_generation_prompt") else True
 
 
-def sampling_params(sampling: pb.SamplingParameters, model: ServedModel) -> SamplingParams:
-    """Set fields override the runtime defaults; validation (names + limits) happens at admission."""
+async def sampling_params(sampling: pb.SamplingParameters, model: ServedModel) -> SamplingParams:
+    """Set fields override the runtime defaults; validation (names + limits) happens at admission. The list
+    fields are bounded here first (count before content), and bad words are tokenized off the event loop."""
+    check_list_size("stop", sampling.stop, MAX_STOP_STRINGS, MAX_STOP_CHARS, "characters")
+    check_list_size("stop_token_ids", sampling.stop_token_ids, MAX_STOP_TOKEN_IDS)
+    check_words("bad_words", sampling.bad_words)
     values: dict[str, object] = {}
     for name in _FLOAT_FIELDS + _INT_FIELDS:
         if sampling.HasField(name):
@@ -211,7 +226,7 @@ def sampling_params(sampling: pb.SamplingParameters, model: ServedModel) -> Samp
     if sampling.bad_words:
         if any(not w for w in sampling.bad_words):
             raise InvalidArgument("bad_words", "entries must be non-empty strings")
-        values["bad_words_ids"] = model.tokenize_words(list(sampling.bad_words))
+        values["bad_words_ids"] = await model.off_loop(model.tokenize_words, list(sampling.bad_words))
     return SamplingParams(**values)  # type: ignore[arg-type]
 
 

@@ -50,6 +50,7 @@ from runtime.outputs import RequestOutput
 
 _T = TypeVar("_T")
 API_LABEL = "kserve"
+MAX_POSTPROCESS_BEAMS = 16          # sequences one postprocessing request may detokenize (each <= max_seq_len)
 LOG_PROB_OUTPUTS = ("cum_log_probs", "output_log_probs")
 
 
@@ -93,16 +94,18 @@ class TritonModel:
         arrays = decode_inputs(request, self.config)
         wanted = requested_outputs(request, self.config)
         clock.input_done()
-        if self.role == PREPROCESSING:
-            yield ResponsePart(self._select(self._preprocess(arrays), wanted, ()), True)
+        if self.role == PREPROCESSING:         # tokenizer work: on the model's tokenizer thread
+            yield ResponsePart(self._select(await self.served.off_loop(self._preprocess, arrays), wanted, ()), True)
             return
         if self.role == POSTPROCESSING:
-            yield ResponsePart(self._select(self._postprocess(arrays), wanted, ()), True)
+            yield ResponsePart(self._select(await self.served.off_loop(self._postprocess, arrays), wanted, ()), True)
             return
         if self.role == ENSEMBLE:
             generation, prompt_text = await self._preprocessing_step(ensemble_request(arrays, self.served))
         else:
             generation, prompt_text = tensorrt_llm_request(arrays, self.served), ""
+        if generation.params.guided_decoding is not None:     # compiled off the loop, before admission
+            await self.served.prepare_guide(generation.params.guided_decoding, "guided_decoding_guide")
         if generation.stream and not self.decoupled:
             name = "stream" if self.role == ENSEMBLE else "streaming"
             raise InvalidArgument(name, f"streaming needs a decoupled model; model {self.name!r} is not decoupled")
@@ -143,7 +146,8 @@ class TritonModel:
 
     async def _generate_steps(self, generation: TritonGeneration, prompt_text: str, request_id: str,
                               engine_clock: RequestClock | None,
-                              llm_step: RequestClock | None) -> AsyncGenerator[tuple[dict[str, np.ndarray], bool], None]:
+                              llm_step: RequestClock | None) -> AsyncGenerator[tuple[dict[str, np.ndarray], bool],
+                                                                               None]:
         progress = _Progress(time.time_ns())
         text_parts: list[str] = [] if generation.exclude_input_in_output or generation.stream else [prompt_text]
         token_ids: list[int] = [] if generation.exclude_input_in_output or generation.stream else list(
@@ -225,7 +229,8 @@ class TritonModel:
     def _preprocess(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         served = self.served
         ids = served.encode_text(decode_utf8("QUERY", arrays["QUERY"].reshape(-1)[0]))
-        words = {name: [served.encode_text(decode_utf8(name, w)) for w in arrays[name].reshape(-1)]
+        words = {name: [list(w) for w in served.tokenize_words([decode_utf8(name, w) for w in arrays[name].reshape(-1)],
+                                                                 name)]
                  if name in arrays else [] for name in ("BAD_WORDS_DICT", "STOP_WORDS_DICT")}
         end_id = scalar_int(arrays, "END_ID")
         pad_id = scalar_int(arrays, "PAD_ID")
@@ -243,6 +248,9 @@ class TritonModel:
 
     def _postprocess(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         tokens = arrays["TOKENS_BATCH"][0]            # [beams, n]
+        if tokens.shape[0] > MAX_POSTPROCESS_BEAMS:
+            raise InvalidArgument("TOKENS_BATCH", f"{tokens.shape[0]} beams exceed the limit of "
+                                                  f"{MAX_POSTPROCESS_BEAMS}")
         lengths = arrays["SEQUENCE_LENGTH"].reshape(-1)
         if len(lengths) != tokens.shape[0]:
             raise InvalidArgument("SEQUENCE_LENGTH", f"holds {len(lengths)} lengths for {tokens.shape[0]} beams")

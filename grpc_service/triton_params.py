@@ -44,7 +44,13 @@ from grpc_service.visual_inputs import (
     pixel_video,
 )
 from runtime.multimodal.processor import MultimodalInputs
-from runtime.sampling_params import SamplingParams, SamplingParamsError
+from runtime.sampling_params import (
+    MAX_BAD_WORD_TOKENS,
+    MAX_BAD_WORDS,
+    MAX_STOP_STRINGS,
+    SamplingParams,
+    SamplingParamsError,
+)
 
 # SamplingParams field -> tensor name, per vocabulary
 ENSEMBLE_NAMES = {"max_tokens": "max_tokens", "top_k": "top_k", "top_p": "top_p", "stop_token_ids": "end_id",
@@ -72,11 +78,12 @@ async def ensemble_request(arrays: Mapping[str, np.ndarray],
     text = decode_utf8("text_input", arrays["text_input"].reshape(-1)[0])
     images, videos = ensemble_visuals(arrays)
     stop = tuple(decode_utf8("stop_words", w) for w in _bytes_list(arrays.get("stop_words")))
-    bad = model.tokenize_words([decode_utf8("bad_words", w) for w in _bytes_list(arrays.get("bad_words"))])
+    bad_texts = [decode_utf8("bad_words", w) for w in _bytes_list(arrays.get("bad_words"))]
+    # tokenizing is the costly part: off the event loop, bad words' size checked first (tokenize_words);
     # with images, every other tensor is judged (prompt still empty) before any image is decoded
-    prompt_ids = [] if images or videos else model.encode_text(text)
+    bad, prompt_ids = await model.off_loop(_tokenize, model, bad_texts, "" if images or videos else text)
     generation = _generation(arrays, ENSEMBLE_NAMES, prompt_ids, tuple(s for s in stop if s), bad, "stream",
-                             model.limits.vocab_size)
+                             model.limits.vocab_size, eos_token_ids=model.limits.eos_token_ids)
     if not (images or videos):
         return generation, text
     image_field = images[0].field.partition("[")[0] if images else "video_bytes_input"
@@ -84,6 +91,10 @@ async def ensemble_request(arrays: Mapping[str, np.ndarray],
                "videos[0]": "video_bytes_input", **{f"images[{i}]": src.field for i, src in enumerate(images)}}
     prompt_ids, multimodal = await model.encode_visual_text(text, images, videos, FieldNames(aliases), image_field)
     return replace(generation, prompt_ids=prompt_ids, multimodal=multimodal), text
+
+
+def _tokenize(model: ServedModel, bad_words: list[str], prompt: str) -> tuple[tuple[tuple[int, ...], ...], list[int]]:
+    return model.tokenize_words(bad_words), model.encode_text(prompt) if prompt else []
 
 
 def ensemble_visuals(arrays: Mapping[str, np.ndarray]) -> tuple[list[ImageSource], list[VideoSource]]:
@@ -104,25 +115,29 @@ def ensemble_visuals(arrays: Mapping[str, np.ndarray]) -> tuple[list[ImageSource
 
 
 def tensorrt_llm_request(arrays: Mapping[str, np.ndarray], model: ServedModel) -> TritonGeneration:
-    input_ids = [int(t) for t in arrays["input_ids"].reshape(-1)]
+    ids_given = arrays["input_ids"].reshape(-1)
     length = scalar_int(arrays, "input_lengths")
-    if length is None or not 1 <= length <= len(input_ids):
-        raise InvalidArgument("input_lengths", f"must be in [1, {len(input_ids)}] (the input_ids given), got {length}")
-    prompt_ids = input_ids[:length]
-    stop_words = word_list(arrays.get("stop_words_list"), "stop_words_list")
-    bad_words = word_list(arrays.get("bad_words_list"), "bad_words_list")
+    if length is None or not 1 <= length <= ids_given.size:
+        raise InvalidArgument("input_lengths", f"must be in [1, {ids_given.size}] (the input_ids given), got {length}")
+    if length > model.limits.max_input_len:         # before turning millions of ids into Python ints
+        raise InvalidArgument("input_ids", f"prompt ({length} tokens) exceeds max_input_len "
+                                           f"({model.limits.max_input_len})")
+    prompt_ids = [int(t) for t in ids_given[:length]]
+    stop_words = word_list(arrays.get("stop_words_list"), "stop_words_list", MAX_STOP_STRINGS)
+    bad_words = word_list(arrays.get("bad_words_list"), "bad_words_list", MAX_BAD_WORDS)
     for words, name in ((stop_words, "stop_words_list"), (bad_words, "bad_words_list")):
         model.check_token_ids([t for w in words for t in w], name)
     single = tuple(w[0] for w in stop_words if len(w) == 1)
     multi = tuple(model.decode(w, skip_special_tokens=False) for w in stop_words if len(w) > 1)
     generation = _generation(arrays, TENSORRT_LLM_NAMES, prompt_ids, tuple(s for s in multi if s), bad_words,
-                             "streaming", model.limits.vocab_size, extra_stop_ids=single)
+                             "streaming", model.limits.vocab_size, extra_stop_ids=single,
+                             eos_token_ids=model.limits.eos_token_ids)
     return generation
 
 
 def _generation(arrays: Mapping[str, np.ndarray], names: Mapping[str, str], prompt_ids: list[int],
                 stop: tuple[str, ...], bad_words: tuple[tuple[int, ...], ...], stream_name: str,
-                vocab_size: int, extra_stop_ids: tuple[int, ...] = (),
+                vocab_size: int, extra_stop_ids: tuple[int, ...] = (), eos_token_ids: tuple[int, ...] = (),
                 multimodal: MultimodalInputs | None = None) -> TritonGeneration:
     for name in ("beam_width", "num_return_sequences"):
         value = scalar_int(arrays, name)
@@ -158,7 +173,7 @@ def _generation(arrays: Mapping[str, np.ndarray], names: Mapping[str, str], prom
         values[name] = scalar_float(arrays, name)
     try:
         params = SamplingParams(**{k: v for k, v in values.items() if v is not None}).validate(  # type: ignore[arg-type]
-            vocab_size)
+            vocab_size, eos_token_ids)
     except SamplingParamsError as exc:
         raise tensor_error(exc, names) from None
     return TritonGeneration(prompt_ids, params, bool(scalar_bool(arrays, stream_name)),
@@ -196,11 +211,16 @@ def decode_utf8(name: str, data: object) -> str:
         raise InvalidArgument(name, f"is not valid UTF-8 (byte {exc.start})") from None
 
 
-def word_list(array: np.ndarray | None, name: str) -> tuple[tuple[int, ...], ...]:
-    """The backend's [1, 2, L] word-list layout: ids, then end offsets padded with -1."""
+def word_list(array: np.ndarray | None, name: str, max_words: int) -> tuple[tuple[int, ...], ...]:
+    """The backend's [1, 2, L] word-list layout: ids, then end offsets padded with -1 (L at most
+    MAX_BAD_WORD_TOKENS, at most `max_words` words)."""
     if array is None or array.size == 0:
         return ()
     ids, offsets = array.reshape(2, -1)
+    if ids.size > MAX_BAD_WORD_TOKENS:
+        raise InvalidArgument(name, f"{ids.size} token ids exceed the limit of {MAX_BAD_WORD_TOKENS}")
+    if int(np.count_nonzero(offsets >= 0)) > max_words:
+        raise InvalidArgument(name, f"{int(np.count_nonzero(offsets >= 0))} words exceed the limit of {max_words}")
     words: list[tuple[int, ...]] = []
     start = 0
     for end in (int(o) for o in offsets):

@@ -22,6 +22,7 @@ from tritonclient.grpc import service_pb2 as pb
 
 from grpc_service.errors import InvalidArgument
 from grpc_service.triton_schema import kserve_datatype
+from runtime.sampling_params import MAX_BAD_WORDS, MAX_STOP_STRINGS
 
 NUMPY_DTYPES: dict[str, np.dtype] = {
     "BOOL": np.dtype(np.bool_), "UINT8": np.dtype("<u1"), "UINT16": np.dtype("<u2"), "UINT32": np.dtype("<u4"),
@@ -34,6 +35,9 @@ _CONTENTS_FIELD = {
     "UINT64": "uint64_contents", "FP32": "fp32_contents", "FP64": "fp64_contents", "BYTES": "bytes_contents",
 }
 MAX_ELEMENTS = 1 << 24     # far beyond any legal input; keeps a forged shape from allocating gigabytes
+# BYTES list tensors (decoded element by element): their entry limits, checked from the shape before decoding
+LIST_TENSOR_LIMITS = {"stop_words": MAX_STOP_STRINGS, "bad_words": MAX_BAD_WORDS,
+                      "STOP_WORDS_DICT": MAX_BAD_WORDS, "BAD_WORDS_DICT": MAX_BAD_WORDS}
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +70,8 @@ def decode_inputs(request: pb.ModelInferRequest, config: mc.ModelConfig) -> dict
             raise InvalidArgument(name, f"datatype is {tensor.datatype!r}, model {config.name!r} expects {expected!r}")
         shape = _check_shape(name, tuple(tensor.shape), tuple(spec.dims), config.max_batch_size)
         count = math.prod(shape)
+        if count > LIST_TENSOR_LIMITS.get(name, MAX_ELEMENTS):
+            raise InvalidArgument(name, f"{count} entries exceed the limit of {LIST_TENSOR_LIMITS[name]}")
         if num_raw:
             array = _from_raw(name, expected, request.raw_input_contents[index], count)
         else:

@@ -12,6 +12,7 @@ Range checks are written negated (`not (lo <= x <= hi)`) after an
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence, Sized
 from dataclasses import dataclass
 
 from runtime.errors import FieldError
@@ -20,6 +21,15 @@ MAX_TOKENS_LIMIT = 2**31          # max_tokens must be below this (INT32 on the 
 SEED_LIMIT = 2**64                # seed must be below this (UINT64 on the wire)
 MAX_LOGPROBS = 20                 # most top-n logprobs a request may ask for
 PENALTY_LIMIT = 2.0               # presence / frequency penalties lie in [-2, 2]
+# The lists of one request are bounded, so that no request can make the server spend seconds before admission
+# (tokenizing bad words, decoding stop words) or in each step (bans, stop strings). APIs check the raw lists
+# with check_list_size before any work on them; validate() checks them again at the engine's door.
+MAX_STOP_STRINGS = 64             # stop strings per request
+MAX_STOP_CHARS = 8192             # their characters, all together
+MAX_BAD_WORDS = 256               # bad words per request (text or token ids)
+MAX_BAD_WORD_CHARS = 16384        # text bad words' characters, all together (before tokenizing)
+MAX_BAD_WORD_TOKENS = 4096        # bad words' token ids, all together
+MAX_STOP_TOKEN_IDS = 256          # stop token ids per request
 GUIDE_KINDS = ("json_object", "json_schema", "regex", "ebnf")
 MAX_GUIDE_CHARS = 1 << 16         # a JSON schema, regex or grammar of at most 64 Ki characters
 # Temperatures below this mean greedy (argmax): dividing logits by them would overflow float32.
@@ -93,12 +103,17 @@ class SamplingParams:
         """Deterministic argmax decoding of up to `max_tokens` tokens."""
         return cls(max_tokens=max_tokens, temperature=0.0, ignore_eos=ignore_eos)
 
-    def validate(self, vocab_size: int | None = None) -> "SamplingParams":
+    def validate(self, vocab_size: int | None = None, eos_token_ids: Sequence[int] = ()) -> "SamplingParams":
         """Raise SamplingParamsError naming the field; return self when valid.
 
         `vocab_size`, when given, bounds every token id (stop_token_ids,
-        bad_words_ids); without it only non-negativity is checked.
+        bad_words_ids) and refuses bans that leave no token to sample (with
+        `eos_token_ids`, banned while min_tokens are due); without it only
+        non-negativity is checked.
         """
+        check_list_size("stop_token_ids", self.stop_token_ids, MAX_STOP_TOKEN_IDS)
+        check_list_size("stop", self.stop, MAX_STOP_STRINGS, MAX_STOP_CHARS, "characters")
+        check_list_size("bad_words_ids", self.bad_words_ids, MAX_BAD_WORDS, MAX_BAD_WORD_TOKENS, "token ids")
         _check_int("max_tokens", self.max_tokens, 1, MAX_TOKENS_LIMIT - 1)
         _check_float("temperature", self.temperature, 0.0, math.inf)
         _check_int("top_k", self.top_k, 0, None)
@@ -117,6 +132,7 @@ class SamplingParams:
         _check_token_ids("stop_token_ids", self.stop_token_ids, vocab_size)
         self._validate_stop()
         self._validate_bad_words(vocab_size)
+        check_some_token_allowed(self, vocab_size, eos_token_ids)
         if self.logprobs is not None:
             _check_int("logprobs", self.logprobs, 0, MAX_LOGPROBS)
         if self.guided_decoding is not None:
@@ -144,6 +160,41 @@ class SamplingParams:
             for j, token_id in enumerate(word):
                 _check_int("bad_words_ids", token_id, 0, high,
                            what=f"token id at entry {i} index {j}")
+
+
+def check_list_size(name: str, items: object, max_items: int, max_total: int | None = None,
+                    unit: str = "") -> None:
+    """Refuse a list field with more than `max_items` entries or, with `max_total`, more than that many `unit`
+    (characters, token ids) in all its entries together. The count is checked first, in O(1)."""
+    if not isinstance(items, Sized):
+        return                       # not a list at all: the field's own type check names it
+    if len(items) > max_items:
+        raise SamplingParamsError(name, f"{len(items)} entries exceed the limit of {max_items}")
+    if max_total is not None:
+        total = sum(len(item) for item in items if isinstance(item, Sized))
+        if total > max_total:
+            raise SamplingParamsError(name, f"{total} {unit} in all exceed the limit of {max_total}")
+
+
+def check_some_token_allowed(params: SamplingParams, vocab_size: int | None,
+                             eos_token_ids: Sequence[int] = ()) -> None:
+    """Refuse bans that could leave a step with every token of the vocabulary banned (the sampler would then
+    have nothing to draw from). The sampler bans the last token of each bad word (when the text before it
+    matches) and, while min_tokens are due, the stop token ids and EOS: if those can cover the vocabulary
+    together, the request is refused here. Bad words are checked as if all could match at once (an upper bound)."""
+    if vocab_size is None:
+        return
+    banned = {word[-1] for word in params.bad_words_ids if word}
+    if len(banned) + len(params.stop_token_ids) + len(eos_token_ids) < vocab_size:
+        return                       # cannot cover the vocabulary (the usual case, decided without a set union)
+    if params.min_tokens > 0:
+        banned.update(params.stop_token_ids)
+        if not params.ignore_eos:
+            banned.update(eos_token_ids)
+    if len(banned) >= vocab_size:
+        during = " with the stop and EOS tokens banned during min_tokens" if params.min_tokens > 0 else ""
+        raise SamplingParamsError("bad_words_ids", f"the words' last tokens{during} ban all {vocab_size} tokens "
+                                                   "of the vocabulary; leave at least one token allowed")
 
 
 def _check_int(name: str, value: object, low: int, high: int | None,

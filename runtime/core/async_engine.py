@@ -10,6 +10,7 @@ Not for: validation of wire input (grpc_service) or the step logic (engine_core)
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import queue
 import threading
@@ -89,8 +90,11 @@ class AsyncEngine:
 
     async def call(self, fn: Callable[[EngineCore], object]) -> object:
         """Run `fn(core)` on the engine thread between steps (stats, cache resets)."""
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[object] = loop.create_future()
+        return await asyncio.wrap_future(self.call_threadsafe(fn))
+
+    def call_threadsafe(self, fn: Callable[[EngineCore], object]) -> concurrent.futures.Future[object]:
+        """`call` for any thread, no event loop needed (a metrics scrape must not wait behind the loop)."""
+        future: concurrent.futures.Future[object] = concurrent.futures.Future()
 
         def settle(value: object) -> None:
             if future.done():
@@ -100,8 +104,8 @@ class AsyncEngine:
             else:
                 future.set_result(value)
 
-        self._commands.put(_Call(fn, lambda value: loop.call_soon_threadsafe(settle, value)))
-        return await future
+        self._commands.put(_Call(fn, settle))
+        return future
 
     async def stats(self) -> EngineStats:
         return await self.call(lambda core: core.stats())  # type: ignore[return-value]

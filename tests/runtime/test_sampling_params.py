@@ -6,7 +6,15 @@ import re
 
 import pytest
 
-from runtime.sampling_params import SamplingParams, SamplingParamsError
+from runtime.sampling_params import (
+    MAX_BAD_WORD_TOKENS,
+    MAX_BAD_WORDS,
+    MAX_STOP_CHARS,
+    MAX_STOP_STRINGS,
+    MAX_STOP_TOKEN_IDS,
+    SamplingParams,
+    SamplingParamsError,
+)
 
 NAN = math.nan
 INF = math.inf
@@ -84,3 +92,40 @@ def test_valid_params_pass_and_return_self(params: SamplingParams) -> None:
 def test_greedy_params() -> None:
     params = SamplingParams.greedy_params(8).validate()
     assert params.greedy and params.max_tokens == 8 and not params.ignore_eos
+
+
+@pytest.mark.parametrize(("values", "field", "limit"), [
+    ({"stop": ("x",) * (MAX_STOP_STRINGS + 1)}, "stop", f"limit of {MAX_STOP_STRINGS}"),
+    ({"stop": ("y" * (MAX_STOP_CHARS // 2 + 1),) * 2}, "stop", f"characters in all exceed the limit of {MAX_STOP_CHARS}"),
+    ({"bad_words_ids": ((1,),) * (MAX_BAD_WORDS + 1)}, "bad_words_ids", f"limit of {MAX_BAD_WORDS}"),
+    ({"bad_words_ids": ((1,) * (MAX_BAD_WORD_TOKENS // 2 + 1),) * 2}, "bad_words_ids",
+     f"token ids in all exceed the limit of {MAX_BAD_WORD_TOKENS}"),
+    ({"stop_token_ids": (1,) * (MAX_STOP_TOKEN_IDS + 1)}, "stop_token_ids", f"limit of {MAX_STOP_TOKEN_IDS}"),
+])
+def test_list_fields_are_bounded(values: dict, field: str, limit: str) -> None:
+    with pytest.raises(SamplingParamsError) as info:
+        SamplingParams(**values).validate(vocab_size=1000)
+    assert info.value.field == field and limit in str(info.value)
+
+
+def test_list_count_is_checked_before_the_entries() -> None:
+    """A million entries are refused by their count, without looking at (or type-checking) each one."""
+    with pytest.raises(SamplingParamsError, match=f"1000000 entries exceed the limit of {MAX_STOP_STRINGS}"):
+        SamplingParams(stop=(None,) * 1_000_000).validate()   # type: ignore[arg-type]
+
+
+def test_bans_that_leave_no_token_are_refused() -> None:
+    """Every token banned (today's sampler would silently emit token 0): refused at admission."""
+    vocab = 8
+    every_token = tuple((t,) for t in range(vocab))
+    with pytest.raises(SamplingParamsError, match="ban all 8 tokens of the vocabulary") as info:
+        SamplingParams(bad_words_ids=every_token).validate(vocab_size=vocab)
+    assert info.value.field == "bad_words_ids"
+    SamplingParams(bad_words_ids=every_token[:-1]).validate(vocab_size=vocab)      # one token left: fine
+    # the last allowed tokens are the stop / EOS tokens, banned while min_tokens are due
+    rest = SamplingParams(bad_words_ids=every_token[:-2], stop_token_ids=(6,), min_tokens=2)
+    with pytest.raises(SamplingParamsError, match="during min_tokens"):
+        rest.validate(vocab_size=vocab, eos_token_ids=(7,))
+    SamplingParams(bad_words_ids=every_token[:-2], stop_token_ids=(6,), min_tokens=2,
+                   ignore_eos=True).validate(vocab_size=vocab, eos_token_ids=(7,))   # EOS not banned then
+    SamplingParams(bad_words_ids=every_token[:-2], stop_token_ids=(6,)).validate(vocab_size=vocab, eos_token_ids=(7,))
