@@ -51,10 +51,12 @@ def make_case(seq_lens: list[int], query_lens: list[int], num_kv_heads: int, gro
         ids = pool[cursor:cursor + nb]
         cursor += nb
         tables[i, :nb] = torch.tensor(ids)
-        for p in range(n):
-            block, offset = ids[p // block_size], p % block_size
-            key_cache[block, offset] = torch.randn(num_kv_heads, head_size, generator=gen).to(dtype)
-            value_cache[block, offset] = torch.randn(num_kv_heads, head_size, generator=gen).to(dtype)
+        positions = torch.arange(n)
+        slots = torch.tensor(ids)[positions // block_size] * block_size + positions % block_size
+        key_cache.view(-1, num_kv_heads, head_size)[slots] = torch.randn(n, num_kv_heads, head_size,
+                                                                        generator=gen).to(dtype)
+        value_cache.view(-1, num_kv_heads, head_size)[slots] = torch.randn(n, num_kv_heads, head_size,
+                                                                          generator=gen).to(dtype)
     q = torch.randn(sum(query_lens), num_kv_heads * group, head_size, generator=gen).to(dtype)
     return PagedCase(q.to(device), key_cache.to(device), value_cache.to(device), tables.to(device),
                      list(seq_lens), list(query_lens), head_size ** -0.5)
