@@ -48,13 +48,17 @@ class DecoderModel:
         if batch.embed_rows is not None and batch.embeds is not None:
             hidden = hidden.index_copy(0, batch.embed_rows, batch.embeds.to(hidden.dtype))
         cos, sin = self._cos_sin(batch.positions)
+        # each residual add is fused with the norm after it (ops.add_rms_norm may update `residual` in place)
+        residual, eps = hidden, cfg.norm_epsilon
+        x = ops.rms_norm(residual, w[f"{layer_prefix(0)}.input_layernorm.weight"], eps)
         for i in range(cfg.num_hidden_layers):
             p = layer_prefix(i)
-            x = ops.rms_norm(hidden, w[f"{p}.input_layernorm.weight"], cfg.norm_epsilon)
-            hidden = hidden + self._attention(i, p, x, cos, sin, batch, kv)
-            x = ops.rms_norm(hidden, w[f"{p}.post_layernorm.weight"], cfg.norm_epsilon)
-            hidden = hidden + self._mlp(p, x)
-        hidden = hidden.index_select(0, batch.logits_indices)
+            out = self._attention(i, p, x, cos, sin, batch, kv)
+            x, residual = ops.add_rms_norm(out, residual, w[f"{p}.post_layernorm.weight"], eps)
+            out = self._mlp(p, x)
+            if i + 1 < cfg.num_hidden_layers:
+                x, residual = ops.add_rms_norm(out, residual, w[f"{layer_prefix(i + 1)}.input_layernorm.weight"], eps)
+        hidden = out.index_select(0, batch.logits_indices) + residual.index_select(0, batch.logits_indices)
         hidden = ops.rms_norm(hidden, w["transformer.ln_f.weight"], cfg.norm_epsilon)
         return F.linear(hidden, w["lm_head.weight"]).float()
 
@@ -79,8 +83,7 @@ class DecoderModel:
         key_cache, value_cache = kv.key_caches[layer], kv.value_caches[layer]
         if self.kv_algo is None:
             self.ops.write_kv_cache(key_cache, value_cache, k, v, batch.slot_mapping)
-            out = self.ops.paged_attention(q, key_cache, value_cache, batch.block_tables,
-                                           batch.seq_lens, batch.query_lens, self.scale)
+            out = self.ops.paged_attention_meta(q, key_cache, value_cache, batch.attention, self.scale)
         else:       # one-byte cache with the layer's static scale (runtime/executor/kv_quant.py)
             kv_scale = w[f"{p}.attention.kv_cache_scaling_factor"]
             write_kv_cache_quant(self.ops, key_cache, value_cache, k, v, batch.slot_mapping, kv_scale, self.kv_algo)
@@ -91,4 +94,4 @@ class DecoderModel:
     def _mlp(self, p: str, x: torch.Tensor) -> torch.Tensor:
         gate = self.linears[f"{p}.mlp.fc"](x)
         up = self.linears[f"{p}.mlp.gate"](x)
-        return self.linears[f"{p}.mlp.proj"](F.silu(gate) * up)
+        return self.linears[f"{p}.mlp.proj"](self.ops.silu_and_mul(gate, up))
