@@ -41,6 +41,7 @@ class AdmissionLimits:
     num_kv_blocks: int
     tokens_per_block: int
     mrope: MRopeSpec | None = None    # VL engines: placeholder ids and merge size; None: text only
+    eos_token_ids: tuple[int, ...] = ()   # banned while min_tokens are due (SamplingParams.validate)
 
     def num_blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.tokens_per_block)
@@ -54,7 +55,7 @@ def check_request(request: EngineRequest, limits: AdmissionLimits,
     """
     if in_flight(request.request_id):
         raise RequestRejectedError("request_id", f"{request.request_id!r} is already queued or running")
-    params = request.sampling_params.validate(limits.vocab_size)
+    params = request.sampling_params.validate(limits.vocab_size, limits.eos_token_ids)
     _check_prompt(request.prompt_token_ids, limits)
     _check_capacity(len(request.prompt_token_ids), params.max_tokens, limits)
     check_multimodal(request.prompt_token_ids, request.multimodal, limits.mrope)

@@ -69,7 +69,8 @@ class EngineCore:
         self.tokenizer = AutoTokenizer.from_pretrained(str(engine.tokenizer_dir))
         self.vocab_size = engine.llm_config.vocab_size
         self.limits = AdmissionLimits(self.vocab_size, build.max_input_len, build.max_seq_len,
-                                      layout.num_kv_blocks, layout.tokens_per_block, mrope_spec_of(engine))
+                                      layout.num_kv_blocks, layout.tokens_per_block, mrope_spec_of(engine),
+                                      engine.eos_token_ids)
         self._num_steps = 0
         self._num_generated_tokens = 0
         self._num_computed_prompt_tokens = 0

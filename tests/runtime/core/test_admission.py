@@ -70,3 +70,13 @@ def test_a_servable_request_passes_with_its_validated_parameters() -> None:
     params = SamplingParams(max_tokens=64 - 4)
     admitted = check_request(EngineRequest("r", list(range(4)), params), LIMITS, nothing_in_flight)
     assert admitted is params          # exactly fills the 16 blocks of 4 tokens
+
+
+def test_bans_that_with_eos_cover_the_vocabulary_are_refused_at_the_door() -> None:
+    with_eos = AdmissionLimits(100, 256, 128, 16, 4, eos_token_ids=(99,))
+    bad_words = tuple((t,) for t in range(99))          # every token but EOS, and EOS is banned during min_tokens
+    params = SamplingParams(bad_words_ids=bad_words, min_tokens=1)
+    with pytest.raises(SamplingParamsError) as info:
+        check_request(EngineRequest("r", [1], params), with_eos, nothing_in_flight)
+    assert info.value.field == "bad_words_ids"
+    assert check_request(EngineRequest("r", [1], params), LIMITS, nothing_in_flight) is params   # EOS unknown
