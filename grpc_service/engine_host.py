@@ -137,7 +137,8 @@ class ServedModel:
         core = await asyncio.to_thread(EngineCore.from_dir, engine_dir, engine_config)
         model = await asyncio.to_thread(cls, core, max_queue_size, metrics, media)
         metrics.attach(EngineGaugeSource(model.name, lambda: model.engine.call_threadsafe(lambda core: core.stats()),
-                                         lambda: model.gate.in_flight, model.gate.limit))
+                                         lambda: model.gate.in_flight, model.gate.limit,
+                                         core.executor.layout.kv_cache_bytes))
         return model
 
     async def warm_up(self) -> None:

@@ -39,6 +39,7 @@ class EngineGaugeSource:
     stats: Callable[[], concurrent.futures.Future[object]]     # resolves to EngineStats, from any thread
     in_flight: Callable[[], int]
     in_flight_limit: int
+    kv_cache_bytes: int = 0         # the KV pool's size, fixed at start-up (EngineLayout.kv_cache_bytes)
 
 
 class ServerMetrics:
@@ -131,6 +132,7 @@ class EngineCollector(Collector):
             name = source.model_name
             families["in_flight"].add_metric([name], source.in_flight())
             families["in_flight_limit"].add_metric([name], source.in_flight_limit)
+            families["kv_bytes"].add_metric([name], source.kv_cache_bytes)
             if stats is None:
                 continue
             families["queue"].add_metric([name], stats.num_waiting)
@@ -163,6 +165,8 @@ def _families() -> dict[str, GaugeMetricFamily | CounterMetricFamily]:
         "queue": GaugeMetricFamily("trtserve_queue_depth", "Requests waiting for the engine", labels=["model"]),
         "running": GaugeMetricFamily("trtserve_requests_running", "Requests in the running batch",
                                      labels=["model"]),
+        "kv_bytes": GaugeMetricFamily("trtserve_kv_cache_bytes", "KV-cache pool size in bytes (set at start-up; "
+                                      "capped by kv_cache_max_bytes)", labels=["model"]),
         "kv_total": GaugeMetricFamily("trtserve_kv_blocks_total", "KV-cache blocks in the pool", labels=["model"]),
         "kv": GaugeMetricFamily("trtserve_kv_blocks", "KV-cache blocks by state (free includes evictable)",
                                 labels=["model", "state"]),
