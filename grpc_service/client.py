@@ -29,6 +29,7 @@ from grpc_service.proto import trtserve_pb2_grpc
 DEFAULT_TARGET = "127.0.0.1:8001"
 Message = tuple[str, str]              # (role, content)
 ImageInput = bytes | str               # encoded image, or a URL (data:, file://, http(s)://)
+TRITON_GUIDE_TYPES = {"json_object": "json", "json_schema": "json_schema", "regex": "regex", "ebnf": "ebnf_grammar"}
 
 
 def image_proto(image: ImageInput) -> pb.Image:
@@ -69,9 +70,14 @@ class Sampling:
     min_tokens: int | None = None
     ignore_eos: bool = False
     stop: tuple[str, ...] = ()
+    guide: tuple[str, str] | None = None     # structured output: (json_schema | json_object | regex | ebnf, spec)
 
     def to_proto(self) -> pb.SamplingParameters:
         message = pb.SamplingParameters(max_tokens=self.max_tokens, ignore_eos=self.ignore_eos, stop=list(self.stop))
+        if self.guide is not None:
+            kind, spec = self.guide
+            message.guided_decoding.CopyFrom(pb.GuidedDecoding(json_object=True) if kind == "json_object"
+                                             else pb.GuidedDecoding(**{kind: spec}))
         for name, value in (("temperature", self.temperature), ("top_k", self.top_k), ("top_p", self.top_p),
                             ("seed", self.seed), ("min_tokens", self.min_tokens)):
             if value is not None:
@@ -221,6 +227,12 @@ class TritonClient:
             values.append(("seed", "UINT64", np.array([[sampling.seed]], dtype=np.uint64)))
         if sampling.stop:
             values.append(("stop_words", "BYTES", np.array([[s.encode() for s in sampling.stop]], dtype=object)))
+        if sampling.guide is not None:              # TensorRT-LLM's guide type names
+            kind, spec = sampling.guide
+            values.append(("guided_decoding_guide_type", "BYTES", np.array([[TRITON_GUIDE_TYPES[kind].encode()]],
+                                                                           dtype=object)))
+            if kind != "json_object":
+                values.append(("guided_decoding_guide", "BYTES", np.array([[spec.encode()]], dtype=object)))
         if len(images):
             pixels = np.stack([np.asarray(image, dtype=np.uint8) for image in images])[None]
             values.append(("image_bytes_input", "UINT8", pixels))

@@ -23,6 +23,7 @@ import grpc
 
 from grpc_service.engine_host import MAX_CHAT_MESSAGES, ServedModel, check_words
 from grpc_service.errors import DeadlineExceeded, InvalidArgument, RequestFailed
+from grpc_service.guides import with_native_guide
 from grpc_service.proto import trtserve_pb2 as pb
 from grpc_service.registry import ModelRegistry
 from grpc_service.visual_inputs import ChatContent, FieldNames, ImageSource, VideoSource
@@ -54,6 +55,7 @@ class NativeService:
         model = self.registry.served_model(request.model)
         params = await sampling_params(request.sampling, model)
         prompt_ids, multimodal = await prompt_inputs(request, model)
+        params = await with_native_guide(params, request.sampling, model)
         salt = request.cache_salt if request.HasField("cache_salt") else None
         stream = model.generate(prompt_ids, params, API_LABEL, cache_salt=salt, multimodal=multimodal)
         remaining = context.time_remaining()

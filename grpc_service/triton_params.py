@@ -36,6 +36,7 @@ import numpy as np
 
 from grpc_service.engine_host import ServedModel
 from grpc_service.errors import InvalidArgument
+from grpc_service.guides import triton_guide
 from grpc_service.visual_inputs import (
     FieldNames,
     ImageSource,
@@ -168,6 +169,7 @@ def _generation(arrays: Mapping[str, np.ndarray], names: Mapping[str, str], prom
         "stop": stop,
         "bad_words_ids": bad_words,
         "logprobs": 0 if scalar_bool(arrays, "return_log_probs") else None,
+        "guided_decoding": triton_guide(arrays),
     }
     for name in ("repetition_penalty", "presence_penalty", "frequency_penalty"):
         values[name] = scalar_float(arrays, name)

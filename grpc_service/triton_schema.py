@@ -46,6 +46,8 @@ _SAMPLING_COMMON: tuple[TensorRow, ...] = (
     ("exclude_input_in_output", "TYPE_BOOL", (1,), True),
     ("beam_width", "TYPE_INT32", (1,), True),
     ("stop", "TYPE_BOOL", (1,), True),
+    ("guided_decoding_guide_type", "TYPE_STRING", (1,), True),   # json | json_schema | regex | ebnf_grammar
+    ("guided_decoding_guide", "TYPE_STRING", (1,), True),
 )
 
 ENSEMBLE_INPUTS: tuple[TensorRow, ...] = (

@@ -139,6 +139,11 @@ class SamplingParams:
             if not isinstance(self.guided_decoding, GuidedDecoding):
                 raise SamplingParamsError("guided_decoding", "must be a GuidedDecoding")
             self.guided_decoding.validate()
+            # the grammar ends the output with EOS: ignoring or banning EOS would leave nothing to sample
+            if self.ignore_eos or self.min_tokens:
+                raise SamplingParamsError("ignore_eos" if self.ignore_eos else "min_tokens",
+                                          "cannot be combined with guided_decoding (structured output ends "
+                                          "with EOS when its grammar is complete)")
         return self
 
     def _validate_stop(self) -> None:

@@ -28,6 +28,7 @@ from runtime.executor.sampler import Sampler, SamplerOutput, TokenLogprobs, make
 from runtime.multimodal.processor import mrope_spec_of
 from runtime.outputs import RequestOutput, Usage
 from runtime.sampling_params import SamplingParams
+from runtime.structured.grammars import GrammarCache
 from runtime.vision.encoder_cache import EncoderCacheStats
 
 __all__ = ["EngineCore", "EngineRequest", "EngineStats", "collect_text"]
@@ -68,6 +69,8 @@ class EngineCore:
         self.sampler = Sampler(torch.Generator(layout.device).manual_seed(self.config.seed))
         self.tokenizer = AutoTokenizer.from_pretrained(str(engine.tokenizer_dir))
         self.vocab_size = engine.llm_config.vocab_size
+        # structured output: compiled grammars, shared with the network face (which compiles before admission)
+        self.grammars = GrammarCache(self.tokenizer, self.vocab_size, engine.eos_token_ids)
         self.limits = AdmissionLimits(self.vocab_size, build.max_input_len, build.max_seq_len,
                                       layout.num_kv_blocks, layout.tokens_per_block, mrope_spec_of(engine),
                                       engine.eos_token_ids)
@@ -92,10 +95,12 @@ class EngineCore:
         ids = list(engine_request.prompt_token_ids)
         eos_ids = self.engine.eos_token_ids
         generator = None if params.seed is None else make_generator(params.seed, self.executor.layout.device)
+        guide = params.guided_decoding       # compiled before admission by the service; else compiled here
+        grammar = None if guide is None else self.grammars.matcher(guide)
         return Request(engine_request.request_id, ids, params, eos_ids, engine_request.cache_salt,
                        engine_request.multimodal, generator,
                        IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens),
-                       StopChecker(params, eos_ids))
+                       StopChecker(params, eos_ids), grammar)
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Finish a request as aborted; returns its final output, or None if unknown."""

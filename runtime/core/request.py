@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from runtime.core.detokenizer import IncrementalDetokenizer
     from runtime.core.stop_checker import StopChecker
     from runtime.multimodal.processor import MultimodalInputs
+    from runtime.structured.bitmask import GrammarState
 
 
 class RequestStatus(enum.Enum):
@@ -78,6 +79,7 @@ class Request:
     generator: torch.Generator | None = None     # a seeded request's own random stream; None: the sampler's
     detokenizer: IncrementalDetokenizer | None = None
     stop_checker: StopChecker | None = None
+    grammar: GrammarState | None = None           # structured output: its matcher, advanced by the sampler
     # -- progress
     arrival_time: float = field(default_factory=time.monotonic)
     output_token_ids: list[int] = field(default_factory=list)

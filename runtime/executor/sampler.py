@@ -12,14 +12,16 @@ row with its own SamplingParams, in a fixed order:
    EOS ids (unless `ignore_eos`: then EOS is not a stop, so it is not banned) and
    `stop_token_ids`; bad words (TensorRT-LLM semantics: a one-token word is
    always banned; a longer word bans its last token when the tail of
-   prompt + output equals the rest of it);
+   prompt + output equals the rest of it); structured output (runtime/structured):
+   tokens the request's grammar forbids;
 4. greedy rows (`SamplingParams.greedy`: temperature below `GREEDY_TEMPERATURE`): argmax;
    sampled rows: divide by temperature, top-k (0 or > V means V), top-p, min-p,
    softmax, then draw.
 
 Each row is one request's engine record (runtime/core/request.py): the sampler
 reads its parameters, prompt and output ids, EOS ids and generator, and writes
-nothing back but a cached tensor of the prompt.
+nothing back but a cached tensor of the prompt and, for structured output, the
+sampled token into the request's grammar matcher.
 Randomness: a row with a seed draws from its own `torch.Generator`
 (`Request.generator`, made at admission and kept across steps), so the same
 seed gives the same tokens whatever else is in the batch and wherever the row
@@ -38,6 +40,7 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 
 from runtime.sampling_params import SamplingParams
+from runtime.structured.bitmask import accept_tokens, apply_grammar_masks
 
 if TYPE_CHECKING:
     from runtime.core.request import Request
@@ -91,6 +94,7 @@ class Sampler:
             sampled_ids[rows] = self._draw(probs, sub_requests)
 
         token_ids: list[int] = sampled_ids.tolist()
+        accept_tokens(token_ids, [r.grammar for r in requests])
         return SamplerOutput(token_ids, _collect_logprobs(raw_logprobs, token_ids, requests))
 
     def _draw(self, probs: torch.Tensor, requests: list[Request]) -> torch.Tensor:
@@ -137,6 +141,7 @@ def apply_penalties_and_bans(logits: torch.Tensor, requests: list[Request]) -> N
     """Steps 2 and 3 of the module docstring, in place on float32 `logits`."""
     _apply_penalties(logits, requests)
     _apply_bans(logits, requests)
+    apply_grammar_masks(logits, [r.grammar for r in requests])
 
 
 def _float32_copy(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
