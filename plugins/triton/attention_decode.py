@@ -101,6 +101,11 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_context: int, num_sm
     return max(1, min(by_work, by_occupancy))
 
 
+def decode_block_n(head_size: int, on_gpu: bool) -> int:
+    """Key tokens per loop step (small in the interpreter, where each step is numpy work)."""
+    return (64 if head_size <= 128 else 32) if on_gpu else 16
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """float32 models get exact float32 dots (Triton's default for float32 is tf32)."""
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -134,7 +139,7 @@ def paged_attention_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache
     max_context = max_context or block_tables.shape[1] * block_size
     if num_splits is None:
         num_splits = choose_num_splits(num_seqs, num_kv_heads, max_context, _num_sms(q.device))
-    block_n = 16 if q.device.type != "cuda" else (64 if head_size <= 128 else 32)
+    block_n = decode_block_n(head_size, q.device.type == "cuda")
     tokens_per_split = triton.cdiv(triton.cdiv(max_context, num_splits), block_n) * block_n
     num_splits = triton.cdiv(max_context, tokens_per_split)
     head_pad = max(16, triton.next_power_of_2(head_size))

@@ -72,6 +72,14 @@ def _prefill_kernel(q_ptr, key_cache_ptr, value_cache_ptr, block_tables_ptr, seq
                  result.to(out_ptr.dtype.element_ty), mask=mmask[:, None] & dmask[None, :])
 
 
+def prefill_blocks(max_query_len: int, head_size: int, on_gpu: bool) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps): 16-row query tiles for decode rows and short chunks, 64 otherwise;
+    small tiles in the interpreter, where each tile is numpy work."""
+    if not on_gpu:
+        return 16, 16, 4
+    return (64 if max_query_len > 32 else 16), (64 if head_size <= 128 else 32), (4 if head_size <= 64 else 8)
+
+
 def paged_attention_prefill(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                             block_tables: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
                             max_query_len: int, scale: float) -> torch.Tensor:
@@ -90,14 +98,12 @@ def paged_attention_prefill(q: torch.Tensor, key_cache: torch.Tensor, value_cach
     num_seqs = block_tables.shape[0]
     if num_tokens == 0 or num_seqs == 0:
         return out
-    on_gpu = q.device.type == "cuda"
-    block_m = 64 if on_gpu and max_query_len > 32 else 16
-    block_n = (64 if head_size <= 128 else 32) if on_gpu else 16
+    block_m, block_n, num_warps = prefill_blocks(max_query_len, head_size, q.device.type == "cuda")
     grid = (num_seqs, triton.cdiv(max_query_len, block_m), num_heads)
     _prefill_kernel[grid](q, key_cache, value_cache, block_tables, seq_lens, query_start_loc, out, scale,
                           q.stride(0), q.stride(1), key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
                           block_tables.stride(0), out.stride(0), out.stride(1), GROUP=num_heads // num_kv_heads,
                           HEAD_SIZE=head_size, HEAD_PAD=max(16, triton.next_power_of_2(head_size)),
                           BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=block_n,
-                          DOT_PRECISION=dot_precision(q.dtype), num_warps=4 if head_size <= 64 else 8)
+                          DOT_PRECISION=dot_precision(q.dtype), num_warps=num_warps)
     return out
