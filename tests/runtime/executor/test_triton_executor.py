@@ -15,6 +15,8 @@ from runtime.executor.cuda_graphs import CudaGraphRunner, batch_size_ladder
 from runtime.executor.forward_batch import ForwardBatch, SequenceChunk
 from runtime.executor.kv_storage import KVStorage
 from runtime.executor.model import DecoderModel
+from tests.conftest import load_hf
+from tests.helpers.teacher_forced import engine_logits, hf_logits
 
 CPU = torch.device("cpu")
 ATOL = 1e-4
@@ -102,3 +104,16 @@ def test_runner_declines_what_it_cannot_replay(engine: LoadedEngine) -> None:
     assert not any(runner.can_run(b) for b in (prefill, too_many, too_wide))
     with pytest.raises(ValueError, match="graph-safe"):
         CudaGraphRunner(DecoderModel(engine.llm_config, engine.weights, CPU, REFERENCE_OPS), kv, 2, 2, capture=False)
+
+
+def test_teacher_forced_triton_path_matches_hf(engine: LoadedEngine) -> None:
+    """The GPU parity test's procedure (tests/gpu/test_engine_gpu.py) on CPU: prefill, chunked prefill and
+    padded-runner decode on the Triton ops against HF float32, within 1e-4."""
+    prompts, continuations = _prompts(engine, [40, 9, 23]), _prompts(engine, [61, 62, 63])
+    continuations = [c[-6:] for c in continuations]       # 3 sequences: the decode steps pad to 4 rows
+    ours = engine_logits(DecoderModel(engine.llm_config, engine.weights, CPU, triton_ops()), prompts,
+                         continuations, BLOCK, capture=False)
+    reference = hf_logits(load_hf(engine.root), prompts, continuations, CPU)
+    for got, ref in zip(ours, reference):
+        assert got.shape == ref.shape == (6, engine.llm_config.vocab_size)
+        torch.testing.assert_close(got, ref, atol=ATOL, rtol=0)
