@@ -53,11 +53,12 @@ class AttentionMetadata:
 
 
 def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host tensor on `device`; to CUDA through pinned memory without blocking the host.
+    """A host tensor on `device`; to CUDA through pinned memory without blocking the host (a tensor
+    already on a GPU is moved, or returned, as it is).
 
     The pinned copy comes from PyTorch's caching host allocator, which keeps it until
     the copy has run, so the caller may drop it at once.
     """
-    if device.type != "cuda":
+    if device.type != "cuda" or host.device.type != "cpu":
         return host.to(device)
     return host.pin_memory().to(device, non_blocking=True)
