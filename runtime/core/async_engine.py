@@ -95,6 +95,9 @@ class AsyncEngine:
     def call_threadsafe(self, fn: Callable[[EngineCore], object]) -> concurrent.futures.Future[object]:
         """`call` for any thread, no event loop needed (a metrics scrape must not wait behind the loop)."""
         future: concurrent.futures.Future[object] = concurrent.futures.Future()
+        if self._stopped.is_set():             # nobody would ever run it
+            future.set_exception(EngineDeadError("engine is not running"))
+            return future
 
         def settle(value: object) -> None:
             if future.done():

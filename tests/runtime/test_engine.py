@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from runtime.core.async_engine import AsyncEngine
+from runtime.core.async_engine import AsyncEngine, EngineDeadError
 from runtime.config import EngineConfig
 from runtime.core.engine_core import EngineCore, EngineRequest, collect_text
 from engine_format.engine_dir import load_engine
@@ -215,6 +215,19 @@ def test_async_admission_error_is_raised_to_the_caller(engine) -> None:
             async_engine.shutdown()
 
     asyncio.run(scenario())
+
+
+def test_call_threadsafe_needs_no_event_loop(engine) -> None:
+    """What a metrics scrape uses from its own HTTP thread: engine stats without any asyncio loop; once the
+    engine thread has stopped, the call fails at once instead of waiting for a thread that will never run it."""
+    async_engine = AsyncEngine(EngineCore(engine))
+    try:
+        stats = async_engine.call_threadsafe(lambda core: core.stats()).result(timeout=30)
+        assert stats.num_running == 0 and stats.kv.num_used_blocks == 0
+    finally:
+        async_engine.shutdown()
+    with pytest.raises(EngineDeadError):
+        async_engine.call_threadsafe(lambda core: core.stats()).result(timeout=1)
 
 
 def test_failing_step_fails_only_its_requests(engine, reference, monkeypatch) -> None:
