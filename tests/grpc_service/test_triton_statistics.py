@@ -118,7 +118,7 @@ def test_ensemble_requests_count_on_every_composing_model(grpc_server: ServerPro
         "ensemble": 1, "preprocessing": 1, "tensorrt_llm": 0}
 
 
-def test_direct_tensorrt_llm_requests_count_only_there(grpc_server: ServerProcess,
+def test_direct_requests_count_only_on_their_model(grpc_server: ServerProcess,
                                                        client: tc.InferenceServerClient) -> None:
     start = read_statistics(client)
     for ids in ([10, 20, 30], [40, 50]):
@@ -128,6 +128,13 @@ def test_direct_tensorrt_llm_requests_count_only_there(grpc_server: ServerProces
         summary = summarize(client, model, start, end)
         assert summary.counters.success_count == summary.counters.compute_output_count == 2
     assert end[("ensemble", "1")] == start[("ensemble", "1")]
+    # a unary ModelInfer (preprocessing is not decoupled) counts the same way, on that model only
+    client.infer("preprocessing", [tensor("QUERY", np.array([[PROMPT.encode()]], dtype=object), "BYTES"),
+                                   tensor("REQUEST_OUTPUT_LEN", np.array([[4]], dtype=np.int32), "INT32")])
+    after = read_statistics(client)
+    pre = summarize(client, ("preprocessing", ""), end, after).counters
+    assert pre.success_count == pre.queue_count == pre.compute_infer_count == pre.inference_count == 1
+    assert after[("tensorrt_llm", "1")] == end[("tensorrt_llm", "1")]
     last = client.get_inference_statistics("tensorrt_llm").model_stats[0].last_inference
     assert last > 0
 
