@@ -1,15 +1,17 @@
 """Pick the implementation of each custom op for a device.
 
 What it is for: the one place where the executor gets its ops. "auto" gives the
-Triton kernels (plugins/triton) on CUDA and the reference implementations
-(plugins/reference) elsewhere; "reference" and "triton" force one set ("triton"
-on a CPU tensor needs TRITON_INTERPRET=1, which only tests set).
+Triton kernels (plugins/triton) on CUDA, the CPU fast path (plugins/cpu: paged
+attention reading the cache in place, the reference ops otherwise) on CPU, and
+the reference implementations (plugins/reference) elsewhere; "reference",
+"cpu" and "triton" force one set ("triton" on a CPU tensor needs
+TRITON_INTERPRET=1, which only tests set).
 Not for: the op implementations themselves.
 """
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -17,7 +19,7 @@ import torch
 from plugins.attention_metadata import AttentionMetadata
 from plugins.reference import activation, paged_attention, rmsnorm, rope
 
-OP_BACKENDS = ("auto", "reference", "triton")
+OP_BACKENDS = ("auto", "reference", "cpu", "triton")
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +85,20 @@ def triton_ops() -> OpSet:
     )
 
 
+def cpu_available() -> bool:
+    return importlib.util.find_spec("numba") is not None
+
+
+def cpu_ops() -> OpSet:
+    """The reference ops with the CPU paged-attention kernel (numba, imported here, lazily: its import and
+    first compile cost time that a CUDA host never needs). Caches it cannot read (bfloat16, float16) go
+    to the reference op inside it."""
+    from plugins.cpu import paged_attention as cpu_attention
+
+    return replace(REFERENCE_OPS, name="cpu", paged_attention=cpu_attention.paged_attention,
+                   paged_attention_meta=cpu_attention.paged_attention_meta)
+
+
 def get_ops(device: torch.device, backend: str = "auto") -> OpSet:
     """Return the op set for `device`. `backend`: one of OP_BACKENDS."""
     if backend not in OP_BACKENDS:
@@ -91,6 +107,12 @@ def get_ops(device: torch.device, backend: str = "auto") -> OpSet:
         if not triton_available():
             raise ValueError("backend: 'triton' needs the triton package (pip install 'trtserve[kernels]')")
         return triton_ops()
+    if backend == "cpu":
+        if not cpu_available():
+            raise ValueError("backend: 'cpu' needs the numba package")
+        return cpu_ops()
     if backend == "auto" and device.type == "cuda" and triton_available():
         return triton_ops()
+    if backend == "auto" and device.type == "cpu" and cpu_available():
+        return cpu_ops()
     return REFERENCE_OPS

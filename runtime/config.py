@@ -22,7 +22,7 @@ MAX_UTILIZATION = "max_utilization"
 GUARANTEED_NO_EVICT = "guaranteed_no_evict"
 CAPACITY_POLICIES = (MAX_UTILIZATION, GUARANTEED_NO_EVICT)
 VISION_BACKENDS = ("auto", "onnxruntime", "pytorch")
-OP_BACKENDS = ("auto", "reference", "triton")      # plugins/registry.py's backends
+OP_BACKENDS = ("auto", "reference", "cpu", "triton")      # plugins/registry.py's backends
 ENV_PREFIX = "TRTSERVE_"
 
 
@@ -46,7 +46,7 @@ class EngineConfig:
     vision_backend: str = "auto"               # auto (onnxruntime on CPU, pytorch on CUDA) | onnxruntime | pytorch
     max_encoder_patches: int = 16384           # vision patches per encoder call (batched across requests)
     encoder_cache_tokens: int = 16384          # vision embeddings (LLM tokens) kept for reuse, across requests
-    op_backend: str = "auto"                   # auto (Triton kernels on CUDA) | reference | triton
+    op_backend: str = "auto"                   # auto (Triton on CUDA, cpu on CPU) | reference | cpu | triton
     enable_cuda_graphs: bool = True            # CUDA: decode steps replay graphs captured at start-up
     max_cuda_graph_batch_size: int = 256       # largest decode batch captured (larger ones run eagerly)
 
