@@ -13,7 +13,7 @@ import torch
 
 from plugins.reference import activation, rmsnorm, rope
 from plugins.reference.paged_attention import write_kv_cache as reference_write
-from plugins.registry import REFERENCE_OPS, get_ops, triton_ops
+from plugins.registry import REFERENCE_OPS, cpu_available, get_ops, triton_ops
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16]
@@ -100,7 +100,8 @@ def test_kv_cache_write_skips_negative_slots(dtype: torch.dtype, head_size: int)
 
 
 def test_registry_picks_by_device_and_backend() -> None:
-    assert get_ops(torch.device("cpu")) is REFERENCE_OPS
+    auto_cpu = get_ops(torch.device("cpu"))
+    assert auto_cpu.name == ("cpu" if cpu_available() else "reference") and not auto_cpu.graph_safe
     assert get_ops(torch.device("cpu"), "reference") is REFERENCE_OPS
     assert get_ops(torch.device("cpu"), "triton").name == "triton"
     assert get_ops(torch.device("cuda"), "reference") is REFERENCE_OPS
