@@ -57,7 +57,7 @@ METRICS_PORT ?= 8002
 serve: $(STAMP)
 	$(VENV)/bin/trtserve-serve --engine $(ENGINE) --host $(HOST) --port $(PORT) --metrics-port $(METRICS_PORT)
 
-# CPU benchmark sweep (trtserve-bench, both protocols, HF baseline side by side) against a server it starts;
+# CPU benchmark sweep (trtserve-bench: native, Triton and OpenAI protocols, HF baseline side by side) against a server it starts;
 # writes table (.md), .json and .png under docs/perf/. GPU protocol: docs/perf/README.md.
 BENCH_OUT ?= docs/perf
 BENCH_LEVELS ?= 1,4,16
@@ -67,10 +67,10 @@ BENCH_NOTE ?=
 bench: $(STAMP)
 	$(VENV)/bin/trtserve-build --model small-qwen2 --output engines/small-qwen2-fp32
 	$(VENV)/bin/trtserve-build --model tiny-qwen2-vl --output engines/tiny-qwen2-vl-fp32
-	$(VENV)/bin/trtserve-bench --engine engines/small-qwen2-fp32 --protocol native,triton \
+	$(VENV)/bin/trtserve-bench --engine engines/small-qwen2-fp32 --protocol native,triton,openai \
 		--concurrency $(BENCH_LEVELS) --requests $(BENCH_REQUESTS) --warmup 4 --input-len 128 --output-len 64 \
 		--baseline hf --note "$(BENCH_NOTE)" --out $(BENCH_OUT)/bench_small-qwen2_cpu
-	$(VENV)/bin/trtserve-bench --engine engines/tiny-qwen2-vl-fp32 --protocol native,triton \
+	$(VENV)/bin/trtserve-bench --engine engines/tiny-qwen2-vl-fp32 --protocol native,triton,openai \
 		--concurrency $(BENCH_LEVELS) --requests $(BENCH_REQUESTS) --warmup 4 --input-len 64 --output-len 32 \
 		--images-per-request 1 --image-size 224 --baseline hf --note "$(BENCH_NOTE)" \
 		--out $(BENCH_OUT)/bench_tiny-qwen2-vl_cpu

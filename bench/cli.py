@@ -1,8 +1,11 @@
-"""`trtserve-bench`: closed-loop concurrency sweeps against a trtserve gRPC server, with an HF baseline.
+"""`trtserve-bench`: closed-loop concurrency sweeps against trtserve (or any Triton / OpenAI server), with an
+HF baseline.
 
     trtserve-bench --target grpc://127.0.0.1:8001 --protocol native,triton --concurrency 1,2,4,8,16,32 \\
         --requests 64 --input-len 128 --output-len 64 [--baseline hf --engine engines/qwen2.5-0.5b-bf16]
-    trtserve-bench --engine engines/small-qwen2-fp32 ...     # no --target: starts a server for the run
+    trtserve-bench --engine engines/small-qwen2-fp32 --protocol native,triton,openai ...   # starts a server
+    trtserve-bench --target http://127.0.0.1:8000 --protocol openai --tokenizer DIR ...     # any OpenAI server
+    trtserve-bench --target grpc://triton:8001 --protocol triton --tokenizer DIR ...        # a stock Triton
     trtserve-bench plot a.json b.json --out both.png
 
 Writes a table to stdout and PREFIX.json, PREFIX.md, PREFIX.png (`--out PREFIX`). Ctrl-C stops the
@@ -34,12 +37,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="trtserve-bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     where = parser.add_argument_group("target")
-    where.add_argument("--target", help="grpc://HOST:PORT (or HOST:PORT) of a running server")
+    where.add_argument("--target", action="append", default=[],
+                       help="grpc://HOST:PORT (or HOST:PORT; native, triton) or http://HOST:PORT (openai) of a "
+                            "running server; repeat to give both")
+    where.add_argument("--tokenizer", type=Path, help="HF tokenizer directory for a server without trtserve's "
+                       "native API (a stock Triton server, another OpenAI-compatible server)")
+    where.add_argument("--tokens-per-block", type=int, default=64, help="with --tokenizer: the server's KV "
+                       "block size, to turn Triton's kv_cache_reused_blocks into tokens (default 64)")
+    where.add_argument("--system", help="label of the measured server in the report (default: trtserve, or "
+                       "'server' with --tokenizer)")
     where.add_argument("--engine", type=Path, help="engine directory: the HF baseline's source weights; "
                        "without --target, a server for this engine is started for the run")
     where.add_argument("--server-arg", action="append", default=[], metavar="ARG",
                        help="extra trtserve-serve argument for the started server (repeatable)")
-    where.add_argument("--protocol", default="native", help="native, triton, or native,triton")
+    where.add_argument("--protocol", default="native", help="comma-separated: native, triton, openai")
     where.add_argument("--model", default="", help="engine name (default: the only one served)")
     where.add_argument("--metrics-url", help="the server's Prometheus endpoint (default: gRPC port + 1)")
     where.add_argument("--no-server-metrics", action="store_true", help="do not read the server's counters")
@@ -109,7 +120,7 @@ def meta(args: argparse.Namespace, argv: list[str], target: Target, spec: Worklo
               "torch_threads": torch.get_num_threads(),
               "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
     return {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "command": shlex.join(["trtserve-bench", *argv]),
-            "target": target.address, "server_started_by_bench": started_server, "metrics_url": metrics_url,
+            "target": ", ".join(t for t in (target.address, target.http_url) if t), "server_started_by_bench": started_server, "metrics_url": metrics_url,
             "model": {"name": card.name, "max_batch_size": card.max_batch_size, "max_input_len": card.max_input_len,
                       "max_seq_len": card.max_seq_len, "tokens_per_block": card.tokens_per_block,
                       "vocab_size": card.vocab_size, "triton_model": target.triton_model},
@@ -159,24 +170,25 @@ def run_command(argv: list[str]) -> int:
         parser.error(str(exc))
     if args.requests < 1:
         parser.error("--requests must be >= 1")
-    if args.target is None and args.engine is None:
-        parser.error("give --target grpc://HOST:PORT, or --engine DIR to start a server for the run")
+    if not args.target and args.engine is None:
+        parser.error("give --target grpc://HOST:PORT / http://HOST:PORT, or --engine DIR to start a server")
     if args.baseline and args.engine is None:
         parser.error("--baseline hf needs --engine DIR (its engine.json names the source weights)")
     server = None
     try:
-        if args.target is None:
+        if not args.target:
             from grpc_service.launcher import ServerProcess
 
             print(f"trtserve-bench: starting trtserve-serve --engine {args.engine}", file=sys.stderr)
             server = ServerProcess.start(["--engine", str(args.engine), *args.server_arg], Path(".cache/bench-logs"),
                                          own_session=True)
-            address = server.target
+            address, http_url = server.target, (server.http_url if server.http_port else None)
             metrics_url = None if args.no_server_metrics else f"http://127.0.0.1:{server.metrics_port}/metrics"
         else:
-            address = args.target.removeprefix("grpc://")
-            metrics_url = None if args.no_server_metrics else (args.metrics_url or metrics_url_for(address))
-        return _run(args, argv, address, protocols, levels, spec, metrics_url, server is not None)
+            address, http_url = split_targets(args.target)
+            default_metrics = metrics_url_for(address) if address else None
+            metrics_url = None if args.no_server_metrics else (args.metrics_url or default_metrics)
+        return _run(args, argv, address, http_url, protocols, levels, spec, metrics_url, server is not None)
     except (TargetError, BaselineError, PromptLengthError, ValueError) as exc:
         print(f"trtserve-bench: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -185,9 +197,26 @@ def run_command(argv: list[str]) -> int:
             server.stop()
 
 
-def _run(args: argparse.Namespace, argv: list[str], address: str, protocols: tuple[str, ...],
-         levels: tuple[int, ...], spec: WorkloadSpec, metrics_url: str | None, started_server: bool) -> int:
-    target = connect(address, args.model, protocols, args.connect_timeout)
+def split_targets(targets: list[str]) -> tuple[str | None, str | None]:
+    """(gRPC host:port, HTTP base URL) from the --target values."""
+    address = http_url = None
+    for value in targets:
+        if value.startswith(("http://", "https://")):
+            if http_url is not None:
+                raise ValueError("--target: one http:// target at most")
+            http_url = value.rstrip("/").removesuffix("/v1")
+        else:
+            if address is not None:
+                raise ValueError("--target: one grpc:// target at most")
+            address = value.removeprefix("grpc://")
+    return address, http_url
+
+
+def _run(args: argparse.Namespace, argv: list[str], address: str | None, http_url: str | None,
+         protocols: tuple[str, ...], levels: tuple[int, ...], spec: WorkloadSpec, metrics_url: str | None,
+         started_server: bool) -> int:
+    target = connect(address, args.model, protocols, args.connect_timeout, http_url,
+                     str(args.tokenizer) if args.tokenizer else None, args.tokens_per_block, args.system)
     report = BenchReport(meta(args, argv, target, spec, levels, metrics_url, started_server))
     baseline = None
     if args.baseline:

@@ -7,6 +7,10 @@ the interrupted one, marked partial). Each (protocol, level) gets fresh
 prompts, so no level is served from cache entries an earlier one left; the
 HF baseline gets the first protocol's prompts. The server's Prometheus
 counters are read around each level.
+A trtserve target describes itself through its native API (model card,
+tokenizer). Any other server (a stock Triton server over the triton protocol,
+another OpenAI-compatible server over the openai protocol) needs
+`--tokenizer DIR`: prompts are then built and counted with that tokenizer.
 Not for: argument parsing and output files (cli.py).
 """
 from __future__ import annotations
@@ -20,18 +24,21 @@ import grpc
 from tqdm import tqdm
 
 from bench.backends import COUNT_SOURCES, NativeBackend, RequestRecord, TritonBackend
+from bench.openai_backend import COUNT_SOURCE as OPENAI_COUNT_SOURCE
+from bench.openai_backend import OpenAIBackend
 from bench.baseline import HFBaseline
 from bench.loadgen import Backend, LevelRun, run_level
 from bench.report import BenchReport, RunResult
 from bench.server_stats import Counters, ServerCounters
 from bench.summary import LevelSummary, summarize
-from bench.tokens import RemoteTokenizer, Tokenizer
+from bench.tokens import LocalTokenizer, RemoteTokenizer, Tokenizer
 from bench.workloads import Session, WorkloadBuilder, WorkloadSpec
 from grpc_service.client import NativeClient, TritonClient
 from grpc_service.proto import trtserve_pb2 as pb
 
-PROTOCOLS = ("native", "triton")
+PROTOCOLS = ("native", "triton", "openai")
 CONNECT_TIMEOUT_S = 10.0
+DEFAULT_TOKENS_PER_BLOCK = 64       # TensorRT-LLM's default; only scales a stock Triton's reused-block count
 
 
 class TargetError(RuntimeError):
@@ -40,12 +47,69 @@ class TargetError(RuntimeError):
 
 @dataclass(frozen=True, slots=True)
 class Target:
-    address: str                       # host:port
-    card: pb.ModelCard
+    address: str | None                # gRPC host:port (native, triton)
+    card: pb.ModelCard                 # trtserve's own; for other servers, built from --tokenizer and --model
     triton_model: str | None           # the ensemble's name when the triton protocol is used
+    http_url: str | None = None        # OpenAI-compatible base URL (openai)
+    system: str = "trtserve"           # the label of the runs in the report
+    tokenizer_dir: str | None = None   # a local tokenizer instead of the server's Tokenize RPC
 
 
-def connect(address: str, model: str, protocols: tuple[str, ...], timeout_s: float = CONNECT_TIMEOUT_S) -> Target:
+def connect(address: str | None, model: str, protocols: tuple[str, ...], timeout_s: float = CONNECT_TIMEOUT_S,
+            http_url: str | None = None, tokenizer_dir: str | None = None,
+            tokens_per_block: int = DEFAULT_TOKENS_PER_BLOCK, system: str | None = None) -> Target:
+    """A trtserve target (its native API answers) or, with `tokenizer_dir`, any server speaking the protocols."""
+    for protocol in protocols:
+        if protocol in ("native", "triton") and address is None:
+            raise TargetError(f"the {protocol} protocol needs a gRPC target (--target grpc://HOST:PORT)")
+        if protocol == "openai" and http_url is None:
+            raise TargetError("the openai protocol needs an HTTP target (--target http://HOST:PORT)")
+    if tokenizer_dir is None:
+        if address is None:
+            raise TargetError("without a trtserve gRPC target, give --tokenizer DIR (the model's tokenizer) to "
+                              "build and count prompts")
+        card = _native_card(address, model, timeout_s)
+    else:
+        if "native" in protocols:
+            raise TargetError("--tokenizer is for servers without the trtserve native API; drop it, or the "
+                              "native protocol")
+        name = _openai_model(http_url, model, timeout_s) if http_url is not None else (model or "ensemble")
+        card = pb.ModelCard(name=name, vocab_size=LocalTokenizer(tokenizer_dir).vocab_size,
+                            tokens_per_block=tokens_per_block)
+    triton_model = None
+    if "triton" in protocols:
+        assert address is not None
+        triton_model = _ensemble_name(address, card.name, 1 if tokenizer_dir else len(_native_cards(address)))
+    label = system or ("trtserve" if tokenizer_dir is None else "server")
+    return Target(address, card, triton_model, http_url, label, tokenizer_dir)
+
+
+def _native_cards(address: str) -> list[pb.ModelCard]:
+    client = NativeClient(address, timeout_s=CONNECT_TIMEOUT_S)
+    try:
+        return list(client.models())
+    finally:
+        client.close()
+
+
+def _openai_model(http_url: str, model: str, timeout_s: float) -> str:
+    import httpx2
+
+    try:
+        response = httpx2.get(f"{http_url.rstrip('/')}/v1/models", timeout=timeout_s)
+        names = [m["id"] for m in response.json()["data"]]
+    except (httpx2.HTTPError, ValueError, KeyError, TypeError) as exc:
+        raise TargetError(f"{http_url} does not answer GET /v1/models ({type(exc).__name__})") from None
+    if model:
+        if model not in names:
+            raise TargetError(f"model {model!r} is not served by {http_url}; it serves: {', '.join(names)}")
+        return model
+    if len(names) != 1:
+        raise TargetError(f"--model is required: {http_url} serves {', '.join(names) or 'nothing'}")
+    return names[0]
+
+
+def _native_card(address: str, model: str, timeout_s: float) -> pb.ModelCard:
     client = NativeClient(address, timeout_s=timeout_s)
     try:
         try:
@@ -56,7 +120,8 @@ def connect(address: str, model: str, protocols: tuple[str, ...], timeout_s: flo
                               f"{timeout_s:g} s (is trtserve-serve running there?)") from None
         except grpc.RpcError as exc:
             raise TargetError(f"grpc://{address} does not answer trtserve.v1.LLMService/ListModels "
-                              f"({exc.code().name}: {exc.details()})") from None
+                              f"({exc.code().name}: {exc.details()}); for another server give "
+                              "--tokenizer DIR") from None
     finally:
         client.close()
     names = [c.name for c in cards]
@@ -64,8 +129,7 @@ def connect(address: str, model: str, protocols: tuple[str, ...], timeout_s: flo
     if card is None:
         wanted = f"model {model!r} is not served" if model else "--model is required: several models are served"
         raise TargetError(f"{wanted} by grpc://{address}; it serves: {', '.join(names) or 'nothing'}")
-    triton_model = _ensemble_name(address, card.name, len(cards)) if "triton" in protocols else None
-    return Target(address, card, triton_model)
+    return card
 
 
 def _ensemble_name(address: str, engine: str, num_engines: int) -> str:
@@ -96,14 +160,16 @@ class Sweep:
         self.target = target
         self.report = report
         self.baseline = baseline
-        self.client = NativeClient(target.address, timeout_s=60.0)
-        self.tokenizer: Tokenizer = RemoteTokenizer(self.client, target.card.name, target.card.vocab_size)
+        self.client = NativeClient(target.address, timeout_s=60.0) if target.tokenizer_dir is None else None
+        self.tokenizer: Tokenizer = (LocalTokenizer(target.tokenizer_dir) if self.client is None else
+                                     RemoteTokenizer(self.client, target.card.name, target.card.vocab_size))
         self.builder = WorkloadBuilder(config.workload, self.tokenizer)
         self.counters = ServerCounters(config.metrics_url, target.card.name) if config.metrics_url else None
         self._sessions: dict[tuple[str, int], list[Session]] = {}
 
     def close(self) -> None:
-        self.client.close()
+        if self.client is not None:
+            self.client.close()
 
     def sessions(self, protocol: str, concurrency: int) -> list[Session]:
         key = (protocol, concurrency)
@@ -113,7 +179,8 @@ class Sweep:
 
     def run(self) -> None:
         for protocol in self.config.protocols:
-            result = RunResult("trtserve", protocol, dict(COUNT_SOURCES[protocol]))
+            counts = OPENAI_COUNT_SOURCE if protocol == "openai" else COUNT_SOURCES[protocol]
+            result = RunResult(self.target.system, protocol, dict(counts))
             self.report.runs.append(result)
             self._warm_up(protocol)
             for c in self.config.concurrency:
@@ -141,7 +208,7 @@ class Sweep:
         run = LevelRun(concurrency, self.config.num_requests)
         before = self.counters.snapshot() if self.counters else None
         self._measure(result, run, lambda tick: self._drive(protocol, sessions, run, tick),
-                      f"trtserve {protocol}", before)
+                      f"{self.target.system} {protocol}", before)
 
     def _baseline_level(self, baseline: HFBaseline, concurrency: int, result: RunResult) -> None:
         sessions = self.sessions(self.config.protocols[0], concurrency)    # the same prompts as the server got
@@ -184,6 +251,10 @@ class Sweep:
         asyncio.run(drive())
 
     def _backend(self, protocol: str) -> Backend:
+        if protocol == "openai":
+            assert self.target.http_url is not None
+            return OpenAIBackend(self.target.http_url, self.target.card.name)
+        assert self.target.address is not None
         if protocol == "native":
             return NativeBackend(self.target.address, self.target.card.name)
         assert self.target.triton_model is not None

@@ -1,7 +1,9 @@
 """Tokenizers for the benchmark, and prompts that tokenize to an exact number of tokens.
 
 What it is for: `RemoteTokenizer` (the server's own Tokenize / Detokenize RPCs
-of the native API, so counts match what the engine sees), and
+of the native API, so counts match what the engine sees), `LocalTokenizer`
+(an HF tokenizer directory, `--tokenizer DIR`, for servers without that API:
+a stock Triton server or another OpenAI-compatible server), and
 `exact_prompt`, which turns random token ids into text whose re-tokenization
 has exactly the asked length (and, for shared prefixes, starts with the given
 prefix ids). Sending that text over the Triton API or its ids over the native
@@ -63,6 +65,26 @@ class RemoteTokenizer:
     def _num_text_tokens(self) -> int:
         """The tokens of the image chat without its image."""
         return len(self.client.tokenize([pb.ChatMessage(role="user", content="x")], model=self.model))
+
+
+class LocalTokenizer:
+    """An HF tokenizer directory (the engine's `tokenizer/` or the model's own); no special tokens added."""
+
+    def __init__(self, path: str) -> None:
+        from transformers import AutoTokenizer
+
+        self._tokenizer = AutoTokenizer.from_pretrained(path)
+        self.vocab_size = len(self._tokenizer)
+
+    def encode(self, text: str) -> list[int]:
+        return [int(t) for t in self._tokenizer(text, add_special_tokens=False)["input_ids"]]
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return str(self._tokenizer.decode(list(token_ids), skip_special_tokens=True))
+
+    def image_tokens(self, data: bytes) -> int:
+        raise PromptLengthError("counting image tokens needs the server's own tokenizer (the trtserve native "
+                                "API); without it, benchmark text workloads")
 
 
 @dataclass(frozen=True, slots=True)
