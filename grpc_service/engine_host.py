@@ -56,6 +56,7 @@ from runtime.sampling_params import (
 
 MAX_PROMPT_CHARS_PER_TOKEN = 32     # refuse absurd texts before spending time tokenizing them
 MAX_CHAT_MESSAGES = 1024            # messages in one chat prompt
+MAX_CHAT_PARTS = 4096               # content parts (text, image, video) of all its messages together
 _T = TypeVar("_T")
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import grpc
 
-from grpc_service.engine_host import MAX_CHAT_MESSAGES, ServedModel, check_words
+from grpc_service.engine_host import MAX_CHAT_MESSAGES, MAX_CHAT_PARTS, ServedModel, check_words
 from grpc_service.errors import DeadlineExceeded, InvalidArgument, RequestFailed
 from grpc_service.guides import with_native_guide
 from grpc_service.proto import trtserve_pb2 as pb
@@ -115,11 +115,16 @@ async def prompt_inputs(request: pb.GenerateRequest,
                         model: ServedModel) -> tuple[list[int], MultimodalInputs | None]:
     """Prompt ids, plus the images / videos they hold (None for a text-only prompt)."""
     kind = request.WhichOneof("prompt")
+    visual_field = "images" if request.images else "videos"
+    num_visuals = len(request.images) + len(request.videos)     # judged before any source is built
+    if num_visuals:
+        if model.visual is None:
+            raise InvalidArgument(visual_field, f"model {model.name!r} is text-only; it accepts no images or videos")
+        if num_visuals > model.visual.limits.max_images_per_request:
+            raise InvalidArgument(visual_field, f"{num_visuals} images and videos exceed the limit of "
+                                                f"{model.visual.limits.max_images_per_request} per request")
     images = [image_source(image, f"images[{i}]") for i, image in enumerate(request.images)]
     videos = [video_source(video, f"videos[{i}]") for i, video in enumerate(request.videos)]
-    visual_field = "images" if images else "videos"
-    if (images or videos) and not model.supports_images:
-        raise InvalidArgument(visual_field, f"model {model.name!r} is text-only; it accepts no images or videos")
     if kind == "chat":
         turns, names = chat_turns(request.chat)
         if images or videos:
@@ -147,6 +152,9 @@ def chat_turns(chat: pb.ChatMessages) -> tuple[list[tuple[str, ChatContent]], Fi
     this API's) when some message holds an image or video, else None."""
     if len(chat.messages) > MAX_CHAT_MESSAGES:
         raise InvalidArgument("chat.messages", f"{len(chat.messages)} messages exceed the limit of {MAX_CHAT_MESSAGES}")
+    num_parts = sum(len(message.parts) for message in chat.messages)
+    if num_parts > MAX_CHAT_PARTS:
+        raise InvalidArgument("chat.messages", f"{num_parts} content parts exceed the limit of {MAX_CHAT_PARTS}")
     turns: list[tuple[str, ChatContent]] = []
     aliases = {"messages": "chat.messages"}
     has_visuals = False

@@ -22,6 +22,7 @@ from tritonclient.grpc import service_pb2 as pb
 
 from grpc_service.errors import InvalidArgument
 from grpc_service.triton_schema import kserve_datatype
+from grpc_service.visual_inputs import MAX_VISUAL_SOURCES
 from runtime.sampling_params import MAX_BAD_WORDS, MAX_STOP_STRINGS
 
 NUMPY_DTYPES: dict[str, np.dtype] = {
@@ -37,7 +38,8 @@ _CONTENTS_FIELD = {
 MAX_ELEMENTS = 1 << 24     # far beyond any legal input; keeps a forged shape from allocating gigabytes
 # BYTES list tensors (decoded element by element): their entry limits, checked from the shape before decoding
 LIST_TENSOR_LIMITS = {"stop_words": MAX_STOP_STRINGS, "bad_words": MAX_BAD_WORDS,
-                      "STOP_WORDS_DICT": MAX_BAD_WORDS, "BAD_WORDS_DICT": MAX_BAD_WORDS}
+                      "STOP_WORDS_DICT": MAX_BAD_WORDS, "BAD_WORDS_DICT": MAX_BAD_WORDS,
+                      "image_url_input": MAX_VISUAL_SOURCES}
 
 
 @dataclass(frozen=True, slots=True)

@@ -36,6 +36,9 @@ from runtime.multimodal.processor import MultimodalInputs, MultimodalProcessor
 
 T = TypeVar("T")
 Prompt = tuple[list[int], MultimodalInputs]
+# images / URLs a Triton request may list before the configured max_images_per_request is applied (they are
+# decoded from the tensor first); no configuration needs more
+MAX_VISUAL_SOURCES = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,6 +224,8 @@ def pixel_images(array: np.ndarray, field_name: str) -> list[ImageSource]:
         raise InvalidArgument(field_name, f"shape {list(array.shape)} must be [num_images, H, W, 3], "
                                           "[num_images, 3, H, W] or [num_images, 1, 1, num_bytes]")
     num, a, b, c = array.shape
+    if num > MAX_VISUAL_SOURCES:
+        raise InvalidArgument(field_name, f"{num} images exceed the limit of {MAX_VISUAL_SOURCES}")
     if a == 3 and c != 3:
         return [ImageSource(f"{field_name}[{i}]", pixels=array[i].transpose(1, 2, 0)) for i in range(num)]
     if c == 3:

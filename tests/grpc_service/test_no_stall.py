@@ -85,6 +85,18 @@ def heavy_requests(target: str) -> dict[str, Callable[[], tuple[str, str]]]:
         error = native_error(target, pb.GenerateRequest(chat=chat, sampling=pb.SamplingParameters(max_tokens=4)))
         return f"{error.code().name} {error.details()}", "chat.messages: 200000 messages exceed the limit of"
 
+    def native_chat_parts() -> tuple[str, str]:
+        message = pb.ChatMessage(role="user", parts=[pb.ContentPart(text="x")] * 200_000)
+        error = native_error(target, pb.GenerateRequest(chat=pb.ChatMessages(messages=[message]),
+                                                        sampling=pb.SamplingParameters(max_tokens=4)))
+        return f"{error.code().name} {error.details()}", "chat.messages: 200000 content parts exceed the limit of"
+
+    def native_images() -> tuple[str, str]:
+        request = pb.GenerateRequest(text="hi", images=[pb.Image(data=b"x")] * 200_000,
+                                     sampling=pb.SamplingParameters(max_tokens=4))
+        error = native_error(target, request)
+        return f"{error.code().name} {error.details()}", "is text-only; it accepts no images or videos"
+
     def triton_bad_words() -> tuple[str, str]:
         inputs = [tensor("text_input", np.array([[b"hi"]], dtype=object), "BYTES"),
                   tensor("max_tokens", np.array([[4]], dtype=np.int32), "INT32"),
@@ -100,7 +112,8 @@ def heavy_requests(target: str) -> dict[str, Callable[[], tuple[str, str]]]:
                 "input_ids: prompt (4000000 tokens) exceeds max_input_len")
 
     return {"native stop": native_stop, "native bad_words": native_bad_words, "native token_ids": native_token_ids,
-            "native detokenize": native_detokenize, "native chat": native_chat, "triton bad_words": triton_bad_words,
+            "native detokenize": native_detokenize, "native chat": native_chat,
+            "native chat parts": native_chat_parts, "native images": native_images, "triton bad_words": triton_bad_words,
             "triton input_ids": triton_input_ids}
 
 
