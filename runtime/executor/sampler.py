@@ -80,6 +80,10 @@ class Sampler:
 
     def sample(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
         """One token per row of `logits` [B, V] (any float dtype; computed in float32)."""
+        if all(_plain_greedy(r) for r in requests) and logits.shape[0] == len(requests):
+            # fast path: nothing changes a logit, so the argmax of the raw logits is the token (float32 holds
+            # every lower-precision value exactly: same argmax, no copy)
+            return SamplerOutput(logits.argmax(dim=-1).tolist(), [None] * len(requests))
         logits = _float32_copy(logits, requests)
         raw_logprobs = _raw_logprobs(logits, requests)
         apply_penalties_and_bans(logits, requests)
@@ -119,6 +123,14 @@ class Sampler:
             raise ValueError(f"sampler generator is on {self._generator.device}, "
                              f"logits are on {device}")
         return self._generator
+
+
+def _plain_greedy(request: Request) -> bool:
+    """Greedy, no logprobs, no penalty, no ban and no grammar this step: steps 1-3 change nothing."""
+    params = request.sampling_params
+    return (params.greedy and params.logprobs is None and request.grammar is None
+            and params.repetition_penalty == 1.0 and params.frequency_penalty == 0.0
+            and params.presence_penalty == 0.0 and not _banned_token_ids(request))
 
 
 def sampling_probs(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:

@@ -143,6 +143,19 @@ def test_greedy_equals_argmax(dtype: torch.dtype) -> None:
     assert out.sampled_token_ids == logits.float().argmax(dim=-1).tolist()
 
 
+def test_plain_greedy_fast_path_equals_the_full_path() -> None:
+    """An all-greedy batch with nothing to apply skips the float32 copy and the masks; adding one row that
+    has something to apply (a min_tokens ban on the argmax) sends the whole batch through the full path."""
+    logits = torch.randn(4, VOCAB, generator=torch.Generator().manual_seed(9))
+    logits[:, EOS] = 50.0                               # EOS is every row's argmax
+    plain = [state(SamplingParams(temperature=0.0)) for _ in range(4)]
+    assert Sampler().sample(logits, plain).sampled_token_ids == [EOS] * 4
+    assert Sampler().sample(logits, plain).sampled_token_ids == sampling_probs(logits, plain).argmax(-1).tolist()
+    mixed = plain[:3] + [state(SamplingParams(temperature=0.0, min_tokens=2))]
+    out = Sampler().sample(logits, mixed).sampled_token_ids
+    assert out[:3] == [EOS] * 3 and out[3] != EOS and out[3] == sampling_probs(logits, mixed)[3].argmax().item()
+
+
 def run_steps(sampler: Sampler, batch: list[Request], index: int,
               num_steps: int, seed: int) -> list[int]:
     tokens = []
