@@ -67,6 +67,12 @@ BENCH_NOTE ?=
 bench: $(STAMP)
 	$(VENV)/bin/trtserve-build --model small-qwen2 --output engines/small-qwen2-fp32
 	$(VENV)/bin/trtserve-build --model tiny-qwen2-vl --output engines/tiny-qwen2-vl-fp32
+	$(VENV)/bin/trtserve-build --model tiny-qwen2 --output engines/tiny-qwen2-fp32
+	$(VENV)/bin/trtserve-bench --engine engines/tiny-qwen2-fp32 --protocol native \
+		--concurrency $(BENCH_LEVELS) --requests $(BENCH_REQUESTS) --warmup 4 --input-len 32 --output-len 128 \
+		--baseline hf --note "$(BENCH_NOTE)" --out $(BENCH_OUT)/bench_tiny-qwen2_cpu
+	$(PY) benchmarks/host_overhead.py --engine-dir engines/tiny-qwen2-fp32 --baseline hf \
+		--json $(BENCH_OUT)/host_overhead_tiny-qwen2_cpu.json
 	$(VENV)/bin/trtserve-bench --engine engines/small-qwen2-fp32 --protocol native,triton,openai \
 		--concurrency $(BENCH_LEVELS) --requests $(BENCH_REQUESTS) --warmup 4 --input-len 128 --output-len 64 \
 		--baseline hf --note "$(BENCH_NOTE)" --out $(BENCH_OUT)/bench_small-qwen2_cpu
@@ -75,6 +81,7 @@ bench: $(STAMP)
 		--images-per-request 1 --image-size 224 --baseline hf --note "$(BENCH_NOTE)" \
 		--out $(BENCH_OUT)/bench_tiny-qwen2-vl_cpu
 	$(VENV)/bin/trtserve-bench plot $(BENCH_OUT)/bench_small-qwen2_cpu.json $(BENCH_OUT)/bench_tiny-qwen2-vl_cpu.json \
+		$(BENCH_OUT)/bench_tiny-qwen2_cpu.json \
 		--title "trtserve-bench, 2-core CPU" --out $(BENCH_OUT)/bench_cpu.png
 
 # Regenerate the committed gRPC code after editing grpc_service/proto/trtserve.proto.
