@@ -18,7 +18,8 @@ from runtime.vision.encoder_cache import ChunkRange, EncoderCache, EncoderCacheS
 from engine_format.engine_dir import LoadedEngine
 from runtime.executor.forward_batch import ForwardBatch, SequenceChunk
 from runtime.executor.cuda_graphs import CudaGraphRunner
-from runtime.executor.kv_sizing import GpuMemory, layout_report, size_kv_pool
+from runtime.executor.kv_sizing import layout_report, size_kv_pool
+from runtime.executor.memory_profile import profile_gpu_memory
 from runtime.executor.kv_storage import KVStorage, bytes_per_block
 from runtime.executor.model import DecoderModel
 from runtime.multimodal.mrope import positions_for_range
@@ -34,9 +35,10 @@ class PyTorchExecutor:
         self.model = DecoderModel(engine.llm_config, engine.weights, device, get_ops(device, config.op_backend))
         block_size = engine.build.tokens_per_block
         per_block = bytes_per_block(engine.llm_config, block_size, self.model.dtype)
+        encoder = load_vision_encoder(engine, config.vision_backend, device) if engine.vision is not None else None
         gpu = None
         if device.type == "cuda" and config.num_kv_blocks is None:
-            gpu = _profile_gpu_memory(self.model, engine, config, device)
+            gpu = profile_gpu_memory(self.model, encoder, engine, config, device)
         pool = size_kv_pool(config, _wanted_blocks(engine, config), per_block, gpu)
         self.kv = KVStorage(engine.llm_config, pool.num_blocks, block_size, self.model.dtype, device)
         max_blocks = -(-engine.build.max_seq_len // block_size)
@@ -50,8 +52,7 @@ class PyTorchExecutor:
                                    self.graphs.batch_sizes if self.graphs is not None else ())
         LOG.info(layout_report(self.layout))
         self.vision: VisionEmbedder | None = None
-        if engine.vision is not None:
-            encoder = load_vision_encoder(engine, config.vision_backend, device)
+        if encoder is not None:
             self.vision = VisionEmbedder(encoder, EncoderCache(config.encoder_cache_tokens),
                                          config.max_encoder_patches)
 
@@ -110,34 +111,3 @@ def _use_cuda_graphs(engine: LoadedEngine, config: EngineConfig, device: torch.d
     """CUDA, asked for, graph-safe ops, and a float KV cache (the one-byte cache's attention syncs the host)."""
     return (device.type == "cuda" and config.enable_cuda_graphs and model.ops.graph_safe
             and engine.llm_config.kv_cache_quant_algo is None)
-
-
-def _profile_gpu_memory(model: DecoderModel, engine: LoadedEngine, config: EngineConfig,
-                        device: torch.device) -> GpuMemory:
-    """Peak memory of a warm-up forward over max_num_tokens tokens (in max_batch_size sequences, so the
-    logits and the sampler's sort are at their largest too), measured by PyTorch's allocator."""
-    build = engine.build
-    max_num_tokens = config.max_num_tokens or build.max_num_tokens
-    num_seqs = max(min(config.max_batch_size or build.max_batch_size, max_num_tokens),
-                   -(-max_num_tokens // build.max_seq_len))
-    block_size = build.tokens_per_block
-    lengths = [max_num_tokens // num_seqs + (i < max_num_tokens % num_seqs) for i in range(num_seqs)]
-    chunks, next_block = [], 0
-    for length in lengths:
-        num_blocks = -(-length // block_size)
-        chunks.append(SequenceChunk([i % engine.llm_config.vocab_size for i in range(length)], 0,
-                                    list(range(next_block, next_block + num_blocks))))
-        next_block += num_blocks
-    torch.cuda.synchronize(device)
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats(device)
-    kv = KVStorage(engine.llm_config, next_block, block_size, model.dtype, device)
-    logits = model.forward(ForwardBatch.build(chunks, block_size, device), kv)
-    torch.sort(torch.softmax(logits, dim=-1), dim=-1, descending=True)
-    torch.cuda.synchronize(device)
-    peak = torch.cuda.max_memory_allocated(device) - next_block * bytes_per_block(engine.llm_config, block_size,
-                                                                                   model.dtype)
-    del kv, logits
-    torch.cuda.empty_cache()
-    free, total = torch.cuda.mem_get_info(device)
-    return GpuMemory(total, free, torch.cuda.memory_reserved(device), peak)

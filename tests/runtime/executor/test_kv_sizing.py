@@ -3,11 +3,17 @@ arithmetic, and the errors that name the field whose limit leaves no room."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from engine_format.engine_dir import load_engine
 from runtime.config import EngineConfig, EngineConfigError
 from runtime.executor.executor import PyTorchExecutor
 from runtime.executor.kv_sizing import CUDA_GRAPH_RESERVE_BYTES, GIB, GpuMemory, gpu_kv_budget, size_kv_pool
+from runtime.executor.kv_storage import bytes_per_block
+from runtime.executor.memory_profile import warm_up_forward
+from runtime.executor.model import DecoderModel
+from runtime.generate_cli import main
+from runtime.vision.vision_encoder import load_vision_encoder
 
 PER_BLOCK = 4096
 
@@ -62,8 +68,6 @@ def test_cap_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_generate_cli_caps_and_reports_the_pool(build_tiny, capsys: pytest.CaptureFixture[str]) -> None:
-    from runtime.generate_cli import main
-
     code = main(["--engine", str(build_tiny("tiny-qwen2")), "--prompt", "hello", "--max-tokens", "2",
                  "--device", "cpu", "--kv-cache-max-bytes", "300000", "--no-cuda-graphs"])
     err = capsys.readouterr().err
@@ -71,3 +75,20 @@ def test_generate_cli_caps_and_reports_the_pool(build_tiny, capsys: pytest.Captu
     assert "KV cache on cpu:" in err and "sized by kv_cache_max_bytes=300000" in err
     code = main(["--engine", str(build_tiny("tiny-qwen2")), "--prompt", "hello", "--kv-cache-max-bytes", "10"])
     assert code == 2 and "kv_cache_max_bytes" in capsys.readouterr().err
+
+
+def test_warm_up_forward_reaches_the_limits(build_tiny) -> None:
+    """The profiled step (run here on CPU, measured on CUDA): max_num_tokens tokens over max_batch_size
+    sequences, and a vision-language engine's encoder at max_encoder_patches."""
+    engine = load_engine(build_tiny("tiny-qwen2-vl"))
+    cpu = torch.device("cpu")
+    model = DecoderModel(engine.llm_config, engine.weights, cpu)
+    config = EngineConfig(device="cpu", max_num_tokens=300, max_batch_size=4, max_encoder_patches=70)
+    kv_bytes, logits_rows, vision_rows = warm_up_forward(model, load_vision_encoder(engine, "pytorch", cpu),
+                                                         engine, config)
+    block = engine.build.tokens_per_block
+    assert logits_rows == 4
+    assert kv_bytes == 4 * -(-75 // block) * bytes_per_block(engine.llm_config, block, model.dtype)
+    merge = engine.vision.config.spatial_merge_size
+    side = 8 // merge * merge                   # the largest square of whole merge windows in 70 patches
+    assert vision_rows == side * side // merge**2
