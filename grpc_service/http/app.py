@@ -89,7 +89,7 @@ class OpenAIApi:
         if body.echo and body.logprobs is not None:
             raise InvalidArgument("echo", "together with logprobs is not supported "
                                           "(prompt logprobs are not computed)")
-        prompts = completion_prompts(model, body)
+        prompts = await completion_prompts(model, body)
         guide = await structured.completion_guide(model, body)
         params = [sampling_params(body, model, p, body.max_tokens, body.logprobs, guide) for p in prompts]
         jobs = make_jobs(prompts, params, body.n)

@@ -5,7 +5,7 @@ What it is for: `chat_prompt` renders chat messages (text, `image_url` and
 `tools`) through the engine's chat template, sending visual parts through the
 same `VisualFrontend`, URL policy and limits as the gRPC APIs;
 `completion_prompts` reads a completions `prompt` (text, texts, token ids or
-lists of them); `sampling_params` maps the shared fields onto the runtime's
+lists of them); tokenizer work runs on the model's tokenizer thread (off_loop); `sampling_params` maps the shared fields onto the runtime's
 `SamplingParams` (which judges every value once, at admission).
 Not for: parsing the JSON body (schema.py) or structured output (structured.py).
 """
@@ -62,7 +62,8 @@ async def chat_prompt(model: ServedModel, request: ChatCompletionRequest) -> tup
     model.check_chat(roles, sum(len(_text(content)) for _, content in turns))
     messages = [_template_message(request.messages[i], role, _text(content), i)
                 for i, (role, content) in enumerate(turns)]
-    ids = model.render_chat(messages, True, tools.template_tools if tools is not None else None, "messages")
+    ids = await model.off_loop(model.render_chat, messages, True,
+                               tools.template_tools if tools is not None else None, "messages")
     return Prompt(ids), tools
 
 
@@ -142,7 +143,7 @@ def _template_message(message: ChatMessage, role: str, text: str, index: int) ->
     return out
 
 
-def completion_prompts(model: ServedModel, request: CompletionRequest) -> list[Prompt]:
+async def completion_prompts(model: ServedModel, request: CompletionRequest) -> list[Prompt]:
     raw = request.prompt
     if isinstance(raw, str):
         items: list[str | list[int]] = [raw]
@@ -160,7 +161,7 @@ def completion_prompts(model: ServedModel, request: CompletionRequest) -> list[P
         if isinstance(item, str):
             if not item:
                 raise InvalidArgument(field, "is empty")
-            prompts.append(Prompt(model.encode_text(item), text=item))
+            prompts.append(Prompt(await model.off_loop(model.encode_text, item), text=item))
         else:
             model.check_token_ids(item, field)
             prompts.append(Prompt(list(item)))
