@@ -1,7 +1,9 @@
 """The PyTorch LLM executor: a loaded engine, its KV storage, one forward per step.
 
 What it is for: turning a `SchedulerOutput` into logits for the requests that
-sample, on CPU or CUDA, and sizing the KV pool at start-up (`EngineLayout`).
+sample, on CPU or CUDA, and sizing the KV pool at start-up (`EngineLayout`: from a profiled
+warm-up on CUDA, runtime/executor/memory_profile.py and kv_sizing.py). On CUDA, decode-only
+steps replay graphs captured at start-up (runtime/executor/cuda_graphs.py); the rest run eagerly.
 On a VL engine each chunk also gets its M-RoPE positions and the vision
 embeddings of the placeholder rows it computes (runtime/vision/encoder_cache.py).
 Not for: choosing tokens (runtime/executor/sampler.py) or which requests run.
