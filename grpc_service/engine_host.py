@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
 import uuid
 from collections.abc import AsyncGenerator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -44,6 +45,7 @@ from runtime.config import EngineConfig
 from runtime.core.engine_core import EngineCore, EngineRequest, EngineStats
 from runtime.multimodal.processor import MultimodalInputs
 from runtime.outputs import RequestOutput
+from engine_format.errors import EngineLoadError
 from runtime.errors import FieldError
 from runtime.sampling_params import (
     MAX_BAD_WORD_CHARS,
@@ -54,6 +56,7 @@ from runtime.sampling_params import (
     check_list_size,
 )
 
+LOG = logging.getLogger(__name__)
 MAX_PROMPT_CHARS_PER_TOKEN = 32     # refuse absurd texts before spending time tokenizing them
 MAX_CHAT_MESSAGES = 1024            # messages in one chat prompt
 MAX_CHAT_PARTS = 4096               # content parts (text, image, video) of all its messages together
@@ -135,8 +138,19 @@ class ServedModel:
     @classmethod
     async def load(cls, engine_dir: Path, engine_config: EngineConfig, max_queue_size: int,
                    metrics: ServerMetrics, media: MediaPolicy | None = None) -> ServedModel:
-        core = await asyncio.to_thread(EngineCore.from_dir, engine_dir, engine_config)
-        model = await asyncio.to_thread(cls, core, max_queue_size, metrics, media)
+        """Load off the event loop. A failure the loader did not name (a library's TypeError on a tokenizer file
+        it cannot read, ...) becomes an EngineLoadError naming the engine directory (traceback at DEBUG), so the
+        server stops with one line; named load errors, bad values (ValueError) and OSErrors pass as they are."""
+        try:
+            core = await asyncio.to_thread(EngineCore.from_dir, engine_dir, engine_config)
+            model = await asyncio.to_thread(cls, core, max_queue_size, metrics, media)
+        except (EngineLoadError, ValueError, OSError):
+            raise
+        except Exception as exc:
+            LOG.debug("loading %s failed", engine_dir, exc_info=True)
+            first_line = (str(exc).strip().splitlines() or [""])[0][:300]
+            raise EngineLoadError(str(engine_dir), f"cannot be loaded ({exc.__class__.__name__}: {first_line})") \
+                from None
         metrics.attach(EngineGaugeSource(model.name, lambda: model.engine.call_threadsafe(lambda core: core.stats()),
                                          lambda: model.gate.in_flight, model.gate.limit,
                                          core.executor.layout.kv_cache_bytes))
