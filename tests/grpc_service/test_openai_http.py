@@ -86,6 +86,12 @@ def test_streamed_chat_equals_the_whole_answer(client: openai.OpenAI) -> None:
     assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["length"]
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 10
     assert all(c.usage is None for c in chunks[:-1])
+    two = list(client.chat.completions.create(model=MODEL, messages=USER, max_tokens=10, temperature=0, n=2,
+                                              stream=True))
+    for index in (0, 1):
+        mine = [c.choices[0] for c in two if c.choices and c.choices[0].index == index]
+        assert "".join(c.delta.content or "" for c in mine) == text
+        assert [c.finish_reason for c in mine if c.finish_reason] == ["length"]
 
 
 def test_n3_samples_share_the_prompt_blocks(server: ServerProcess, client: openai.OpenAI) -> None:
@@ -130,6 +136,10 @@ def test_completions_text_ids_echo_and_stream(client: openai.OpenAI, reference: 
         assert response.choices[0].text == expected_text and response.usage.prompt_tokens == len(ids)
     echoed = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0, echo=True)
     assert echoed.choices[0].text == prompt + expected_text
+    stop = expected_text[len(expected_text) // 2:][:3]
+    stopped = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0, stop=stop)
+    assert stopped.choices[0].finish_reason == "stop"
+    assert stopped.choices[0].text == expected_text[:expected_text.index(stop)]
     batch = client.completions.create(model=MODEL, prompt=[prompt, "Once upon"], max_tokens=4,
                                       temperature=0, logprobs=2)
     assert [c.index for c in batch.choices] == [0, 1] and batch.usage.completion_tokens == 8
