@@ -1,0 +1,139 @@
+"""The engine-core process: EngineCore in a busy loop behind two ZeroMQ sockets.
+
+Started by runtime/core/process_engine.py as `python -m runtime.core.core_process`
+(a fresh interpreter: nothing of the server's state, and the EngineConfig as JSON).
+
+What it is for: `run_core`, the child process's whole life: load the engine,
+say `CoreReady` (or `CoreFailed`), then loop: apply every pending command
+(admit, abort, stats, shutdown), run one step while any request is unfinished,
+and send the step's deltas as one `CoreOutputs` message. With work it never
+sleeps (busy loop: the next step starts as soon as the previous one's outputs
+are sent); idle, it blocks on its inbox for at most IDLE_POLL_MS and exits when
+its parent is gone. Detokenization and stop strings run here, inside the step
+(EngineCore._on_token), so a stop string ends the request in the step that
+produced it and frees its KV blocks at once; everything else a client sends
+(gRPC, HTTP, tokenization, chat templates, image decoding and preprocessing,
+streaming) stays in the server process.
+Not for: the client side (runtime/core/process_engine.py) or message types (ipc.py).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+import msgspec
+import zmq
+
+from runtime.config import EngineConfig
+from runtime.core.engine_core import EngineCore
+from runtime.core.ipc import (
+    AbortRequest,
+    AddRefused,
+    Codec,
+    CoreFailed,
+    CoreOutputs,
+    CoreReady,
+    Shutdown,
+    StatsQuery,
+    StatsReply,
+    WireRequest,
+)
+from runtime.errors import FieldError
+
+LOG = logging.getLogger(__name__)
+IDLE_POLL_MS = 100
+
+
+def run_core(engine_dir: str, config: EngineConfig, inbox_address: str, outbox_address: str,
+             parent_pid: int) -> None:
+    """The child process's life (`main` parses its command line)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s [core] %(name)s: %(message)s")
+    context = zmq.Context()
+    inbox = context.socket(zmq.PULL)
+    inbox.connect(inbox_address)
+    outbox = context.socket(zmq.PUSH)
+    outbox.connect(outbox_address)
+    codec = Codec()
+    try:
+        core = EngineCore.from_dir(engine_dir, config)
+    except BaseException as exc:  # the front end reports it and exits; nothing else can use this process
+        outbox.send(codec.encode(CoreFailed(f"{type(exc).__name__}: {exc}")))
+        outbox.close(linger=2000)
+        context.term()
+        raise SystemExit(1) from None
+    outbox.send(codec.encode(CoreReady(core.executor.layout.kv_cache_bytes, core.scheduler_config.max_batch_size,
+                                       os.getpid())))
+    try:
+        _loop(core, inbox, outbox, codec, parent_pid)
+    finally:
+        inbox.close(linger=0)
+        outbox.close(linger=1000)
+        context.term()
+
+
+def _loop(core: EngineCore, inbox: zmq.Socket, outbox: zmq.Socket, codec: Codec, parent_pid: int) -> None:
+    while True:
+        idle = not core.has_unfinished()
+        if not _apply_pending(core, inbox, outbox, codec, IDLE_POLL_MS if idle else 0):
+            return
+        if core.has_unfinished():
+            outputs = core.step()
+            if outputs:
+                outbox.send(codec.encode(CoreOutputs(outputs)))
+        elif os.getppid() != parent_pid:
+            LOG.warning("the server process is gone; the engine core exits")
+            return
+
+
+def _apply_pending(core: EngineCore, inbox: zmq.Socket, outbox: zmq.Socket, codec: Codec, timeout_ms: int) -> bool:
+    """Apply every command waiting (waiting up to `timeout_ms` for the first); False: shut down."""
+    if not inbox.poll(timeout_ms):
+        return True
+    while True:
+        try:
+            data = inbox.recv(zmq.NOBLOCK)
+        except zmq.Again:
+            return True
+        message = codec.decode_to_core(data)
+        if isinstance(message, Shutdown):
+            return False
+        reply = _apply(core, message)
+        if reply is not None:
+            outbox.send(codec.encode(reply))
+
+
+def _apply(core: EngineCore, message: WireRequest | AbortRequest | StatsQuery
+           ) -> CoreOutputs | AddRefused | StatsReply | None:
+    if isinstance(message, WireRequest):
+        try:
+            core.add_request(message.engine_request())
+        except FieldError as exc:
+            return AddRefused(message.request_id, exc.field, str(exc).split(": ", 1)[-1])
+        except ValueError as exc:
+            return AddRefused(message.request_id, "", str(exc))
+        return None
+    if isinstance(message, AbortRequest):
+        output = core.abort(message.request_id)
+        return CoreOutputs([output]) if output is not None else None
+    try:
+        return StatsReply(message.call_id, core.stats())
+    except Exception as exc:  # a stats failure must not stop the engine
+        return StatsReply(message.call_id, None, f"{type(exc).__name__}: {exc}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="trtserve engine core (started by the server)")
+    parser.add_argument("--engine-dir", required=True)
+    parser.add_argument("--config-json", required=True, help="EngineConfig as JSON")
+    parser.add_argument("--inbox", required=True)
+    parser.add_argument("--outbox", required=True)
+    parser.add_argument("--parent-pid", type=int, required=True)
+    args = parser.parse_args(argv)
+    config = msgspec.json.decode(args.config_json, type=EngineConfig)
+    run_core(args.engine_dir, config, args.inbox, args.outbox, args.parent_pid)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,304 @@
+"""ProcessEngine: AsyncEngine's interface over an engine core running in its own process.
+
+What it is for: the server's engine by default. It starts the core process
+(`python -m runtime.core.core_process`, runtime/core/core_process.py), talks to it over two
+ZeroMQ IPC sockets with the typed messages of runtime/core/ipc.py, and gives
+asyncio callers what AsyncEngine gives them: `generate(request)` (an async
+iterator of RequestOutput deltas; leaving it early aborts the request),
+`abort`, `call` / `call_threadsafe` (only `stats()` is reachable across the
+boundary), `stats`, `shutdown`, `is_running`. One receiver thread reads the
+core's messages and hands each step's deltas to their requests' queues with one
+`call_soon_threadsafe` per event loop; a consumer that fell behind gets its
+pending deltas merged into one output. When the core process dies, every
+in-flight request ends with EngineDeadError naming the exit code, `is_running`
+turns false (the server then reports NOT_SERVING) and new requests are refused
+at once: nothing waits on a dead process.
+Not for: the step logic (engine_core), the wire format (ipc), or validation of
+wire input (grpc_service).
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import itertools
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import msgspec
+import zmq
+
+from runtime.config import EngineConfig
+from runtime.core.async_engine import EngineDeadError
+from runtime.core.engine_core import EngineRequest, EngineStats
+from runtime.core.ipc import (
+    AbortRequest,
+    AddRefused,
+    Codec,
+    CoreFailed,
+    CoreOutputs,
+    CoreReady,
+    Shutdown,
+    StatsQuery,
+    StatsReply,
+    WireRequest,
+)
+from runtime.errors import FieldError
+from runtime.outputs import RequestOutput
+
+LOG = logging.getLogger(__name__)
+RECEIVE_POLL_MS = 50          # how often the receiver checks that the core process is alive
+STATS_TIMEOUT_S = 10.0
+_Item = RequestOutput | BaseException
+
+
+class CoreStartError(RuntimeError):
+    """The engine core process could not start; the message says why."""
+
+
+@dataclass(slots=True)
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue[_Item] = field(default_factory=asyncio.Queue)
+
+
+class _StatsOnly:
+    """What `call` functions see of a core in another process: its stats, nothing else."""
+
+    def __init__(self, engine: ProcessEngine) -> None:
+        self._engine = engine
+
+    def stats(self) -> EngineStats:
+        return self._engine.query_stats()
+
+
+class ProcessEngine:
+    def __init__(self, engine_dir: str | Path, config: EngineConfig, start_timeout_s: float = 900.0) -> None:
+        self._socket_dir = tempfile.mkdtemp(prefix="trtserve-core-")
+        self._context = zmq.Context()
+        self._outbox = self._context.socket(zmq.PUSH)
+        self._outbox.bind(f"ipc://{self._socket_dir}/to-core")
+        self._inbox = self._context.socket(zmq.PULL)
+        self._inbox.bind(f"ipc://{self._socket_dir}/from-core")
+        self._codec = Codec()                  # the receiver thread decodes; senders encode under _send_lock
+        self._send_lock = threading.Lock()
+        self._lock = threading.Lock()          # guards _streams, _stats_calls
+        self._streams: dict[str, _Stream] = {}
+        self._stats_calls: dict[int, concurrent.futures.Future[EngineStats]] = {}
+        self._call_ids = itertools.count()
+        self._stopped = threading.Event()
+        self._calls = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="trtserve-core-call")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "runtime.core.core_process", "--engine-dir", str(engine_dir),
+             "--config-json", msgspec.json.encode(config).decode(), "--inbox", f"ipc://{self._socket_dir}/to-core",
+             "--outbox", f"ipc://{self._socket_dir}/from-core", "--parent-pid", str(os.getpid())])
+        try:
+            ready = self._wait_ready(start_timeout_s)
+        except BaseException:
+            self._stop_process(0.0)
+            self._close()
+            raise
+        self.kv_cache_bytes = ready.kv_cache_bytes
+        self.max_batch_size = ready.max_batch_size
+        self._receiver = threading.Thread(target=self._receive, name="trtserve-core-receiver", daemon=True)
+        self._receiver.start()
+
+    def _wait_ready(self, timeout_s: float) -> CoreReady:
+        waited_ms = 0
+        while waited_ms < timeout_s * 1000:
+            if self._inbox.poll(RECEIVE_POLL_MS):
+                message = self._codec.decode_from_core(self._inbox.recv())
+                if isinstance(message, CoreReady):
+                    return message
+                if isinstance(message, CoreFailed):
+                    raise CoreStartError(f"engine core failed to start: {message.message}")
+            elif self.process.poll() is not None:
+                raise CoreStartError(f"engine core process exited during start-up (code {self.process.returncode})")
+            waited_ms += RECEIVE_POLL_MS
+        raise CoreStartError(f"engine core did not start within {timeout_s:.0f} s")
+
+    # --------------------------------------------------------- asyncio side
+
+    async def generate(self, request: EngineRequest) -> AsyncIterator[RequestOutput]:
+        """Stream a request's outputs; admission errors are raised from the first iteration.
+
+        Leaving the iteration early (break, cancellation, client gone) aborts the request.
+        """
+        if not self.is_running:
+            raise EngineDeadError(self._dead_message())
+        stream = _Stream(asyncio.get_running_loop())
+        with self._lock:
+            if request.request_id in self._streams:
+                raise FieldError("request_id", f"{request.request_id!r} is already in flight")
+            self._streams[request.request_id] = stream
+        finished = False
+        try:
+            self._send(WireRequest.of(request))
+            while True:
+                items = [await stream.queue.get()]
+                while not stream.queue.empty():          # the consumer fell behind: one merged delta
+                    items.append(stream.queue.get_nowait())
+                outputs = [item for item in items if isinstance(item, RequestOutput)]
+                errors = [item for item in items if isinstance(item, BaseException)]
+                if outputs:
+                    merged = merge_outputs(outputs)
+                    finished = merged.finished
+                    yield merged
+                    if finished:
+                        return
+                if errors:
+                    finished = True
+                    raise errors[0]
+        finally:
+            with self._lock:
+                self._streams.pop(request.request_id, None)
+            if not finished and self.is_running:
+                self.abort(request.request_id)
+
+    def abort(self, request_id: str) -> None:
+        if self.is_running:
+            self._send(AbortRequest(request_id))
+
+    async def call(self, fn: Callable[[_StatsOnly], object]) -> object:
+        return await asyncio.wrap_future(self.call_threadsafe(fn))
+
+    def call_threadsafe(self, fn: Callable[[_StatsOnly], object]) -> concurrent.futures.Future[object]:
+        """`fn(core)` where `core` offers only `stats()` (the core lives in another process)."""
+        if not self.is_running:
+            future: concurrent.futures.Future[object] = concurrent.futures.Future()
+            future.set_exception(EngineDeadError(self._dead_message()))
+            return future
+        return self._calls.submit(fn, _StatsOnly(self))
+
+    async def stats(self) -> EngineStats:
+        return await self.call(lambda core: core.stats())  # type: ignore[return-value]
+
+    def query_stats(self) -> EngineStats:
+        """Ask the core for its stats and wait for the reply (any thread but the receiver's)."""
+        future: concurrent.futures.Future[EngineStats] = concurrent.futures.Future()
+        call_id = next(self._call_ids)
+        with self._lock:
+            self._stats_calls[call_id] = future
+        self._send(StatsQuery(call_id))
+        return future.result(timeout=STATS_TIMEOUT_S)
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        if not self._stopped.is_set() and self.process.poll() is None:
+            self._send(Shutdown())
+        self._stop_process(timeout)
+        self._fail_all(EngineDeadError("engine stopped"))
+        self._receiver.join(timeout)
+        self._calls.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def is_running(self) -> bool:
+        return not self._stopped.is_set() and self.process.poll() is None
+
+    # ------------------------------------------------------ receiver thread
+
+    def _send(self, message: WireRequest | AbortRequest | StatsQuery | Shutdown) -> None:
+        with self._send_lock:
+            if not self._stopped.is_set():
+                self._outbox.send(self._codec.encode(message), copy=False)
+
+    def _receive(self) -> None:
+        codec = Codec()       # this thread's own decoders
+        try:
+            while not self._stopped.is_set():
+                if not self._inbox.poll(RECEIVE_POLL_MS):
+                    if self.process.poll() is not None:
+                        LOG.error("engine core process exited (code %s); failing every request in flight",
+                                  self.process.returncode)
+                        break
+                    continue
+                self._dispatch(codec.decode_from_core(self._inbox.recv()))
+        except BaseException:  # the receiver itself broke: nothing can be delivered any more
+            LOG.exception("engine core receiver stopped")
+        finally:
+            self._stopped.set()
+            self._fail_all(EngineDeadError(self._dead_message()))
+            self._close()
+
+    def _dispatch(self, message: object) -> None:
+        if isinstance(message, CoreOutputs):
+            self._deliver([(out.request_id, out) for out in message.outputs])
+        elif isinstance(message, AddRefused):
+            error: ValueError = (FieldError(message.field, message.message) if message.field
+                                 else ValueError(message.message))
+            self._deliver([(message.request_id, error)])
+        elif isinstance(message, StatsReply):
+            with self._lock:
+                future = self._stats_calls.pop(message.call_id, None)
+            if future is not None and not future.done():
+                if message.stats is None:
+                    future.set_exception(RuntimeError(message.error))
+                else:
+                    future.set_result(message.stats)
+
+    def _deliver(self, items: list[tuple[str, _Item]]) -> None:
+        """Hand items to their requests' queues: one call_soon_threadsafe per event loop."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, _Item]]] = {}
+        with self._lock:
+            for request_id, item in items:
+                stream = self._streams.get(request_id)
+                if stream is not None:
+                    by_loop.setdefault(stream.loop, []).append((stream, item))
+        for loop, batch in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, batch)
+            except RuntimeError:      # that loop is closed: its consumers are gone
+                pass
+
+    def _fail_all(self, error: BaseException) -> None:
+        with self._lock:
+            request_ids = list(self._streams)
+            calls, self._stats_calls = self._stats_calls, {}
+        self._deliver([(request_id, error) for request_id in request_ids])
+        for future in calls.values():
+            if not future.done():
+                future.set_exception(error)
+
+    def _dead_message(self) -> str:
+        code = self.process.poll()
+        return "engine is not running" if code in (None, 0) else f"engine core process exited (code {code})"
+
+    def _stop_process(self, timeout: float) -> None:
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.terminate()
+            try:
+                self.process.wait(5.0)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._stopped.set()
+
+    def _close(self) -> None:
+        with self._send_lock:
+            self._outbox.close(linger=0)
+        self._inbox.close(linger=0)
+        self._context.term()
+        shutil.rmtree(self._socket_dir, ignore_errors=True)
+
+
+def _put_all(batch: list[tuple[_Stream, _Item]]) -> None:
+    for stream, item in batch:
+        stream.queue.put_nowait(item)
+
+
+def merge_outputs(outputs: list[RequestOutput]) -> RequestOutput:
+    """Consecutive deltas of one request as one delta (text, tokens and logprobs joined; the rest the last's)."""
+    if len(outputs) == 1:
+        return outputs[0]
+    last = outputs[-1]
+    return RequestOutput(last.request_id, "".join(o.text for o in outputs),
+                         tuple(t for o in outputs for t in o.token_ids), last.finished, last.finish_reason,
+                         last.usage, last.stop_reason, tuple(lp for o in outputs for lp in o.logprobs), last.error)

@@ -1,0 +1,137 @@
+"""The engine core in its own process (runtime/core/process_engine.py, core_process.py, ipc.py).
+
+Against the in-process EngineCore on the same engine: greedy tokens and text of a batch in flight
+together are identical; a refusal at the engine's door crosses the boundary as a FieldError naming
+its field; a consumer that stops reading does not hold the others back, and when it reads again it
+gets its pending deltas merged (same tokens and text). SIGKILL of the core with requests in flight:
+every one ends with EngineDeadError naming the exit code (within a bounded wait: nothing hangs),
+`is_running` turns false and a new request is refused at once. The wire codec round-trips a VL
+request's arrays without pickle.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+import numpy as np
+import pytest
+
+from runtime.config import EngineConfig
+from runtime.core.async_engine import EngineDeadError
+from runtime.core.engine_core import EngineCore, EngineRequest, collect_text
+from runtime.core.ipc import Codec, WireRequest
+from runtime.core.process_engine import ProcessEngine, merge_outputs
+from runtime.core.request import MultimodalSpan
+from runtime.errors import FieldError
+from runtime.multimodal.image_processing import ProcessedVisual
+from runtime.multimodal.processor import MultimodalInputs
+from runtime.outputs import RequestOutput, Usage
+from runtime.sampling_params import SamplingParams
+
+GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+PROMPTS = [[5 + i, 17, 42, 9 + 3 * i, 100] for i in range(5)]
+WAIT_S = 60.0
+
+
+@pytest.fixture(scope="module")
+def engine_dir(build_tiny):
+    return build_tiny("tiny-qwen2")
+
+
+def _requests(tag: str) -> list[EngineRequest]:
+    return [EngineRequest(f"{tag}{i}", ids, GREEDY) for i, ids in enumerate(PROMPTS)]
+
+
+async def _collect(engine: ProcessEngine, request: EngineRequest, resume: asyncio.Event | None = None) -> list:
+    outputs = []
+    async for out in engine.generate(request):
+        outputs.append(out)
+        if len(outputs) == 1 and resume is not None:
+            await resume.wait()            # a client that stops reading until the others are done
+    return outputs
+
+
+def test_greedy_tokens_refusals_and_a_slow_reader_equal_in_process(engine_dir) -> None:
+    expected = {rid: collect_text(outs) for rid, outs in
+                EngineCore.from_dir(engine_dir, EngineConfig(device="cpu")).generate_all(_requests("r")).items()}
+    engine = ProcessEngine(engine_dir, EngineConfig(device="cpu"))
+    try:
+        async def scenario() -> None:
+            requests = _requests("r")
+            others_done = asyncio.Event()
+            slow = asyncio.create_task(_collect(engine, requests[0], others_done))
+            fast = await asyncio.wait_for(asyncio.gather(*(_collect(engine, r) for r in requests[1:])), WAIT_S)
+            others_done.set()
+            for request, outputs in zip(requests[1:], fast):
+                assert collect_text(outputs) == expected[request.request_id]
+            slow_outputs = await asyncio.wait_for(slow, WAIT_S)
+            assert collect_text(slow_outputs) == expected["r0"]
+            assert len(slow_outputs) == 2, "the deltas that piled up while it did not read arrive as one"
+            assert slow_outputs[-1].finished and slow_outputs[-1].usage.completion_tokens == GREEDY.max_tokens
+            with pytest.raises(FieldError) as refused:
+                await _collect(engine, EngineRequest("bad", [10 ** 7], GREEDY))
+            assert refused.value.field == "prompt_token_ids"
+            stats = await engine.stats()
+            assert stats.num_running == 0 and stats.num_generated_tokens == len(PROMPTS) * GREEDY.max_tokens
+
+        asyncio.run(scenario())
+    finally:
+        engine.shutdown()
+    assert not engine.is_running
+
+
+def test_core_crash_fails_every_request_in_flight(engine_dir) -> None:
+    engine = ProcessEngine(engine_dir, EngineConfig(device="cpu"))
+    long = SamplingParams(max_tokens=1500, temperature=0.0, ignore_eos=True)
+
+    async def scenario() -> list[BaseException]:
+        started = asyncio.Event()
+
+        async def consume(i: int) -> BaseException:
+            try:
+                async for _ in engine.generate(EngineRequest(f"l{i}", [5 + i, 6], long)):
+                    started.set()
+            except EngineDeadError as exc:
+                return exc
+            raise AssertionError("a request finished although the core was killed")
+
+        tasks = [asyncio.create_task(consume(i)) for i in range(3)]
+        await asyncio.wait_for(started.wait(), WAIT_S)
+        os.kill(engine.process.pid, signal.SIGKILL)
+        errors = await asyncio.wait_for(asyncio.gather(*tasks), WAIT_S)
+        with pytest.raises(EngineDeadError):
+            await asyncio.wait_for(_collect(engine, EngineRequest("after", [5], GREEDY)), 5.0)
+        return errors
+
+    try:
+        errors = asyncio.run(scenario())
+    finally:
+        engine.shutdown()
+    assert all("exited (code -9)" in str(e) for e in errors), errors
+    assert not engine.is_running
+    with pytest.raises(EngineDeadError):
+        engine.call_threadsafe(lambda core: core.stats()).result(timeout=5)
+
+
+def test_codec_round_trips_a_vl_request_and_merge_joins_deltas() -> None:
+    visual = ProcessedVisual("image", np.arange(24, dtype=np.float32).reshape(4, 6), (1, 2, 2), 0.0, "h")
+    mm = MultimodalInputs((visual,), (MultimodalSpan(3, 1, "h"),), np.arange(15, dtype=np.int64).reshape(3, 5), 2)
+    request = EngineRequest("x", [1, 2, 3, 4, 5], SamplingParams(max_tokens=3, stop=("a",)), "salt", mm)
+    codec = Codec()
+    back = codec.decode_to_core(codec.encode(WireRequest.of(request)))
+    assert isinstance(back, WireRequest)
+    got = back.engine_request()
+    assert (got.request_id, got.prompt_token_ids, got.sampling_params, got.cache_salt) == \
+        (request.request_id, request.prompt_token_ids, request.sampling_params, request.cache_salt)
+    assert got.multimodal is not None and got.multimodal.spans == mm.spans and got.multimodal.mrope_delta == 2
+    assert np.array_equal(got.multimodal.visuals[0].pixel_values, visual.pixel_values)
+    assert np.array_equal(got.multimodal.mrope_positions, mm.mrope_positions)
+    assert got.multimodal.mrope_positions.dtype == np.int64
+
+
+    deltas = [RequestOutput("x", t, (i,), i == 2, "length" if i == 2 else None, Usage(5, i + 1, 0, 0.1))
+              for i, t in enumerate(["a", "b", "c"])]
+    merged = merge_outputs(deltas)
+    assert (merged.text, merged.token_ids, merged.finished, merged.finish_reason, merged.usage) == \
+        ("abc", (0, 1, 2), True, "length", deltas[-1].usage)
