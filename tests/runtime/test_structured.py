@@ -32,6 +32,16 @@ PERSON = {"type": "object", "properties": {
 }, "required": ["name", "age", "role"], "additionalProperties": False,
     "$defs": {"ref": {"type": "object", "properties": {"id": {"type": "integer", "minimum": 1, "maximum": 99}},
                       "required": ["id"]}}}
+MORE_KEYWORDS = {"type": "object", "properties": {
+    "pair": {"type": "array", "prefixItems": [{"const": "a"}, {"type": "integer"}], "minItems": 2, "maxItems": 3,
+             "items": {"type": "boolean"}},
+    "x": {"type": "integer", "exclusiveMinimum": 3, "exclusiveMaximum": 9},
+    "m": {"type": "integer", "multipleOf": 7, "minimum": 0, "maximum": 100},
+    "f": {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1},
+    "s": {"type": "string", "minLength": 2, "maxLength": 4},
+    "d": {"$ref": "#/definitions/d"},
+    "n": {"type": ["integer", "null"], "minimum": 0, "maximum": 5},
+}, "required": ["pair", "x", "m", "f", "s", "d", "n"], "definitions": {"d": {"enum": [1, 2]}}}
 EMAIL = r"[a-z]{1,8}@[a-z]{2,6}\.(com|org)"
 SUM_GRAMMAR = 'root ::= "(" expr ")"\nexpr ::= num (("+" | "*") num)*\nnum ::= [1-9] [0-9]{0,3}'
 
@@ -65,8 +75,9 @@ def sample_texts(grammars: GrammarCache, guide: GuidedDecoding, seed: int = 0) -
 
 
 def test_json_schema_samples_validate(grammars: GrammarCache) -> None:
-    for text in sample_texts(grammars, GuidedDecoding("json_schema", json.dumps(PERSON))):
-        jsonschema.validate(json.loads(text), PERSON)
+    for schema in (PERSON, MORE_KEYWORDS):        # every allowed keyword but format (test_string_formats_parse)
+        for text in sample_texts(grammars, GuidedDecoding("json_schema", json.dumps(schema))):
+            jsonschema.validate(json.loads(text), schema)
 
 
 def test_prefix_and_suffix_wrap_the_language(grammars: GrammarCache) -> None:
