@@ -7,7 +7,10 @@ STAMP := $(VENV)/.installed
 MODEL ?= tiny-qwen2
 DTYPE ?= fp32
 RANDOM_WEIGHTS ?= 0
-ENGINE_DIR ?= engines/$(MODEL)-$(DTYPE)
+# make engine QUANT=int8_wo|int4_awq|w8a8_sq|fp8 KV_CACHE_DTYPE=int8|fp8 (either alone, or both)
+QUANT ?=
+KV_CACHE_DTYPE ?=
+ENGINE_DIR ?= engines/$(MODEL)-$(DTYPE)$(if $(QUANT),-$(QUANT))$(if $(KV_CACHE_DTYPE),-kv$(KV_CACHE_DTYPE))
 
 .PHONY: setup test demo engine serve proto clean bench perf-analyzer
 
@@ -15,7 +18,7 @@ $(STAMP): pyproject.toml constraints-cpu.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -c constraints-cpu.txt torch==2.13.0
-	$(PY) -m pip install --quiet -c constraints-cpu.txt -e ".[dev,bench,video,kernels]"
+	$(PY) -m pip install --quiet -c constraints-cpu.txt -e ".[dev,bench,video,kernels,quant]"
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -34,7 +37,8 @@ test: $(STAMP) $(PERF_ANALYZER)
 
 engine: $(STAMP)
 	$(VENV)/bin/trtserve-build --model $(MODEL) --dtype $(DTYPE) --output $(ENGINE_DIR) \
-		$(if $(filter 1 true yes,$(RANDOM_WEIGHTS)),--random-weights,)
+		$(if $(filter 1 true yes,$(RANDOM_WEIGHTS)),--random-weights,) \
+		$(if $(QUANT),--quant $(QUANT),) $(if $(KV_CACHE_DTYPE),--kv-cache-dtype $(KV_CACHE_DTYPE),)
 
 DEMO_ENGINE ?= engines/tiny-qwen2
 DEMO_VL_ENGINE ?= engines/tiny-qwen2-vl
@@ -57,7 +61,7 @@ METRICS_PORT ?= 8002
 serve: $(STAMP)
 	$(VENV)/bin/trtserve-serve --engine $(ENGINE) --host $(HOST) --port $(PORT) --metrics-port $(METRICS_PORT)
 
-# CPU benchmark sweep (trtserve-bench: native, Triton and OpenAI protocols, HF baseline side by side) against a server it starts;
+# CPU benchmark sweep (trtserve-bench, both protocols, HF baseline side by side) against a server it starts;
 # writes table (.md), .json and .png under docs/perf/. GPU protocol: docs/perf/README.md.
 BENCH_OUT ?= docs/perf
 BENCH_LEVELS ?= 1,4,16
@@ -67,21 +71,14 @@ BENCH_NOTE ?=
 bench: $(STAMP)
 	$(VENV)/bin/trtserve-build --model small-qwen2 --output engines/small-qwen2-fp32
 	$(VENV)/bin/trtserve-build --model tiny-qwen2-vl --output engines/tiny-qwen2-vl-fp32
-	$(VENV)/bin/trtserve-build --model tiny-qwen2 --output engines/tiny-qwen2-fp32
-	$(VENV)/bin/trtserve-bench --engine engines/tiny-qwen2-fp32 --protocol native \
-		--concurrency $(BENCH_LEVELS) --requests $(BENCH_REQUESTS) --warmup 4 --input-len 32 --output-len 128 \
-		--baseline hf --note "$(BENCH_NOTE)" --out $(BENCH_OUT)/bench_tiny-qwen2_cpu
-	$(PY) benchmarks/host_overhead.py --engine-dir engines/tiny-qwen2-fp32 --baseline hf \
-		--json $(BENCH_OUT)/host_overhead_tiny-qwen2_cpu.json
-	$(VENV)/bin/trtserve-bench --engine engines/small-qwen2-fp32 --protocol native,triton,openai \
+	$(VENV)/bin/trtserve-bench --engine engines/small-qwen2-fp32 --protocol native,triton \
 		--concurrency $(BENCH_LEVELS) --requests $(BENCH_REQUESTS) --warmup 4 --input-len 128 --output-len 64 \
 		--baseline hf --note "$(BENCH_NOTE)" --out $(BENCH_OUT)/bench_small-qwen2_cpu
-	$(VENV)/bin/trtserve-bench --engine engines/tiny-qwen2-vl-fp32 --protocol native,triton,openai \
+	$(VENV)/bin/trtserve-bench --engine engines/tiny-qwen2-vl-fp32 --protocol native,triton \
 		--concurrency $(BENCH_LEVELS) --requests $(BENCH_REQUESTS) --warmup 4 --input-len 64 --output-len 32 \
 		--images-per-request 1 --image-size 224 --baseline hf --note "$(BENCH_NOTE)" \
 		--out $(BENCH_OUT)/bench_tiny-qwen2-vl_cpu
 	$(VENV)/bin/trtserve-bench plot $(BENCH_OUT)/bench_small-qwen2_cpu.json $(BENCH_OUT)/bench_tiny-qwen2-vl_cpu.json \
-		$(BENCH_OUT)/bench_tiny-qwen2_cpu.json \
 		--title "trtserve-bench, 2-core CPU" --out $(BENCH_OUT)/bench_cpu.png
 
 # Regenerate the committed gRPC code after editing grpc_service/proto/trtserve.proto.

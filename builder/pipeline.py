@@ -20,6 +20,8 @@ from builder.convert import convert_state_dict, llm_config_from_hf, read_hf_stat
 from builder.perplexity import MAX_TEXT_TOKENS
 from builder.presets import BuildSettings
 from builder.progress import Progress
+from builder.quantize import QuantRequest, check_quant_request
+from builder.quantize_stage import QuantOutcome, quant_input_hash, quant_summary_line, quantize_report, quantize_stage
 from builder.source import ResolvedSource, resolve_source
 from builder.validate import validate_engine
 from builder.validate_vision import add_vision_report, validate_vision, vision_summary, vision_summary_line
@@ -45,6 +47,7 @@ class BuildRequest:
     validate: bool = True
     cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "trtserve")
     overrides: dict[str, Any] = field(default_factory=dict)   # BuildSettings fields
+    quant: QuantRequest = field(default_factory=QuantRequest)
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,14 +64,18 @@ def build_engine(request: BuildRequest, progress: Progress | None = None) -> Bui
         if source.architecture in VL_ARCHITECTURES:
             progress.num_stages += VISION_STAGES
         settings = _settings(source, request)
+        texts = check_quant_request(request.quant, json.loads((source.hf_dir / "config.json").read_text()),
+                                    source.architecture in VL_ARCHITECTURES)
         input_hash = _input_hash(source, settings, request.validate)
+        if request.quant.active:
+            input_hash = quant_input_hash(input_hash, request.quant, texts)
     if not request.force and _up_to_date(request.output, input_hash):
         progress.skip("build", f"{request.output} is up to date (input hash {input_hash[:12]}); --force rebuilds")
         return BuildResult(request.output, True, None)
     request.output.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{request.output.name}.", dir=request.output.parent))
     try:
-        manifest = _build_into(work, source, settings, request, input_hash, progress)
+        manifest = _build_into(work, source, settings, request, input_hash, progress, texts)
         if request.output.exists():
             shutil.rmtree(request.output)
         work.replace(request.output)
@@ -79,12 +86,14 @@ def build_engine(request: BuildRequest, progress: Progress | None = None) -> Bui
 
 
 def _build_into(work: Path, source: ResolvedSource, settings: BuildSettings, request: BuildRequest,
-                input_hash: str, progress: Progress) -> dict[str, Any]:
+                input_hash: str, progress: Progress, texts: list[str]) -> dict[str, Any]:
     hf_config = json.loads((source.hf_dir / "config.json").read_text())
     with progress.stage("convert weights to the TensorRT-LLM checkpoint layout"):
         cfg = llm_config_from_hf(hf_config, source.architecture, settings.dtype)
         hf_state = read_hf_state_dict(source.hf_dir)
-        write_checkpoint(work / "llm", cfg, convert_state_dict(hf_state, cfg))
+        tensors = convert_state_dict(hf_state, cfg)
+        if not request.quant.active:
+            write_checkpoint(work / "llm", cfg, tensors)
         progress.note(f"{cfg.architecture}, {cfg.num_hidden_layers} layers, dtype {cfg.dtype}")
     vision = None
     if cfg.mrope_section is not None:
@@ -93,31 +102,47 @@ def _build_into(work: Path, source: ResolvedSource, settings: BuildSettings, req
     del hf_state
     with progress.stage("copy tokenizer"):
         eos_ids, pad_id = _copy_tokenizer(source, work / "tokenizer", hf_config)
-    progress.skip("quantize", "quantization 'none'")
+    quant: QuantOutcome | None = None
+    if request.quant.active:
+        with progress.stage(f"quantize ({request.quant.quant or 'float'} weights, KV cache "
+                            f"{request.quant.kv_cache_dtype or settings.dtype}), calibrated with Model Optimizer"):
+            quant = quantize_stage(work, source.hf_dir, source.tokenizer_dir, cfg, tensors, request.quant, texts)
+            write_checkpoint(work / "llm", quant.cfg, quant.tensors)
+    else:
+        del tensors
+        progress.skip("quantize", "quantization 'none'")
     progress.skip("compile TensorRT-LLM engine", _trtllm_missing_reason())
     manifest: dict[str, Any] = {
         "format_version": FORMAT_VERSION, "trtserve_version": TRTSERVE_VERSION,
         "name": request.output.name, "input_hash": input_hash,
         "source": {**source.description, "architecture": source.architecture},
-        "build": {**asdict(settings), "quantization": "none", "kv_cache_dtype": settings.dtype},
+        "build": {**asdict(settings), "quantization": request.quant.quant or "none",
+                  "kv_cache_dtype": request.quant.kv_cache_dtype or settings.dtype},
         "components": {"llm": {"config": "llm/config.json", "weights": "llm/rank0.safetensors"},
                        "tokenizer": {"dir": "tokenizer"}},
         "compile": {"tensorrt_llm": {"built": False, "reason": _trtllm_missing_reason()}},
         "generation": {"eos_token_ids": eos_ids, "pad_token_id": pad_id},
     }
+    if quant is not None:
+        manifest["quantization"] = quant.manifest
     if vision is not None:
         manifest["components"]["vision"] = vision.component
         manifest["compile"]["tensorrt_vision"] = vision.compile
     write_manifest(work, manifest)
     if request.validate:
-        with progress.stage("validate against the HF reference"):
+        with progress.stage("validate against the HF reference" if quant is None
+                            else "validate against the same model unquantized"):
             engine = load_engine(work)          # once, as the server will load it
-            report = validate_engine(engine, source.hf_dir, gguf_file=source.gguf_file,
-                                     perplexity_tokens=RANDOM_WEIGHTS_PERPLEXITY_TOKENS
-                                     if source.random_weights else MAX_TEXT_TOKENS)
-            progress.note(f"max abs err {report['max_abs_err']:.2e}, greedy agreement "
-                          f"{report['greedy_agreement']:.3f}, perplexity {report['perplexity']['engine']:.3f} "
-                          f"(HF {report['perplexity']['reference']:.3f}), passed: {report['passed']}")
+            if quant is not None:
+                report = quantize_report(engine, cfg, tensors)
+                progress.note(quant_summary_line(report))
+            else:
+                report = validate_engine(engine, source.hf_dir, gguf_file=source.gguf_file,
+                                         perplexity_tokens=RANDOM_WEIGHTS_PERPLEXITY_TOKENS
+                                         if source.random_weights else MAX_TEXT_TOKENS)
+                progress.note(f"max abs err {report['max_abs_err']:.2e}, greedy agreement "
+                              f"{report['greedy_agreement']:.3f}, perplexity {report['perplexity']['engine']:.3f} "
+                              f"(HF {report['perplexity']['reference']:.3f}), passed: {report['passed']}")
             if vision is not None:
                 report = add_vision_report(report, validate_vision(engine, source.hf_dir))
                 progress.note(vision_summary_line(report["vision"]))

@@ -15,6 +15,7 @@ Not for: the checkpoint layout (engine_format/) or the error measurement (quanti
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import shutil
 import warnings
@@ -71,6 +72,9 @@ def check_quant_request(req: QuantRequest, hf_config: dict[str, Any], vision_lan
                             f"{', '.join(KV_CACHE_MODES)})")
     if req.export_hf and req.quant is None:
         raise QuantizeError("--export-hf: needs --quant (the float checkpoint is the source itself)")
+    if req.export_hf and req.kv_cache_dtype == "int8":
+        raise QuantizeError("--export-hf: Model Optimizer's unified HF checkpoint has no int8 KV cache (fp8 only); "
+                            "drop --kv-cache-dtype int8 or --export-hf")
     if vision_language and req.active:
         raise QuantizeError("--quant / --kv-cache-dtype: vision-language engines are not quantized by this version "
                             "(text models only)")
@@ -86,6 +90,9 @@ def check_quant_request(req: QuantRequest, hf_config: dict[str, Any], vision_lan
         if req.calib_data is not None:
             raise QuantizeError("--calib-data: only used with --quant or --kv-cache-dtype")
         return []
+    if importlib.util.find_spec("modelopt") is None:
+        raise QuantizeError("--quant / --kv-cache-dtype: calibration needs NVIDIA Model Optimizer "
+                            "(pip install 'trtserve[quant]', i.e. nvidia-modelopt)")
     return read_calib_texts(req.calib_data, req.calib_size, vision_language)
 
 

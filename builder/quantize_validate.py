@@ -4,20 +4,20 @@ What it is for: the `validation.json` of a quantized build. The quantized engine
 (loaded back from the directory, as the server loads it) and the float model
 (the same converted tensors before quantization, on the same PyTorch executor)
 are teacher-forced on the same tokens: the fixed validation prompts followed by
-the float model's greedy continuation, and the bundled calibration text's
-held-out tail for perplexity. Reported: top-1 agreement, max and mean |logit
+the float model's greedy continuation; and both score the project's bundled
+public-domain text (builder/perplexity.py) for perplexity. Reported: top-1 agreement, max and mean |logit
 error| (absolute, and relative to max |float logit|), mean KL(float || quant)
 in nats, and both perplexities. The build fails outside the mode's tolerance.
 Not for: parity of the float model with HF (builder/validate.py does that).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 
+from builder.perplexity import TEXT_PATH, engine_window_logits, perplexity, text_token_ids
 from builder.validate import PROMPTS
 from engine_format.engine_dir import LoadedEngine
 from engine_format.llm_config import LLMConfig
@@ -26,9 +26,7 @@ from runtime.executor.kv_storage import KVStorage
 from runtime.executor.model import DecoderModel
 from runtime.executor.sequential import SequentialRunner
 
-# A held-out text for perplexity (not in the calibration set).
-EVAL_TEXT = ("The harbour was quiet in the early morning. Fishing boats rocked gently at their moorings, "
-             "and a few gulls circled above the market, waiting for the first catch to be unloaded.")
+PERPLEXITY_TOKENS = 256        # of the bundled text, scored in one window (enough to separate the modes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,16 +73,17 @@ def validate_quantized(engine: LoadedEngine, float_cfg: LLMConfig, float_tensors
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         runner = SequentialRunner(reference, len(ids) + num_new_tokens, block)
         sequences.append(ids + runner.greedy(ids, num_new_tokens))
-    eval_ids = tokenizer(EVAL_TEXT, add_special_tokens=False)["input_ids"]
-    ref_logits = [_teacher_forced(reference, s, block) for s in sequences + [eval_ids]]
-    q_logits = [_teacher_forced(quantized, s, block) for s in sequences + [eval_ids]]
-    ref_all, q_all = torch.cat(ref_logits), torch.cat(q_logits)
+    ref_all = torch.cat([_teacher_forced(reference, s, block) for s in sequences])
+    q_all = torch.cat([_teacher_forced(quantized, s, block) for s in sequences])
     err = (q_all - ref_all).abs()
     scale = max(1.0, float(ref_all.abs().max()))
     log_p, log_q = torch.log_softmax(ref_all.double(), -1), torch.log_softmax(q_all.double(), -1)
     kl = float((log_p.exp() * (log_p - log_q)).sum(-1).mean())
     agree = float((ref_all.argmax(-1) == q_all.argmax(-1)).float().mean())
-    ppl_ref, ppl_q = _perplexity(ref_logits[-1], eval_ids), _perplexity(q_logits[-1], eval_ids)
+    text_ids = text_token_ids(tokenizer, PERPLEXITY_TOKENS)
+    window = min(PERPLEXITY_TOKENS, engine.build.max_seq_len)
+    ppl_ref = perplexity(engine_window_logits(reference, window, block), text_ids, window).perplexity
+    ppl_q = perplexity(engine_window_logits(quantized, window, block), text_ids, window).perplexity
     tol = tolerance_for(engine.llm_config)
     passed = agree >= tol.min_top1_agreement and kl <= tol.max_kl and ppl_q / ppl_ref <= tol.max_ppl_ratio
     return {
@@ -92,11 +91,11 @@ def validate_quantized(engine: LoadedEngine, float_cfg: LLMConfig, float_tensors
         "dtype": engine.llm_config.dtype,
         "quant_algo": engine.llm_config.quant_algo, "kv_cache_quant_algo": engine.llm_config.kv_cache_quant_algo,
         "tolerance": asdict(tol),
-        "num_sequences": len(sequences) + 1, "positions": int(ref_all.shape[0]),
+        "num_sequences": len(sequences), "positions": int(ref_all.shape[0]),
         "top1_agreement": agree, "greedy_agreement": agree,
         "max_abs_err": float(err.max()), "mean_abs_err": float(err.mean()),
         "max_rel_err": float(err.max()) / scale, "kl_divergence": kl,
-        "perplexity": {"text": "builder/quantize_validate.py EVAL_TEXT", "engine": ppl_q, "reference": ppl_ref,
+        "perplexity": {"text": TEXT_PATH.name, "num_tokens": len(text_ids), "engine": ppl_q, "reference": ppl_ref,
                        "ratio": ppl_q / ppl_ref},
         "decisive_disagreements": 0 if passed else int((ref_all.argmax(-1) != q_all.argmax(-1)).sum()),
         "passed": bool(passed),
@@ -112,9 +111,3 @@ def _teacher_forced(model: DecoderModel, ids: list[int], block: int) -> torch.Te
     block_ids = list(range(num_blocks))
     chunks = [SequenceChunk([t], j, block_ids) for j, t in enumerate(ids)]
     return model.forward(ForwardBatch.build(chunks, block, model.device), kv)
-
-
-def _perplexity(logits: torch.Tensor, ids: list[int]) -> float:
-    """exp(mean NLL) of ids[1:] under the logits at positions [:-1]."""
-    nll = torch.nn.functional.cross_entropy(logits[:-1].double(), torch.tensor(ids[1:]))
-    return math.exp(float(nll))
