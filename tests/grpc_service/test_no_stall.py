@@ -17,7 +17,7 @@ import tritonclient.grpc as tc
 from grpc_service.client import NativeClient, Sampling
 from grpc_service.proto import trtserve_pb2 as pb
 from tests.helpers.grpc_fixtures import ServerProcess, assert_idle
-from runtime.sampling_params import MAX_BAD_WORDS, MAX_STOP_STRINGS
+from runtime.sampling_params import MAX_BAD_WORD_TOKENS, MAX_BAD_WORDS, MAX_STOP_STRINGS
 
 HEALTH_BOUND_S = 5.0          # generous: an idle server answers in about a millisecond
 GENERATE_BOUND_S = 20.0       # a 4-token generate, on a shared 2-core CPU under this test's own load
@@ -104,6 +104,23 @@ def heavy_requests(target: str) -> dict[str, Callable[[], tuple[str, str]]]:
         return ("INVALID_ARGUMENT " + triton_error(target, "ensemble", inputs),
                 f"bad_words: 300000 entries exceed the limit of {MAX_BAD_WORDS}")
 
+    def triton_stop_words() -> tuple[str, str]:
+        inputs = [tensor("text_input", np.array([[b"hi"]], dtype=object), "BYTES"),
+                  tensor("max_tokens", np.array([[4]], dtype=np.int32), "INT32"),
+                  tensor("stop_words", np.array([[b"s"] * 1_000_000], dtype=object), "BYTES")]
+        return ("INVALID_ARGUMENT " + triton_error(target, "ensemble", inputs),
+                f"stop_words: 1000000 entries exceed the limit of {MAX_STOP_STRINGS}")
+
+    def triton_bad_words_list() -> tuple[str, str]:
+        layout = np.full((1, 2, 1_000_000), -1, dtype=np.int32)
+        layout[0, 0] = 5
+        inputs = [tensor("input_ids", np.array([[1, 2, 3]], dtype=np.int32), "INT32"),
+                  tensor("input_lengths", np.array([[3]], dtype=np.int32), "INT32"),
+                  tensor("request_output_len", np.array([[4]], dtype=np.int32), "INT32"),
+                  tensor("bad_words_list", layout, "INT32")]
+        return ("INVALID_ARGUMENT " + triton_error(target, "tensorrt_llm", inputs),
+                f"bad_words_list: 1000000 token ids exceed the limit of {MAX_BAD_WORD_TOKENS}")
+
     def triton_input_ids() -> tuple[str, str]:
         inputs = [tensor("input_ids", np.full((1, 4_000_000), 5, dtype=np.int32), "INT32"),
                   tensor("input_lengths", np.array([[4_000_000]], dtype=np.int32), "INT32"),
@@ -114,7 +131,8 @@ def heavy_requests(target: str) -> dict[str, Callable[[], tuple[str, str]]]:
     return {"native stop": native_stop, "native bad_words": native_bad_words, "native token_ids": native_token_ids,
             "native detokenize": native_detokenize, "native chat": native_chat,
             "native chat parts": native_chat_parts, "native images": native_images, "triton bad_words": triton_bad_words,
-            "triton input_ids": triton_input_ids}
+            "triton input_ids": triton_input_ids, "triton stop_words": triton_stop_words,
+            "triton bad_words_list": triton_bad_words_list}
 
 
 def test_oversized_requests_refused_while_others_are_served(grpc_server: ServerProcess) -> None:
