@@ -10,7 +10,10 @@ of it (bad words, chat messages, ids to decode), admits requests
 through a bounded `AdmissionGate` (beyond it: `Overloaded` at once), gives each
 request a fresh internal id, records metrics, and guarantees that leaving the
 stream early aborts the request (its KV blocks are freed within one step).
-A vision-language engine also has a `VisualFrontend` (`visual`), which turns
+The engine core (scheduler, KV cache, model, sampler) runs in its own process by
+default (runtime/core/process_engine.py; `StartedEngine.start`), or on a thread of
+this one (`in_process`, trtserve-serve --no-engine-process); both behind the same
+AsyncEngine interface. A vision-language engine also has a `VisualFrontend` (`visual`), which turns
 images and videos into prompt ids plus `MultimodalInputs` off the event loop;
 a text-only engine refuses them.
 Not for: wire formats (native_service / triton_*), status codes (errors.py).
@@ -24,7 +27,7 @@ import logging
 import uuid
 from collections.abc import AsyncGenerator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -42,7 +45,10 @@ from grpc_service.visual_inputs import (
 )
 from runtime.core.async_engine import AsyncEngine
 from runtime.config import EngineConfig
+from engine_format.engine_dir import LoadedEngine, load_engine
 from runtime.core.engine_core import EngineCore, EngineRequest, EngineStats
+from runtime.core.process_engine import ProcessEngine
+from runtime.structured.grammars import GrammarCache
 from runtime.multimodal.processor import MultimodalInputs
 from runtime.outputs import RequestOutput
 from engine_format.errors import EngineLoadError
@@ -113,37 +119,62 @@ def check_words(field: str, words: Sequence[object]) -> None:
         raise InvalidArgument(field, str(exc).split(": ", 1)[-1]) from None
 
 
+@dataclass(frozen=True, slots=True)
+class StartedEngine:
+    """An engine core running (in its own process, or on a thread here) and what the front end needs of it."""
+
+    loaded: LoadedEngine                 # manifest, limits, tokenizer, vision config
+    engine: AsyncEngine | ProcessEngine
+    max_batch_size: int
+    kv_cache_bytes: int
+    grammars: GrammarCache | None        # the in-process core's (shared: its step finds guides compiled)
+
+    @classmethod
+    def start(cls, engine_dir: Path, engine_config: EngineConfig, in_process: bool) -> StartedEngine:
+        if in_process:
+            core = EngineCore.from_dir(engine_dir, engine_config)
+            return cls(core.engine, AsyncEngine(core), core.scheduler_config.max_batch_size,
+                       core.executor.layout.kv_cache_bytes, core.grammars)
+        # The front end's own load runs the same checks (a corrupt engine fails here, named, before any process
+        # starts) and keeps the facts it needs; the weights are the core's alone.
+        loaded = replace(load_engine(engine_dir), weights={})
+        engine = ProcessEngine(engine_dir, engine_config)
+        return cls(loaded, engine, engine.max_batch_size, engine.kv_cache_bytes, None)
+
+
 class ServedModel:
-    def __init__(self, core: EngineCore, max_queue_size: int, metrics: ServerMetrics,
+    def __init__(self, started: StartedEngine, max_queue_size: int, metrics: ServerMetrics,
                  media: MediaPolicy | None = None) -> None:
         from transformers import AutoTokenizer
 
-        loaded = core.engine
-        self.core = core
+        loaded = started.loaded
         self.name = loaded.name
         self.engine_dir = loaded.root
-        self.limits = ModelLimits(core.vocab_size, core.scheduler_config.max_batch_size, loaded.build.max_input_len,
+        self.limits = ModelLimits(loaded.llm_config.vocab_size, started.max_batch_size, loaded.build.max_input_len,
                                   loaded.build.max_seq_len, loaded.build.tokens_per_block, loaded.eos_token_ids,
                                   loaded.pad_token_id)
         self.tokenizer = AutoTokenizer.from_pretrained(str(loaded.tokenizer_dir))
+        self.grammars = started.grammars or GrammarCache(self.tokenizer, loaded.llm_config.vocab_size,
+                                                         loaded.eos_token_ids)
         self._tokenizer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"tokenizer-{self.name}")
         self.has_chat_template = bool(getattr(self.tokenizer, "chat_template", None))
         self.gate = AdmissionGate(self.name, self.limits.max_batch_size + max_queue_size)
         self.metrics = metrics
         self.visual = (VisualFrontend(loaded, media or MediaPolicy(), self.gate.limit)
                        if loaded.vision is not None else None)
-        self.engine = AsyncEngine(core)
+        self.engine = started.engine
         self.ready = False
 
     @classmethod
     async def load(cls, engine_dir: Path, engine_config: EngineConfig, max_queue_size: int,
-                   metrics: ServerMetrics, media: MediaPolicy | None = None) -> ServedModel:
+                   metrics: ServerMetrics, media: MediaPolicy | None = None, in_process: bool = False) -> ServedModel:
         """Load off the event loop. A failure the loader did not name (a library's TypeError on a tokenizer file
         it cannot read, ...) becomes an EngineLoadError naming the engine directory (traceback at DEBUG), so the
-        server stops with one line; named load errors, bad values (ValueError) and OSErrors pass as they are."""
+        server stops with one line; named load errors, bad values (ValueError) and OSErrors pass as they are.
+        The engine core runs in its own process unless `in_process` (then on a thread of this one)."""
         try:
-            core = await asyncio.to_thread(EngineCore.from_dir, engine_dir, engine_config)
-            model = await asyncio.to_thread(cls, core, max_queue_size, metrics, media)
+            started = await asyncio.to_thread(StartedEngine.start, engine_dir, engine_config, in_process)
+            model = await asyncio.to_thread(cls, started, max_queue_size, metrics, media)
         except (EngineLoadError, ValueError, OSError):
             raise
         except Exception as exc:
@@ -153,7 +184,7 @@ class ServedModel:
                 from None
         metrics.attach(EngineGaugeSource(model.name, lambda: model.engine.call_threadsafe(lambda core: core.stats()),
                                          lambda: model.gate.in_flight, model.gate.limit,
-                                         core.executor.layout.kv_cache_bytes))
+                                         started.kv_cache_bytes))
         return model
 
     async def warm_up(self) -> None:
@@ -272,7 +303,7 @@ class ServedModel:
         """Compile a request's guide off the event loop (the engine step then finds it cached);
         InvalidArgument naming `field` (this API's name for it) when it cannot be enforced."""
         try:
-            await asyncio.to_thread(self.core.grammars.compile, guide.validated())
+            await asyncio.to_thread(self.grammars.compile, guide.validated())
         except FieldError as exc:
             raise InvalidArgument(field, str(exc).split(": ", 1)[-1]) from None
 

@@ -169,7 +169,7 @@ class Server:
     async def _load_engine(self, engine_dir: Path) -> ServedModel:
         LOG.info("loading engine %s", engine_dir)
         served = await ServedModel.load(engine_dir, self.engine_config, self.config.max_queue_size, self.metrics,
-                                        self.media_policy)
+                                        self.media_policy, in_process=not self.config.engine_process)
         self.registry.add_served(served)
         return served
 
