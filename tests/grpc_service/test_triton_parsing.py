@@ -19,13 +19,12 @@ from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.utils import deserialize_bytes_tensor, serialize_byte_tensor
 
-from grpc_service.engine_host import ServedModel
+from grpc_service.engine_host import ServedModel, StartedEngine
 from grpc_service.metrics import ServerMetrics
 from grpc_service.triton_params import TritonGeneration, ensemble_request, ensemble_visuals, tensorrt_llm_request
 from grpc_service.triton_schema import ENSEMBLE, TENSORRT_LLM, RepositoryNames, model_config
 from grpc_service.triton_tensors import MAX_ELEMENTS, OutputTensor, decode_inputs, encode_response, requested_outputs
 from runtime.config import EngineConfig
-from runtime.core.engine_core import EngineCore
 from runtime.errors import FieldError
 
 ENSEMBLE_CONFIG = model_config(ENSEMBLE, RepositoryNames(), 4, "engine")
@@ -185,8 +184,8 @@ def test_requested_outputs_and_response_encoding() -> None:
 
 @pytest.fixture(scope="module")
 def model(build_tiny: Callable[..., Path]) -> Iterator[ServedModel]:
-    core = EngineCore.from_dir(build_tiny("tiny-qwen2"), EngineConfig())
-    served = ServedModel(core, 4, ServerMetrics())
+    started = StartedEngine.start(build_tiny("tiny-qwen2"), EngineConfig(), in_process=True)   # no generation here
+    served = ServedModel(started, 4, ServerMetrics())
     yield served
     served.shutdown()
 
