@@ -269,18 +269,23 @@ def test_serve_exits_2_with_one_line_naming_the_file(engine_copy: Path, capsys: 
     assert len(errors) == 1 and errors[0].startswith(f"trtserve-serve: error: {TOKENIZER}: "), errors
 
 
-def test_serve_names_the_engine_for_failures_the_loader_cannot_name(engine_copy: Path,
+def test_serve_names_the_engine_for_failures_the_loader_cannot_name(engine_copy: Path, monkeypatch: pytest.MonkeyPatch,
                                                                      capsys: pytest.CaptureFixture[str]) -> None:
-    """A tokenizer_config.json transformers chokes on (a TypeError deep inside it): still status 2 and one
-    line, naming the engine directory and the library's complaint."""
+    """A failure deep inside a library while the engine loads (transformers raises a TypeError on a
+    tokenizer_config.json whose added_tokens_decoder holds an int, long after the loader's checks): still
+    status 2 and one line, naming the engine directory and the library's complaint. The failure is injected
+    where the server loads the engine (loading the whole engine first would cost this test ~15 s)."""
+    import grpc_service.engine_host as engine_host
     from grpc_service.server_cli import main, parse_args
 
-    _edit_json(engine_copy, "tokenizer/tokenizer_config.json",
-               lambda c: c.__setitem__("added_tokens_decoder", {"5": 1}))
+    def fail(*args: object) -> None:
+        raise TypeError("Found a <class 'int'> in the saved `added_tokens_decoder`")
+
+    monkeypatch.setattr(engine_host.StartedEngine, "start", staticmethod(fail))
     argv = ["--engine", str(engine_copy), "--host", "127.0.0.1", "--port", "0", "--no-metrics"]
     if hasattr(parse_args(argv), "http_port"):
         argv += ["--http-port", "0"]
     assert main(argv) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("trtserve-serve: error:")]
-    assert len(errors) == 1 and errors[0].startswith(f"trtserve-serve: error: {engine_copy}: cannot be loaded "
-                                                     "(TypeError: "), errors
+    assert errors == [f"trtserve-serve: error: {engine_copy}: cannot be loaded (TypeError: Found a <class 'int'> "
+                      "in the saved `added_tokens_decoder`)"], errors
