@@ -18,7 +18,7 @@ from plugins.registry import get_ops
 from runtime.config import EngineConfig, EngineLayout
 from runtime.vision.encoder_cache import ChunkRange, EncoderCache, EncoderCacheStats, VisionEmbedder
 from engine_format.engine_dir import LoadedEngine
-from runtime.executor.forward_batch import ForwardBatch, SequenceChunk
+from runtime.executor.forward_batch import ForwardBatch, HostBuffers, SequenceChunk
 from runtime.executor.cuda_graphs import CudaGraphRunner
 from runtime.executor.kv_sizing import layout_report, size_kv_pool
 from runtime.executor.memory_profile import profile_gpu_memory
@@ -45,6 +45,7 @@ class PyTorchExecutor:
         self.kv = KVStorage(engine.llm_config, pool.num_blocks, block_size, self.model.dtype, device)
         max_blocks = -(-engine.build.max_seq_len // block_size)
         self.split_context = max_blocks * block_size     # decode split-K plans for this, eager and graphs alike
+        self.host_buffers = HostBuffers(config.max_num_tokens or engine.build.max_num_tokens)   # reused each step
         self.graphs: CudaGraphRunner | None = None
         if _use_cuda_graphs(engine, config, device, self.model):
             graph_batch = min(config.max_cuda_graph_batch_size, config.max_batch_size or engine.build.max_batch_size)
@@ -63,7 +64,8 @@ class PyTorchExecutor:
         scheduled = output.scheduled
         embeds = self._vision_embeds(output)
         chunks = [_sequence_chunk(s, e) for s, e in zip(scheduled, embeds)]
-        batch = ForwardBatch.build(chunks, self.layout.tokens_per_block, self.layout.device, self.split_context)
+        batch = ForwardBatch.build(chunks, self.layout.tokens_per_block, self.layout.device, self.split_context,
+                                   self.host_buffers)
         if self.graphs is not None and self.graphs.can_run(batch):
             return self.graphs.run(batch)
         return self.model.forward(batch, self.kv)

@@ -4,8 +4,9 @@ What it is for: the one place where plain-Python scheduling decisions (which
 tokens of which sequence, in which KV blocks) become tensors for the executor:
 token ids, positions (1-D, or [3, T] M-RoPE positions when a chunk carries
 them), slot mapping, block tables, sequence / query lengths, which positions need logits, and the rows
-whose token embedding is replaced by a vision embedding. On CUDA the host tensors go up through pinned
-memory without blocking the host.
+whose token embedding is replaced by a vision embedding, packed with numpy into preallocated host arrays
+(`HostBuffers`; decode rows as scalars) rather than Python lists per token. On CUDA the host tensors go up
+through pinned memory without blocking the host.
 Not for: deciding what to run (runtime/core/scheduler.py) or running it (runtime/executor/model.py).
 """
 from __future__ import annotations
@@ -52,60 +53,85 @@ class ForwardBatch:
 
     @classmethod
     def build(cls, chunks: list[SequenceChunk], block_size: int, device: torch.device,
-              split_context: int = 0) -> ForwardBatch:
+              split_context: int = 0, buffers: HostBuffers | None = None) -> ForwardBatch:
         """Pack chunks; positions are [3, T] only if some chunk has M-RoPE positions (the others then
-        repeat their 1-D positions on every axis), else 1-D. `split_context`: AttentionMetadata's."""
+        repeat their 1-D positions on every axis), else 1-D. `split_context`: AttentionMetadata's.
+        `buffers`: the executor's preallocated host arrays (reused: on CPU the batch's tensors are views
+        of them, valid until the next build with the same buffers); None allocates fresh ones."""
         if not chunks:
             raise ValueError("chunks: a forward batch needs at least one sequence")
-        token_ids: list[int] = []
-        positions: list[int] = []
+        num_tokens = sum(len(c.token_ids) for c in chunks)
+        host = buffers if buffers is not None else HostBuffers(num_tokens)
+        token_ids, positions, slots = host.rows(num_tokens)
         mrope_rows: list[tuple[int, np.ndarray]] = []     # (first row in T, [3, n] positions)
         embed_rows: list[int] = []
         embeds: list[torch.Tensor] = []
-        slots: list[int] = []
         logits_indices: list[int] = []
         seq_lens: list[int] = []
         query_lens: list[int] = []
         max_blocks = max(len(c.block_ids) for c in chunks)
-        table = torch.zeros((len(chunks), max_blocks), dtype=torch.int64)
+        table = np.zeros((len(chunks), max_blocks), dtype=np.int64)
+        cursor = 0
         for i, chunk in enumerate(chunks):
             n = len(chunk.token_ids)
-            end = chunk.start + n
+            start, end = chunk.start, chunk.start + n
             if n == 0 or end > len(chunk.block_ids) * block_size:
                 raise ValueError(f"chunks[{i}]: {end} tokens do not fit in {len(chunk.block_ids)} blocks")
             if chunk.mrope_positions is not None:
                 if chunk.mrope_positions.shape != (3, n):
                     raise ValueError(f"chunks[{i}]: mrope_positions {chunk.mrope_positions.shape} is not (3, {n})")
-                mrope_rows.append((len(token_ids), chunk.mrope_positions))
+                mrope_rows.append((cursor, chunk.mrope_positions))
             for row, rows in chunk.embeds:
                 if row < 0 or row + rows.shape[0] > n:
                     raise ValueError(f"chunks[{i}]: embeddings for rows [{row}, {row + rows.shape[0]}) "
                                      f"outside the chunk's {n} tokens")
-                embed_rows.extend(range(len(token_ids) + row, len(token_ids) + row + rows.shape[0]))
+                embed_rows.extend(range(cursor + row, cursor + row + rows.shape[0]))
                 embeds.append(rows)
-            token_ids.extend(chunk.token_ids)
-            positions.extend(range(chunk.start + chunk.position_delta, end + chunk.position_delta))
-            slots.extend(chunk.block_ids[p // block_size] * block_size + p % block_size
-                         for p in range(chunk.start, end))
+            table[i, :len(chunk.block_ids)] = chunk.block_ids
+            if n == 1:          # decode: scalars, no temporary arrays
+                token_ids[cursor] = chunk.token_ids[0]
+                positions[cursor] = start + chunk.position_delta
+                slots[cursor] = chunk.block_ids[start // block_size] * block_size + start % block_size
+            else:
+                token_ids[cursor:cursor + n] = chunk.token_ids
+                where = np.arange(start, end, dtype=np.int64)
+                positions[cursor:cursor + n] = where + chunk.position_delta
+                slots[cursor:cursor + n] = table[i, where // block_size] * block_size + where % block_size
+            cursor += n
             if chunk.needs_logits:
-                logits_indices.append(len(token_ids) - 1)
+                logits_indices.append(cursor - 1)
             seq_lens.append(end)
             query_lens.append(n)
-            table[i, :len(chunk.block_ids)] = torch.tensor(chunk.block_ids, dtype=torch.int64)
 
-        def as_tensor(values: list[int]) -> torch.Tensor:
-            return to_device(torch.tensor(values, dtype=torch.int64), device)
+        def as_tensor(values: np.ndarray | list[int]) -> torch.Tensor:
+            host_tensor = (torch.from_numpy(values) if isinstance(values, np.ndarray)
+                           else torch.tensor(values, dtype=torch.int64))
+            return to_device(host_tensor, device)
 
-        attention = AttentionMetadata.build(table, seq_lens, query_lens, device, split_context)
+        attention = AttentionMetadata.build(torch.from_numpy(table), seq_lens, query_lens, device, split_context)
         return cls(as_tensor(token_ids), to_device(_positions(positions, mrope_rows), device), as_tensor(slots),
                    attention.block_tables, as_tensor(logits_indices), seq_lens, query_lens, attention,
                    as_tensor(embed_rows) if embeds else None,
                    torch.cat([e.to(device) for e in embeds]) if embeds else None)
 
 
-def _positions(positions: list[int], mrope_rows: list[tuple[int, np.ndarray]]) -> torch.Tensor:
+class HostBuffers:
+    """Host arrays a step's token ids, positions and slots are packed into, allocated once and reused
+    (grown when a batch needs more rows); the executor holds one, sized for max_num_tokens."""
+
+    def __init__(self, num_tokens: int) -> None:
+        self._data = np.empty((3, max(num_tokens, 1)), dtype=np.int64)
+
+    def rows(self, num_tokens: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(token_ids, positions, slots) views of `num_tokens` entries each."""
+        if num_tokens > self._data.shape[1]:
+            self._data = np.empty((3, num_tokens), dtype=np.int64)
+        return self._data[0, :num_tokens], self._data[1, :num_tokens], self._data[2, :num_tokens]
+
+
+def _positions(positions: np.ndarray, mrope_rows: list[tuple[int, np.ndarray]]) -> torch.Tensor:
     """[T] positions, or [3, T] with the chunks' M-RoPE rows written over the 1-D ones on every axis."""
-    flat = torch.tensor(positions, dtype=torch.int64)
+    flat = torch.from_numpy(positions)
     if not mrope_rows:
         return flat
     out = flat.expand(3, -1).clone()

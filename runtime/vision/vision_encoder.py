@@ -114,11 +114,18 @@ def import_onnxruntime() -> Any:
 
 
 def session_options(num_threads: int = 0) -> Any:
-    """CPU session options (REFERENCE.md section 4: keep Q/DQ nodes unfused, or int8 drifts and fp8 fails)."""
+    """CPU session options (REFERENCE.md section 4: keep Q/DQ nodes unfused, or int8 drifts and fp8 fails).
+
+    The encoder runs on the engine core's thread between LLM forwards, so it gets torch's thread count
+    (`num_threads` 0) and its threads do not spin after a run: spinning ORT threads would take the cores
+    from the LLM's next forward (issue 13: encoder and LLM must not fight for cores)."""
     ort = import_onnxruntime()
     options = ort.SessionOptions()
     options.add_session_config_entry("session.disable_quant_qdq", "1")
-    options.intra_op_num_threads = num_threads
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    options.intra_op_num_threads = num_threads or torch.get_num_threads()
+    options.inter_op_num_threads = 1
     options.log_severity_level = 3
     return options
 
