@@ -149,8 +149,9 @@ def run_perf_analyzer(model: str, data: dict, tmp_path: Path, target: str, *extr
     data_file = tmp_path / f"{model}.json"
     data_file.write_text(json.dumps({"data": [data]}))
     command = [str(PERF_ANALYZER), "-m", model, *extra, "-i", "grpc", "--streaming", "-u", target,
-               "--input-data", str(data_file), "--concurrency-range", "1:4", "-p", "500", "-s", "100",
-               "--max-trials", "20"]
+               "--input-data", str(data_file), "--concurrency-range", "1:4", "-s", "100", "--max-trials", "20",
+               # windows of 6 completed requests (not of fixed time): a loaded CI machine never gets an empty one
+               "--measurement-mode", "count_windows", "--measurement-request-count", "6"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done.stdout
