@@ -25,7 +25,8 @@ from engine_format.quant_config import QuantSpec
 
 # What the runtime does for each algorithm, written into engine.json (so a reader knows what "int8" means here).
 RUNTIME_KERNELS = {
-    "W8A16": {"cpu": "torch._weight_int8pack_mm (int8 weights, activations in the model dtype)",
+    "W8A16": {"cpu": "torch._weight_int8pack_mm (int8 weights, activations in the model dtype; on AVX2 CPUs it "
+                     "beats the float GEMM only with bf16 activations, docs/perf/quantization.md)",
               "cuda": "Triton W8A16 GEMM (plugins/quant_gemm_triton.py)"},
     "W4A16_AWQ": {"cpu": "torch _weight_int4pack_mm_for_cpu (int4 groups of 128, activations x pre-quant scale)",
                   "cuda": "Triton W4A16 GEMM (plugins/quant_gemm_triton.py)"},

@@ -38,6 +38,8 @@ class DecoderModel:
         self.kv_size = cfg.num_key_value_heads * cfg.head_size
         # quantized engines: each linear runs its low-precision kernel (runtime/executor/quant_linear.py)
         self.linears = build_linears(cfg, self.w, list(linear_shapes(cfg)), device)
+        if cfg.quant_algo is not None:      # the linears hold their re-laid-out tensors: drop the checkpoint's
+            self.w = {n: t for n, t in self.w.items() if not n.startswith(tuple(f"{b}." for b in self.linears))}
         self.kv_algo = cfg.kv_cache_quant_algo
 
     @torch.inference_mode()
