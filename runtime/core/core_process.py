@@ -13,7 +13,10 @@ its parent is gone. Detokenization and stop strings run here, inside the step
 (EngineCore._on_token), so a stop string ends the request in the step that
 produced it and frees its KV blocks at once; everything else a client sends
 (gRPC, HTTP, tokenization, chat templates, image decoding and preprocessing,
-streaming) stays in the server process.
+streaming) stays in the server process. A structured-output request whose
+grammar this process has not compiled yet waits in `PendingGuides` while a
+worker thread compiles it; the loop keeps stepping the other requests and
+admits it once compiled (the step never waits for a compilation).
 Not for: the client side (runtime/core/process_engine.py) or message types (ipc.py).
 """
 from __future__ import annotations
@@ -22,6 +25,7 @@ import argparse
 import logging
 import os
 import sys
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import msgspec
 import zmq
@@ -44,6 +48,34 @@ from runtime.errors import FieldError
 
 LOG = logging.getLogger(__name__)
 IDLE_POLL_MS = 100
+COMPILE_POLL_MS = 2          # idle but a grammar is compiling: look again this soon
+
+
+class PendingGuides:
+    """Guided requests waiting for their grammar, compiled on one worker thread (GrammarCache is thread-safe)."""
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-compile")
+        self._waiting: dict[str, tuple[WireRequest, Future[object]]] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self._waiting)
+
+    def defer(self, core: EngineCore, message: WireRequest) -> bool:
+        """True when `message` must wait for its grammar (its compilation is then started)."""
+        guide = message.sampling_params.guided_decoding
+        if guide is None or core.grammars.is_cached(guide):
+            return False
+        self._waiting[message.request_id] = (message, self._pool.submit(core.grammars.compile, guide))
+        return True
+
+    def drop(self, request_id: str) -> bool:
+        return self._waiting.pop(request_id, None) is not None
+
+    def ready(self) -> list[WireRequest]:
+        """Requests whose compilation ended (a failed one is refused at admission, naming the guide)."""
+        done = [rid for rid, (_, future) in self._waiting.items() if future.done()]
+        return [self._waiting.pop(rid)[0] for rid in done]
 
 
 def run_core(engine_dir: str, config: EngineConfig, inbox_address: str, outbox_address: str,
@@ -74,10 +106,16 @@ def run_core(engine_dir: str, config: EngineConfig, inbox_address: str, outbox_a
 
 
 def _loop(core: EngineCore, inbox: zmq.Socket, outbox: zmq.Socket, codec: Codec, parent_pid: int) -> None:
+    guides = PendingGuides()
     while True:
         idle = not core.has_unfinished()
-        if not _apply_pending(core, inbox, outbox, codec, IDLE_POLL_MS if idle else 0):
+        timeout_ms = 0 if not idle else (COMPILE_POLL_MS if guides else IDLE_POLL_MS)
+        if not _apply_pending(core, inbox, outbox, codec, timeout_ms, guides):
             return
+        for message in guides.ready():
+            reply = _admit(core, message)
+            if reply is not None:
+                outbox.send(codec.encode(reply))
         if core.has_unfinished():
             outputs = core.step()
             if outputs:
@@ -87,7 +125,8 @@ def _loop(core: EngineCore, inbox: zmq.Socket, outbox: zmq.Socket, codec: Codec,
             return
 
 
-def _apply_pending(core: EngineCore, inbox: zmq.Socket, outbox: zmq.Socket, codec: Codec, timeout_ms: int) -> bool:
+def _apply_pending(core: EngineCore, inbox: zmq.Socket, outbox: zmq.Socket, codec: Codec, timeout_ms: int,
+                   guides: PendingGuides) -> bool:
     """Apply every command waiting (waiting up to `timeout_ms` for the first); False: shut down."""
     if not inbox.poll(timeout_ms):
         return True
@@ -99,28 +138,34 @@ def _apply_pending(core: EngineCore, inbox: zmq.Socket, outbox: zmq.Socket, code
         message = codec.decode_to_core(data)
         if isinstance(message, Shutdown):
             return False
-        reply = _apply(core, message)
+        reply = _apply(core, message, guides)
         if reply is not None:
             outbox.send(codec.encode(reply))
 
 
-def _apply(core: EngineCore, message: WireRequest | AbortRequest | StatsQuery
+def _apply(core: EngineCore, message: WireRequest | AbortRequest | StatsQuery, guides: PendingGuides
            ) -> CoreOutputs | AddRefused | StatsReply | None:
     if isinstance(message, WireRequest):
-        try:
-            core.add_request(message.engine_request())
-        except FieldError as exc:
-            return AddRefused(message.request_id, exc.field, str(exc).split(": ", 1)[-1])
-        except ValueError as exc:
-            return AddRefused(message.request_id, "", str(exc))
-        return None
+        return None if guides.defer(core, message) else _admit(core, message)
     if isinstance(message, AbortRequest):
+        if guides.drop(message.request_id):       # never admitted: nothing to free, no output to send
+            return None
         output = core.abort(message.request_id)
         return CoreOutputs([output]) if output is not None else None
     try:
         return StatsReply(message.call_id, core.stats())
     except Exception as exc:  # a stats failure must not stop the engine
         return StatsReply(message.call_id, None, f"{type(exc).__name__}: {exc}")
+
+
+def _admit(core: EngineCore, message: WireRequest) -> AddRefused | None:
+    try:
+        core.add_request(message.engine_request())
+    except FieldError as exc:
+        return AddRefused(message.request_id, exc.field, str(exc).split(": ", 1)[-1])
+    except ValueError as exc:
+        return AddRefused(message.request_id, "", str(exc))
+    return None
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -57,6 +57,10 @@ class GrammarCache:
                 self._cache.popitem(last=False)
         return compiled
 
+    def is_cached(self, guide: GuidedDecoding) -> bool:
+        with self._lock:
+            return guide in self._cache
+
     def matcher(self, guide: GuidedDecoding) -> GrammarState:
         import xgrammar
 
