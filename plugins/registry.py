@@ -90,12 +90,14 @@ def cpu_available() -> bool:
 
 
 def cpu_ops() -> OpSet:
-    """The reference ops with the CPU paged-attention kernel (numba, imported here, lazily: its import and
-    first compile cost time that a CUDA host never needs). Caches it cannot read (bfloat16, float16) go
+    """The reference ops with the CPU paged-attention kernel and fused RMSNorm (imported here, lazily:
+    numba's import and first compile cost time that a CUDA host never needs). Caches it cannot read (bfloat16, float16) go
     to the reference op inside it."""
     from plugins.cpu import paged_attention as cpu_attention
+    from plugins.cpu import rmsnorm as cpu_rmsnorm
 
-    return replace(REFERENCE_OPS, name="cpu", paged_attention=cpu_attention.paged_attention,
+    return replace(REFERENCE_OPS, name="cpu", rms_norm=cpu_rmsnorm.rms_norm, add_rms_norm=cpu_rmsnorm.add_rms_norm,
+                   paged_attention=cpu_attention.paged_attention,
                    paged_attention_meta=cpu_attention.paged_attention_meta)
 
 
