@@ -23,7 +23,7 @@ from engine_format.checkpoint_layout import check_checkpoint_header
 from engine_format.consistency import check_build_limits, check_pad_token, check_tokenizer
 from engine_format.errors import EngineLoadError
 from engine_format.llm_config import LLMConfig
-from engine_format.safetensors_check import read_safetensors_header
+from engine_format.safetensors_check import read_header_with_names
 from engine_format.vision_config import VisionConfig, vision_tensor_shapes
 
 FORMAT_VERSION = 1
@@ -247,16 +247,7 @@ def _load_weights(path: Path, rel: str, cfg: LLMConfig) -> dict[str, Any]:
 def _check_header(path: Path, rel: str, expected: dict[str, tuple[int, ...]], dtype: str,
                   config_name: str) -> None:
     """Check a safetensors file's names, shapes and dtype against its config, reading only the header."""
-    if not path.is_file():
-        raise EngineLoadError(rel, "missing")
-    header = read_safetensors_header(path, rel)
-    missing = sorted(set(expected) - set(header))
-    if missing:
-        raise EngineLoadError(rel, f"missing tensor (and {len(missing) - 1} more)" if len(missing) > 1
-                              else "missing tensor", missing[0])
-    unexpected = sorted(set(header) - set(expected))
-    if unexpected:
-        raise EngineLoadError(rel, "unexpected tensor for this config", unexpected[0])
+    header = read_header_with_names(path, rel, expected)
     want_dtype = SAFETENSORS_DTYPES[dtype]
     for name, shape in expected.items():
         got_dtype, got = header[name]

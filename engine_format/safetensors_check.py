@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+from collections.abc import Iterable
 from pathlib import Path
 
 from engine_format.errors import EngineLoadError
@@ -57,3 +58,20 @@ def read_safetensors_header(path: Path, name: str) -> dict[str, tuple[str, tuple
         if b1 < e0:
             raise EngineLoadError(name, f"tensors {t0!r} and {t1!r} overlap (aliased data)", t1)
     return tensors
+
+
+def read_header_with_names(path: Path, rel: str, expected_names: Iterable[str]) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """The header of a safetensors file that must hold exactly `expected_names`; refusals name the first
+    missing or unexpected tensor. Shapes and dtypes are the caller's to check (their rules differ)."""
+    if not path.is_file():
+        raise EngineLoadError(rel, "missing")
+    header = read_safetensors_header(path, rel)
+    expected = set(expected_names)
+    missing = sorted(expected - set(header))
+    if missing:
+        raise EngineLoadError(rel, f"missing tensor (and {len(missing) - 1} more)" if len(missing) > 1
+                              else "missing tensor", missing[0])
+    unexpected = sorted(set(header) - expected)
+    if unexpected:
+        raise EngineLoadError(rel, "unexpected tensor for this config", unexpected[0])
+    return header
