@@ -327,7 +327,10 @@ def test_usage_of_the_backends_example_clients(client: tc.InferenceServerClient,
     try:
         stream.send("tensorrt_llm", llm, "7")
         first, error = stream.results.get(timeout=TIMEOUT_S)
-        assert error is None and list(first.as_numpy("output_ids").reshape(-1)) == expected_ids[:1]
+        # A client that falls behind gets its pending deltas merged into one response, so the first
+        # one carries at least one token: a non-empty prefix of the greedy ids.
+        first_ids = list(first.as_numpy("output_ids").reshape(-1))
+        assert error is None and first_ids and first_ids == expected_ids[:len(first_ids)]
         stream.send("tensorrt_llm", stop_signal, "7")
         assert len(stream.until_final("7")) < 1400
     finally:
