@@ -227,17 +227,29 @@ def test_queue_full_is_429(server: ServerProcess, client: openai.OpenAI, native:
 
 
 def test_draining_server_answers_503(server: ServerProcess, client: openai.OpenAI) -> None:
-    """Last in this module: SIGTERM with a request in flight; new requests get 503 while it finishes."""
-    finished: list[str] = []
+    """Last in this module: SIGTERM with a request in flight; new requests get 503 while it finishes.
+
+    The in-flight request streams 1500 tokens and the signal goes only once its first chunk has
+    arrived, so it is surely in flight and still running however fast or loaded the machine is."""
+    finished: list[tuple[str, int]] = []
+    first_chunk = threading.Event()
 
     def long_request() -> None:
-        response = client.chat.completions.create(model=MODEL, messages=USER, max_tokens=300,
-                                                  extra_body={"ignore_eos": True})
-        finished.append(response.choices[0].finish_reason)
+        stream = client.chat.completions.create(model=MODEL, messages=USER, max_tokens=1500, stream=True,
+                                                stream_options={"include_usage": True},
+                                                extra_body={"ignore_eos": True})
+        finish, tokens = "", 0
+        for chunk in stream:
+            first_chunk.set()
+            if chunk.choices and chunk.choices[0].finish_reason:
+                finish = chunk.choices[0].finish_reason
+            if chunk.usage is not None:
+                tokens = chunk.usage.completion_tokens
+        finished.append((finish, tokens))
 
     worker = threading.Thread(target=long_request)
     worker.start()
-    time.sleep(0.5)
+    assert first_chunk.wait(60), "the long request never streamed"
     server.process.send_signal(signal.SIGTERM)
     body = {"model": MODEL, "messages": USER, "max_tokens": 2}
     deadline = time.monotonic() + 30
@@ -245,10 +257,10 @@ def test_draining_server_answers_503(server: ServerProcess, client: openai.OpenA
         response = httpx.post(f"{server.http_url}/v1/chat/completions", json=body, timeout=30)
         if response.status_code == 503 or time.monotonic() > deadline:
             break
-        time.sleep(0.05)
+        time.sleep(0.01)
     assert response.status_code == 503, response.text
     assert response.json()["error"]["code"] == "service_unavailable"
     assert httpx.get(f"{server.http_url}/health").status_code == 503
-    worker.join(60)
-    assert finished == ["length"]
+    worker.join(120)
+    assert finished == [("length", 1500)]
     assert server.process.wait(60) == 0
