@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -82,6 +83,7 @@ def run_core(engine_dir: str, config: EngineConfig, inbox_address: str, outbox_a
              parent_pid: int) -> None:
     """The child process's life (`main` parses its command line)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s [core] %(name)s: %(message)s")
+    _leave_signals_to_the_server(parent_pid)
     context = zmq.Context()
     inbox = context.socket(zmq.PULL)
     inbox.connect(inbox_address)
@@ -103,6 +105,19 @@ def run_core(engine_dir: str, config: EngineConfig, inbox_address: str, outbox_a
         inbox.close(linger=0)
         outbox.close(linger=1000)
         context.term()
+
+
+def _leave_signals_to_the_server(parent_pid: int) -> None:
+    """Ctrl-C at a terminal, or SIGTERM sent to the server's process group (a container runtime, `timeout`,
+    `kill -- -PGID`), reaches this process too. The server drains its requests and then sends `Shutdown`, so
+    the core ignores SIGINT, and SIGTERM while its server lives (an orphaned core exits on SIGTERM)."""
+    def on_sigterm(signum: int, frame: object) -> None:
+        if os.getppid() != parent_pid:
+            raise SystemExit(0)
+        LOG.info("SIGTERM ignored: the server process drains the requests and stops the engine core")
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, on_sigterm)
 
 
 def _loop(core: EngineCore, inbox: zmq.Socket, outbox: zmq.Socket, codec: Codec, parent_pid: int) -> None:

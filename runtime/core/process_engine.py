@@ -94,6 +94,7 @@ class ProcessEngine:
         self._stats_calls: dict[int, concurrent.futures.Future[EngineStats]] = {}
         self._call_ids = itertools.count()
         self._stopped = threading.Event()
+        self._stopping = threading.Event()     # shutdown() asked the core to exit: its exit is no failure
         self._calls = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="trtserve-core-call")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "runtime.core.core_process", "--engine-dir", str(engine_dir),
@@ -190,6 +191,7 @@ class ProcessEngine:
         return future.result(timeout=STATS_TIMEOUT_S)
 
     def shutdown(self, timeout: float = 10.0) -> None:
+        self._stopping.set()
         if not self._stopped.is_set() and self.process.poll() is None:
             self._send(Shutdown())
         self._stop_process(timeout)
@@ -214,8 +216,11 @@ class ProcessEngine:
             while not self._stopped.is_set():
                 if not self._inbox.poll(RECEIVE_POLL_MS):
                     if self.process.poll() is not None:
-                        LOG.error("engine core process exited (code %s); failing every request in flight",
-                                  self.process.returncode)
+                        if self._stopping.is_set():
+                            LOG.info("engine core process stopped (code %s)", self.process.returncode)
+                        else:
+                            LOG.error("engine core process exited (code %s); failing every request in flight",
+                                      self.process.returncode)
                         break
                     continue
                 self._dispatch(codec.decode_from_core(self._inbox.recv()))

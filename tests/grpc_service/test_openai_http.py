@@ -7,6 +7,7 @@ held. Every response parses into the `openai` package's types with no field left
 """
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import time
@@ -32,7 +33,7 @@ USER = [{"role": "user", "content": "Tell me about the sea."}]
 def server(tiny_engine_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     process = ServerProcess.start(["--engine", str(tiny_engine_dir), "--max-message-bytes", str(MAX_BODY),
                                    "--max-queue-size", "0", "--grace-period", "60"],
-                                  tmp_path_factory.mktemp("openai-logs"))
+                                  tmp_path_factory.mktemp("openai-logs"), own_session=True)
     yield process
     process.stop()
 
@@ -229,8 +230,10 @@ def test_queue_full_is_429(server: ServerProcess, client: openai.OpenAI, native:
 def test_draining_server_answers_503(server: ServerProcess, client: openai.OpenAI) -> None:
     """Last in this module: SIGTERM with a request in flight; new requests get 503 while it finishes.
 
-    The in-flight request streams 1500 tokens and the signal goes only once its first chunk has
-    arrived, so it is surely in flight and still running however fast or loaded the machine is."""
+    The signal goes to the server's whole process group, as a container runtime or a terminal sends it, so
+    the engine core process gets it too and must leave the draining to the server. The in-flight request
+    streams 1500 tokens and the signal goes only once its first chunk has arrived, so it is surely in flight
+    and still running however fast or loaded the machine is."""
     finished: list[tuple[str, int]] = []
     first_chunk = threading.Event()
 
@@ -250,7 +253,7 @@ def test_draining_server_answers_503(server: ServerProcess, client: openai.OpenA
     worker = threading.Thread(target=long_request)
     worker.start()
     assert first_chunk.wait(60), "the long request never streamed"
-    server.process.send_signal(signal.SIGTERM)
+    os.killpg(server.process.pid, signal.SIGTERM)
     body = {"model": MODEL, "messages": USER, "max_tokens": 2}
     deadline = time.monotonic() + 30
     while True:
@@ -264,3 +267,5 @@ def test_draining_server_answers_503(server: ServerProcess, client: openai.OpenA
     worker.join(120)
     assert finished == [("length", 1500)]
     assert server.process.wait(60) == 0
+    log = server.log()
+    assert "engine core process stopped (code 0)" in log and "failing every request" not in log
