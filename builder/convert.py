@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from engine_format.checkpoint_layout import expected_tensor_shapes, layer_prefix
-from engine_format.llm_config import QWEN_TYPES, SHORT_DTYPES, VL_ARCHITECTURES, LLMConfig
+from engine_format.llm_config import QWEN_TYPES, SHORT_DTYPES, MROPE_ARCHITECTURES, LLMConfig
 
 HF_PREFIX = "model."                       # text models and the hub's Qwen2-VL checkpoints
 HF_VL_TEXT_PREFIX = "model.language_model."   # transformers 5 in-memory names of the VL language model
@@ -45,7 +45,7 @@ def llm_config_from_hf(full_config: dict[str, Any], architecture: str, dtype: st
     rope_theta = rope.pop("rope_theta", hf_config.get("rope_theta", 10000.0))
     rope_type = rope.pop("rope_type", rope.pop("type", "default"))
     mrope_section = rope.pop("mrope_section", None)
-    if architecture in VL_ARCHITECTURES:
+    if architecture in MROPE_ARCHITECTURES:
         scaling = _mrope_scaling(mrope_section, rope_type, head_size)
     elif rope_type == "default":
         scaling = None

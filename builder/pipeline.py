@@ -27,7 +27,7 @@ from builder.validate import validate_engine
 from builder.validate_vision import add_vision_report, validate_vision, vision_summary, vision_summary_line
 from builder.vision_build import NUM_STAGES as VISION_STAGES
 from builder.vision_build import build_vision
-from engine_format.llm_config import VL_ARCHITECTURES
+from engine_format.llm_config import MROPE_ARCHITECTURES
 from engine_format.engine_dir import FORMAT_VERSION, EngineLoadError, load_engine, read_manifest, verify_files, write_manifest
 
 TRTSERVE_VERSION = "0.1.0"
@@ -61,11 +61,11 @@ def build_engine(request: BuildRequest, progress: Progress | None = None) -> Bui
     progress = progress or Progress(6)
     with progress.stage("resolve model source"):
         source = resolve_source(request.model, request.cache_dir, request.random_weights)
-        if source.architecture in VL_ARCHITECTURES:
+        if source.architecture in MROPE_ARCHITECTURES:
             progress.num_stages += VISION_STAGES
         settings = _settings(source, request)
         texts = check_quant_request(request.quant, json.loads((source.hf_dir / "config.json").read_text()),
-                                    source.architecture in VL_ARCHITECTURES)
+                                    source.architecture in MROPE_ARCHITECTURES)
         input_hash = _input_hash(source, settings, request.validate)
         if request.quant.active:
             input_hash = quant_input_hash(input_hash, request.quant, texts)

@@ -21,7 +21,7 @@ import torch
 from builder.gguf_source import load_gguf_reference
 from builder.perplexity import MAX_TEXT_TOKENS, perplexity_report
 from engine_format.engine_dir import LoadedEngine
-from engine_format.llm_config import VL_ARCHITECTURES
+from engine_format.llm_config import MROPE_ARCHITECTURES
 from runtime.executor.model import DecoderModel
 from runtime.executor.sequential import SequentialRunner
 
@@ -44,7 +44,7 @@ def load_hf_reference(hf_dir: Path, architecture: str, dtype: torch.dtype, gguf_
 
     if gguf_file is not None:
         return load_gguf_reference(gguf_file, dtype)
-    auto_class = AutoModelForImageTextToText if architecture in VL_ARCHITECTURES else AutoModelForCausalLM
+    auto_class = AutoModelForImageTextToText if architecture in MROPE_ARCHITECTURES else AutoModelForCausalLM
     return auto_class.from_pretrained(str(hf_dir), dtype=dtype).eval()
 
 

@@ -17,7 +17,8 @@ import torch
 
 from builder.convert import ConversionError
 from engine_format.llm_config import SHORT_DTYPES
-from engine_format.vision_config import TOKEN_ID_KEYS, VisionConfig, vision_tensor_shapes
+from engine_format.families.qwen2_vl import TOKEN_ID_KEYS
+from engine_format.vision_config import VisionConfig, parse_vision_config, vision_tensor_shapes
 
 VISION_PREFIXES = ("model.visual.", "visual.")     # transformers 5 in-memory names, hub checkpoints
 PREPROCESSOR_FILE = "preprocessor_config.json"
@@ -102,7 +103,7 @@ def write_vision(out_dir: Path, config_json: dict[str, Any], hf: dict[str, torch
     """Write config.json and encoder.safetensors; return the config and the tensors as written."""
     from safetensors.torch import save_file
 
-    cfg = VisionConfig.from_json(config_json, "vision/config.json")
+    cfg = parse_vision_config(config_json, "vision/config.json")
     tensors = vision_state_dict(hf, cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.json").write_text(json.dumps(config_json, indent=2, sort_keys=True) + "\n")

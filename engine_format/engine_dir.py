@@ -24,7 +24,7 @@ from engine_format.consistency import check_build_limits, check_pad_token, check
 from engine_format.errors import EngineLoadError
 from engine_format.llm_config import LLMConfig
 from engine_format.safetensors_check import read_header_with_names
-from engine_format.vision_config import VisionConfig, vision_tensor_shapes
+from engine_format.vision_config import VisionConfig, parse_vision_config, schema_of, vision_tensor_shapes
 
 FORMAT_VERSION = 1
 MANIFEST = "engine.json"
@@ -50,7 +50,7 @@ class EngineBuildConfig:
 
 @dataclass(frozen=True, slots=True)
 class VisionComponent:
-    config: VisionConfig
+    config: VisionConfig             # the family's own frozen config (engine_format/families/)
     weights_path: Path               # vision/encoder.safetensors, its header checked at load
     onnx_path: Path                  # vision/encoder.onnx (its external data, if any, lies beside it)
     plan_path: Path | None = None    # vision/encoder.plan, only where TensorRT built it
@@ -219,22 +219,32 @@ def _load_vision(root: Path, comp: Any, llm: LLMConfig) -> VisionComponent:
         raise EngineLoadError(MANIFEST, "expected an object", "components.vision")
     paths = {key: inside(root, comp.get(key), MANIFEST, f"components.vision.{key}")
              for key in ("config", "weights", "onnx")}
-    config = VisionConfig.from_json(_read_json(paths["config"], comp["config"]), comp["config"])
-    if llm.mrope_section is None:
-        raise EngineLoadError(comp["config"], f"a vision tower needs an M-RoPE language model; "
-                              f"llm architecture is {llm.architecture}", "model_type")
-    if config.out_hidden_size != llm.hidden_size:
-        raise EngineLoadError(comp["config"], f"{config.out_hidden_size} disagrees with the LLM hidden_size "
-                              f"{llm.hidden_size}", "out_hidden_size")
-    for key in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
-        if not 0 <= getattr(config, key) < llm.vocab_size:
-            raise EngineLoadError(comp["config"], f"outside the vocabulary (vocab_size {llm.vocab_size})", key)
+    config = parse_vision_config(_read_json(paths["config"], comp["config"]), comp["config"])
+    _check_vision_llm(config, llm, comp["config"])
     _check_header(paths["weights"], comp["weights"], vision_tensor_shapes(config), config.dtype, comp["config"])
     for key in ("onnx", "onnx_data", "plan"):
         if key in comp and not inside(root, comp[key], MANIFEST, f"components.vision.{key}").is_file():
             raise EngineLoadError(comp[key], "missing (listed in engine.json components.vision)")
     plan = inside(root, comp["plan"], MANIFEST, "components.vision.plan") if "plan" in comp else None
     return VisionComponent(config, paths["weights"], paths["onnx"], plan)
+
+
+def _check_vision_llm(config: VisionConfig, llm: LLMConfig, rel: str) -> None:
+    """The family's tower and the LLM fit: architecture, position scheme, width, token ids."""
+    if (config.position_scheme == "mrope") != (llm.mrope_section is not None):
+        need = "an M-RoPE" if config.position_scheme == "mrope" else "a 1-D RoPE"
+        raise EngineLoadError(rel, f"a {config.model_type} vision tower needs {need} language model; "
+                              f"llm architecture is {llm.architecture}", "model_type")
+    architectures = schema_of(config).llm_architectures
+    if llm.architecture not in architectures:
+        raise EngineLoadError(rel, f"a {config.model_type} vision tower sits on {', '.join(architectures)}; "
+                              f"llm architecture is {llm.architecture}", "model_type")
+    if config.out_hidden_size != llm.hidden_size:
+        raise EngineLoadError(rel, f"{config.out_hidden_size} disagrees with the LLM hidden_size "
+                              f"{llm.hidden_size}", "out_hidden_size")
+    for key, token_id in config.token_ids.items():
+        if not 0 <= token_id < llm.vocab_size:
+            raise EngineLoadError(rel, f"outside the vocabulary (vocab_size {llm.vocab_size})", key)
 
 
 def _load_weights(path: Path, rel: str, cfg: LLMConfig) -> dict[str, Any]:

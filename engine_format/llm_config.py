@@ -15,8 +15,10 @@ from engine_format.quant_config import QuantSpec
 
 TORCH_DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
 SHORT_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-VL_ARCHITECTURES = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", *VL_ARCHITECTURES)
+# LLM architectures with M-RoPE positions (Qwen2-VL's two). Vision-language families on a 1-D RoPE LLM
+# (docs/design/families.md) write their text model's architecture.
+MROPE_ARCHITECTURES = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", *MROPE_ARCHITECTURES)
 # TensorRT-LLM's QWenConfig: qwen_type per architecture (it uses "qwen2_vl" for both VL generations).
 QWEN_TYPES = {"Qwen2ForCausalLM": "qwen2", "Qwen2VLForConditionalGeneration": "qwen2_vl",
               "Qwen2_5_VLForConditionalGeneration": "qwen2_vl"}
@@ -127,11 +129,11 @@ class LLMConfig:
 
 
 def _check_mrope(position_type: str, scaling: dict[str, Any] | None, head_size: int, arch: str, file: str) -> None:
-    """VL architectures use M-RoPE: position_embedding_type "mrope" and a 3-part mrope_section."""
+    """M-RoPE architectures use position_embedding_type "mrope" and a 3-part mrope_section, others never."""
     is_mrope = scaling is not None and scaling.get("type") == "mrope"
-    if (arch in VL_ARCHITECTURES) != (position_type == "mrope") or (position_type == "mrope") != is_mrope:
+    if (arch in MROPE_ARCHITECTURES) != (position_type == "mrope") or (position_type == "mrope") != is_mrope:
         raise EngineLoadError(file, f"{arch} needs position_embedding_type 'mrope' with rotary_scaling.type 'mrope' "
-                              f"exactly when it is a VL architecture ({', '.join(VL_ARCHITECTURES)}); got "
+                              f"exactly when it is a VL architecture ({', '.join(MROPE_ARCHITECTURES)}); got "
                               f"{position_type!r}", "position_embedding_type")
     if not is_mrope:
         return

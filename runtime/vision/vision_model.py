@@ -17,7 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from engine_format.vision_config import NORM_EPS, VisionConfig
+from engine_format.families.qwen2_vl import NORM_EPS
+from engine_format.families.qwen2_vl import QwenVisionConfig as VisionConfig
 
 
 def vision_forward(cfg: VisionConfig, w: dict[str, torch.Tensor], pixel_values: torch.Tensor,
