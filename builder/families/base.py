@@ -1,0 +1,94 @@
+"""What a vision-language family provides to the builder (docs/design/families.md).
+
+What it is for: the `BuildFamily` protocol through which the generic build
+stages (source resolution, LLM conversion, the vision convert / export /
+validate stages, random checkpoints for `tiny-*` presets) do everything that
+depends on the family's Hugging Face checkpoint: config fields, tensor names of
+both hub layouts, the reference tower, the preprocessor and tokenizer files.
+Not for: any family's mapping (builder/families/<family>.py), the registry
+(builder/families/__init__.py) or the engine-directory schema (engine_format/families/).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from engine_format.vision_config import VisionConfig
+
+
+@dataclass(frozen=True, slots=True)
+class LLMKeys:
+    """Where the language model's tensors sit in an HF checkpoint."""
+
+    prefix: str            # of the decoder tensors: "model.", "model.language_model.", "language_model.model."
+    lm_head: str           # the output projection: "lm_head.weight", "language_model.lm_head.weight"
+
+
+@dataclass(frozen=True, slots=True)
+class HFTower:
+    """transformers' tower (+ projector) as the parity reference of builder/validate_vision.py."""
+
+    inputs: tuple[tuple[str, Any, tuple[int, ...]], ...]   # (feed name, numpy dtype, shape; -1 dynamic)
+    forward: Callable[[dict[str, torch.Tensor]], torch.Tensor]   # feed -> rows in the LLM's order
+
+
+@dataclass(frozen=True, slots=True)
+class OfflineTokens:
+    """The offline tokenizer of a family's tiny presets: its special tokens and chat template."""
+
+    special_tokens: tuple[str, ...]
+    chat_template: str
+
+
+class BuildFamily(Protocol):
+    @property
+    def name(self) -> str: ...                          # the family (engine_format schema family)
+
+    @property
+    def hf_architectures(self) -> dict[str, str]: ...   # HF config model_type -> HF class name
+
+    @property
+    def preprocessing_keys(self) -> tuple[str, ...]: ...  # the keys a preset's `preprocessing:` states
+
+    @property
+    def special_tokens(self) -> dict[str, str]: ...     # HF config key -> token text (random checkpoints)
+
+    @property
+    def validation_grids(self) -> tuple[tuple[tuple[int, ...], ...], ...]: ...   # parity feeds, one per call
+
+    @property
+    def offline_tokenizer(self) -> OfflineTokens | None: ...   # None: the shared offline tokenizer
+
+    def llm_architecture(self, hf_config: dict[str, Any]) -> str:
+        """The `llm/config.json` architecture for this checkpoint."""
+        ...
+
+    def text_config(self, hf_config: dict[str, Any]) -> dict[str, Any]:
+        """The language model's HF config fields."""
+        ...
+
+    def llm_keys(self, hf_names: Collection[str]) -> LLMKeys:
+        """The LLM's tensor names in either hub layout; ConversionError when neither matches."""
+        ...
+
+    def vision_config_json(self, hf_dir: Path, dtype: str, preset_preprocessing: dict[str, Any] | None
+                           ) -> dict[str, Any]:
+        """The `vision/config.json` object (HF defaults resolved; preprocessor_config.json wins over the preset)."""
+        ...
+
+    def vision_tensors(self, hf: Mapping[str, torch.Tensor], cfg: VisionConfig) -> dict[str, torch.Tensor]:
+        """Engine names (the schema's tensor_shapes keys) -> the HF tensors; ConversionError naming the tensor.
+        The generic stage checks missing / unexpected names and shapes and casts to cfg.dtype."""
+        ...
+
+    def hf_preprocessor_config(self, preprocessing: dict[str, Any]) -> dict[str, Any]:
+        """The `preprocessor_config.json` a random checkpoint gets."""
+        ...
+
+    def hf_tower(self, hf_dir: Path, cfg: VisionConfig) -> HFTower:
+        """transformers' tower with the checkpoint's tensors rounded to cfg.dtype, computing in float32."""
+        ...
