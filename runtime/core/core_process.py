@@ -9,11 +9,13 @@ say `CoreReady` (or `CoreFailed`), then loop: apply every pending command
 and send the step's deltas as one `CoreOutputs` message. With work it never
 sleeps (busy loop: the next step starts as soon as the previous one's outputs
 are sent); idle, it blocks on its inbox for at most IDLE_POLL_MS and exits when
-its parent is gone. Detokenization and stop strings run here, inside the step
-(EngineCore._on_token), so a stop string ends the request in the step that
-produced it and frees its KV blocks at once; everything else a client sends
-(gRPC, HTTP, tokenization, chat templates, image decoding and preprocessing,
-streaming) stays in the server process. A structured-output request whose
+its parent is gone. The core sends token ids only: it applies the token stop
+rules (EOS, stop token ids, max_tokens) and nothing else (EngineCore with
+`text_output=False`); detokenization and stop strings run in the front end,
+which aborts a request here when its text hits a stop string (its KV blocks are
+freed within a step). Everything else a client sends (gRPC, HTTP, tokenization,
+chat templates, image decoding and preprocessing, streaming) stays in the
+server process too. A structured-output request whose
 grammar this process has not compiled yet waits in `PendingGuides` while a
 worker thread compiles it; the loop keeps stepping the other requests and
 admits it once compiled (the step never waits for a compilation).
@@ -91,14 +93,15 @@ def run_core(engine_dir: str, config: EngineConfig, inbox_address: str, outbox_a
     outbox.connect(outbox_address)
     codec = Codec()
     try:
-        core = EngineCore.from_dir(engine_dir, config)
+        core = EngineCore.from_dir(engine_dir, config, text_output=False)
     except BaseException as exc:  # the front end reports it and exits; nothing else can use this process
         outbox.send(codec.encode(CoreFailed(f"{type(exc).__name__}: {exc}")))
         outbox.close(linger=2000)
         context.term()
         raise SystemExit(1) from None
     outbox.send(codec.encode(CoreReady(core.executor.layout.kv_cache_bytes, core.scheduler_config.max_batch_size,
-                                       os.getpid())))
+                                       os.getpid(), str(core.engine.tokenizer_dir),
+                                       list(core.engine.eos_token_ids))))
     try:
         _loop(core, inbox, outbox, codec, parent_pid)
     finally:

@@ -4,7 +4,10 @@ What it is for: the engine's door (`add_request`: one admission check, then one
 `Request` record per request) and its loop (`step`), over the scheduler, the KV
 cache manager, the executor and the sampler, turning each step into
 `RequestOutput` deltas. Synchronous and single-threaded: `AsyncEngine` runs it
-on its one engine thread.
+on its one engine thread. With `text_output=False` (the engine-core process) it
+detokenizes nothing and applies only the token stop rules: its outputs carry
+token ids and empty text, and the front end makes the text and matches stop
+strings (runtime/core/output_text.py).
 Not for: threads, asyncio or wire formats.
 """
 from __future__ import annotations
@@ -18,11 +21,10 @@ import torch
 from engine_format.engine_dir import LoadedEngine, load_engine
 from runtime.config import EngineConfig
 from runtime.core.admission import AdmissionLimits, check_request
-from runtime.core.detokenizer import IncrementalDetokenizer
 from runtime.core.kv_cache import KVCacheManager, KVCacheStats
+from runtime.core.output_text import OutputText
 from runtime.core.request import EngineRequest, Request, RequestStatus
 from runtime.core.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
-from runtime.core.stop_checker import StopChecker
 from runtime.executor.executor import PyTorchExecutor
 from runtime.executor.sampler import Sampler, SamplerOutput, TokenLogprobs, make_generator
 from runtime.multimodal.processor import mrope_spec_of
@@ -50,9 +52,10 @@ class EngineStats:
 
 
 class EngineCore:
-    def __init__(self, engine: LoadedEngine, config: EngineConfig | None = None) -> None:
+    def __init__(self, engine: LoadedEngine, config: EngineConfig | None = None, text_output: bool = True) -> None:
         from transformers import AutoTokenizer
 
+        self.text_output = text_output      # False: token ids only (the front end makes the text)
         self.config = (config or EngineConfig()).validate()
         self.engine = engine
         self.executor = PyTorchExecutor(engine, self.config)
@@ -80,8 +83,8 @@ class EngineCore:
         self._num_preemptions = 0
 
     @classmethod
-    def from_dir(cls, path: str | Path, config: EngineConfig | None = None) -> EngineCore:
-        return cls(load_engine(path), config)
+    def from_dir(cls, path: str | Path, config: EngineConfig | None = None, text_output: bool = True) -> EngineCore:
+        return cls(load_engine(path), config, text_output)
 
     # ------------------------------------------------------------- requests
 
@@ -97,17 +100,17 @@ class EngineCore:
         generator = None if params.seed is None else make_generator(params.seed, self.executor.layout.device)
         guide = params.guided_decoding       # compiled before admission by the service; else compiled here
         grammar = None if guide is None else self.grammars.matcher(guide)
+        text = (OutputText.of(self.tokenizer, ids, params, eos_ids) if self.text_output
+                else OutputText.tokens_only(params, eos_ids))
         return Request(engine_request.request_id, ids, params, eos_ids, engine_request.cache_salt,
-                       engine_request.multimodal, generator,
-                       IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens),
-                       StopChecker(params, eos_ids), grammar)
+                       engine_request.multimodal, generator, text, grammar)
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Finish a request as aborted; returns its final output, or None if unknown."""
         request = self.scheduler.finish_request(request_id, RequestStatus.FINISHED_ABORTED)
         if request is None:
             return None
-        return _output(request, _stop_checker(request).flush(), (), (), RequestStatus.FINISHED_ABORTED)
+        return _output(request, _output_text(request).flush(), (), (), RequestStatus.FINISHED_ABORTED)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished
@@ -139,12 +142,9 @@ class EngineCore:
 
     def _on_token(self, request: Request, logprobs: TokenLogprobs | None) -> RequestOutput:
         """The text delta of the request's newest token and the stop decision it brings."""
-        detokenizer, stop = request.detokenizer, _stop_checker(request)
-        assert detokenizer is not None, "set at admission"
         token_id = request.output_token_ids[-1]
         self._num_generated_tokens += 1
-        delta = detokenizer.add_tokens([token_id])
-        decision = stop.update(token_id, request.num_output_tokens, delta, detokenizer.flush)
+        decision = _output_text(request).on_token(token_id, request.num_output_tokens)
         lps = (logprobs,) if logprobs is not None else ()
         if decision.finish is not None:
             self.scheduler.finish_request(request.request_id, decision.finish)
@@ -155,7 +155,7 @@ class EngineCore:
         for item in plan.scheduled:
             request = self.scheduler.finish_request(item.request.request_id, RequestStatus.FINISHED_ERROR)
             if request is not None:
-                outputs.append(_output(request, _stop_checker(request).flush(), (), (),
+                outputs.append(_output(request, _output_text(request).flush(), (), (),
                                        RequestStatus.FINISHED_ERROR, error=STEP_ERROR_MESSAGE))
         return outputs
 
@@ -179,9 +179,9 @@ class EngineCore:
         raise RuntimeError(f"requests did not finish within {max_steps} steps")
 
 
-def _stop_checker(request: Request) -> StopChecker:
-    assert request.stop_checker is not None, "set at admission"
-    return request.stop_checker
+def _output_text(request: Request) -> OutputText:
+    assert request.output_text is not None, "set at admission"
+    return request.output_text
 
 
 def _output(request: Request, text: str, token_ids: tuple[int, ...], logprobs: tuple[TokenLogprobs, ...],

@@ -5,7 +5,7 @@ structs encoded with MessagePack (no pickle of anything a client sent): to the
 core `AddRequest` (the EngineRequest with its sampling parameters and, for VL
 engines, its preprocessed images), `AbortRequest`, `StatsQuery`, `Shutdown`;
 from the core `CoreReady` (what the front end needs to know: KV pool bytes,
-batch size), `CoreOutputs` (every delta of one step in one message),
+batch size, tokenizer and EOS ids), `CoreOutputs` (every delta of one step in one message: token ids, no text),
 `AddRefused` (the engine's door said no: field and message), `StatsReply` and
 `CoreFailed` (the core could not start). numpy arrays (pixel values, M-RoPE
 positions) travel as dtype, shape and raw bytes.
@@ -60,6 +60,8 @@ class CoreReady(msgspec.Struct, tag="ready", array_like=True):
     kv_cache_bytes: int
     max_batch_size: int
     pid: int
+    tokenizer_dir: str            # the front end detokenizes with the same tokenizer
+    eos_token_ids: list[int]      # ... and applies the same stop rules
 
 
 class CoreOutputs(msgspec.Struct, tag="outputs", array_like=True):

@@ -7,9 +7,12 @@ asyncio callers what AsyncEngine gives them: `generate(request)` (an async
 iterator of RequestOutput deltas; leaving it early aborts the request),
 `abort`, `call` / `call_threadsafe` (only `stats()` is reachable across the
 boundary), `stats`, `shutdown`, `is_running`. One receiver thread reads the
-core's messages and hands each step's deltas to their requests' queues with one
-`call_soon_threadsafe` per event loop; a consumer that fell behind gets its
-pending deltas merged into one output. When the core process dies, every
+core's messages, turns each step's token ids into text (the core sends no text:
+detokenization and stop strings run here, runtime/core/output_text.py; on a
+stop-string hit the client's stream ends at once and the core is told to abort
+the request, freeing its KV blocks) and hands the deltas to their requests'
+queues with one `call_soon_threadsafe` per event loop; a consumer that fell
+behind gets its pending deltas merged into one output. When the core process dies, every
 in-flight request ends with EngineDeadError naming the exit code, `is_running`
 turns false (the server then reports NOT_SERVING) and new requests are refused
 at once: nothing waits on a dead process.
@@ -29,7 +32,7 @@ import sys
 import tempfile
 import threading
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import msgspec
@@ -50,6 +53,7 @@ from runtime.core.ipc import (
     StatsReply,
     WireRequest,
 )
+from runtime.core.output_text import OutputText
 from runtime.errors import FieldError
 from runtime.outputs import RequestOutput
 
@@ -66,6 +70,7 @@ class CoreStartError(RuntimeError):
 @dataclass(slots=True)
 class _Stream:
     loop: asyncio.AbstractEventLoop
+    text: OutputText                 # touched by the receiver thread only
     queue: asyncio.Queue[_Item] = field(default_factory=asyncio.Queue)
 
 
@@ -108,6 +113,16 @@ class ProcessEngine:
             raise
         self.kv_cache_bytes = ready.kv_cache_bytes
         self.max_batch_size = ready.max_batch_size
+        self._eos_token_ids = tuple(ready.eos_token_ids)
+        try:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(ready.tokenizer_dir)
+        except BaseException:
+            self._send(Shutdown())
+            self._stop_process(5.0)
+            self._close()
+            raise
         self._receiver = threading.Thread(target=self._receive, name="trtserve-core-receiver", daemon=True)
         self._receiver.start()
 
@@ -134,7 +149,8 @@ class ProcessEngine:
         """
         if not self.is_running:
             raise EngineDeadError(self._dead_message())
-        stream = _Stream(asyncio.get_running_loop())
+        stream = _Stream(asyncio.get_running_loop(), OutputText.of(
+            self._tokenizer, request.prompt_token_ids, request.sampling_params, self._eos_token_ids))
         with self._lock:
             if request.request_id in self._streams:
                 raise FieldError("request_id", f"{request.request_id!r} is already in flight")
@@ -233,7 +249,7 @@ class ProcessEngine:
 
     def _dispatch(self, message: object) -> None:
         if isinstance(message, CoreOutputs):
-            self._deliver([(out.request_id, out) for out in message.outputs])
+            self._deliver(self._with_text(message.outputs))
         elif isinstance(message, AddRefused):
             error: ValueError = (FieldError(message.field, message.message) if message.field
                                  else ValueError(message.message))
@@ -246,6 +262,20 @@ class ProcessEngine:
                     future.set_exception(RuntimeError(message.error))
                 else:
                     future.set_result(message.stats)
+
+    def _with_text(self, outputs: list[RequestOutput]) -> list[tuple[str, _Item]]:
+        """The core's token deltas with their text; a stop-string hit ends the stream and aborts the request."""
+        with self._lock:
+            found = [(self._streams.get(out.request_id), out) for out in outputs]
+        items: list[tuple[str, _Item]] = []
+        for stream, out in found:
+            if stream is None or stream.text.finished:     # gone, or ended here: the core's late deltas go nowhere
+                continue
+            delta, abort = add_text(stream.text, out)
+            items.append((out.request_id, delta))
+            if abort:
+                self._send(AbortRequest(out.request_id))
+        return items
 
     def _deliver(self, items: list[tuple[str, _Item]]) -> None:
         """Hand items to their requests' queues: one call_soon_threadsafe per event loop."""
@@ -297,6 +327,31 @@ class ProcessEngine:
 def _put_all(batch: list[tuple[_Stream, _Item]]) -> None:
     for stream, item in batch:
         stream.queue.put_nowait(item)
+
+
+def add_text(text: OutputText, out: RequestOutput) -> tuple[RequestOutput, bool]:
+    """The core's delta `out` with its text; True when the text ended the request but the core did not.
+
+    The front end applies the same rules to the same tokens as the core (which knows no stop strings), so a
+    finish decided here that the core did not report is a stop string: the delta ends at that token.
+    """
+    if not out.token_ids:                  # abort or error: what was held back as a possible stop string
+        return replace(out, text=text.flush()), False
+    first = out.usage.completion_tokens - len(out.token_ids) + 1
+    emitted = []
+    for i, token_id in enumerate(out.token_ids):
+        decision = text.on_token(token_id, first + i)
+        emitted.append(decision.emit_text)
+        if decision.finish is not None:
+            break
+    else:
+        tail = text.flush() if out.finished else ""
+        return replace(out, text="".join(emitted) + tail), False
+    kept = i + 1
+    usage = replace(out.usage, completion_tokens=out.usage.completion_tokens - (len(out.token_ids) - kept))
+    return replace(out, text="".join(emitted), token_ids=out.token_ids[:kept], logprobs=out.logprobs[:kept],
+                   finished=True, finish_reason=decision.finish.value, stop_reason=decision.stop_reason,
+                   usage=usage), not out.finished
 
 
 def merge_outputs(outputs: list[RequestOutput]) -> RequestOutput:

@@ -5,7 +5,7 @@ What it is for: `EngineRequest`, what a caller hands the engine (immutable), and
 finish: its inputs (tokens, parameters, images, cache salt), its progress
 (computed and generated tokens, status, preemptions, times) and its output
 state (the seeded random stream the sampler draws from, the detokenizer and the
-stop checker). The scheduler, the KV cache manager, the sampler and the engine
+stop rules). The scheduler, the KV cache manager, the sampler and the engine
 loop all read this record; nothing copies parts of it.
 Not for: validation (runtime/core/admission.py judges an EngineRequest once,
 before a Request exists), wire formats (grpc_service), or the per-step view the
@@ -23,8 +23,7 @@ from runtime.sampling_params import SamplingParams
 if TYPE_CHECKING:
     import torch
 
-    from runtime.core.detokenizer import IncrementalDetokenizer
-    from runtime.core.stop_checker import StopChecker
+    from runtime.core.output_text import OutputText
     from runtime.multimodal.processor import MultimodalInputs
     from runtime.structured.bitmask import GrammarState
 
@@ -74,11 +73,10 @@ class Request:
     eos_token_ids: tuple[int, ...] = ()
     cache_salt: str | None = None
     multimodal: MultimodalInputs | None = None   # visuals, spans and M-RoPE positions (VL engines)
-    # -- output state (the engine sets the detokenizer and stop checker at admission; tests of the
-    #    scheduler and sampler, which need tokens only, leave them None)
+    # -- output state (the engine sets the output text at admission; tests of the scheduler and
+    #    sampler, which need tokens only, leave it None)
     generator: torch.Generator | None = None     # a seeded request's own random stream; None: the sampler's
-    detokenizer: IncrementalDetokenizer | None = None
-    stop_checker: StopChecker | None = None
+    output_text: OutputText | None = None        # detokenizer and stop rules (token rules only in a core process)
     grammar: GrammarState | None = None           # structured output: its matcher, advanced by the sampler
     # -- progress
     arrival_time: float = field(default_factory=time.monotonic)

@@ -3,7 +3,11 @@
 Against the in-process EngineCore on the same engine: greedy tokens and text of a batch in flight
 together are identical; a refusal at the engine's door crosses the boundary as a FieldError naming
 its field; a consumer that stops reading does not hold the others back, and when it reads again it
-gets its pending deltas merged (same tokens and text). SIGKILL of the core with requests in flight:
+gets its pending deltas merged (same tokens and text). The core sends token ids only and the front
+end makes the text: stop strings (one spanning tokens, one never met, min_tokens), stop token ids and
+skip_special_tokens give the in-process text, tokens, finish and stop reasons; a stop-string hit
+aborts the request in the core, whose KV pool returns to its baseline before it could have run to
+max_tokens. SIGKILL of the core with requests in flight:
 every one ends with EngineDeadError naming the exit code (within a bounded wait: nothing hangs),
 `is_running` turns false and a new request is refused at once. The wire codec round-trips a VL
 request's arrays without pickle.
@@ -39,6 +43,18 @@ def engine_dir(build_tiny):
     return build_tiny("tiny-qwen2")
 
 
+@pytest.fixture(scope="module")
+def in_process(engine_dir) -> EngineCore:
+    return EngineCore.from_dir(engine_dir, EngineConfig(device="cpu"))
+
+
+@pytest.fixture(scope="module")
+def split(engine_dir):
+    engine = ProcessEngine(engine_dir, EngineConfig(device="cpu"))
+    yield engine
+    engine.shutdown()
+
+
 def _requests(tag: str) -> list[EngineRequest]:
     return [EngineRequest(f"{tag}{i}", ids, GREEDY) for i, ids in enumerate(PROMPTS)]
 
@@ -52,33 +68,77 @@ async def _collect(engine: ProcessEngine, request: EngineRequest, resume: asynci
     return outputs
 
 
-def test_greedy_tokens_refusals_and_a_slow_reader_equal_in_process(engine_dir) -> None:
-    expected = {rid: collect_text(outs) for rid, outs in
-                EngineCore.from_dir(engine_dir, EngineConfig(device="cpu")).generate_all(_requests("r")).items()}
-    engine = ProcessEngine(engine_dir, EngineConfig(device="cpu"))
-    try:
-        async def scenario() -> None:
-            requests = _requests("r")
-            others_done = asyncio.Event()
-            slow = asyncio.create_task(_collect(engine, requests[0], others_done))
-            fast = await asyncio.wait_for(asyncio.gather(*(_collect(engine, r) for r in requests[1:])), WAIT_S)
-            others_done.set()
-            for request, outputs in zip(requests[1:], fast):
-                assert collect_text(outputs) == expected[request.request_id]
-            slow_outputs = await asyncio.wait_for(slow, WAIT_S)
-            assert collect_text(slow_outputs) == expected["r0"]
-            assert len(slow_outputs) == 2, "the deltas that piled up while it did not read arrive as one"
-            assert slow_outputs[-1].finished and slow_outputs[-1].usage.completion_tokens == GREEDY.max_tokens
-            with pytest.raises(FieldError) as refused:
-                await _collect(engine, EngineRequest("bad", [10 ** 7], GREEDY))
-            assert refused.value.field == "prompt_token_ids"
-            stats = await engine.stats()
-            assert stats.num_running == 0 and stats.num_generated_tokens == len(PROMPTS) * GREEDY.max_tokens
+def test_greedy_tokens_refusals_and_a_slow_reader_equal_in_process(in_process, split) -> None:
+    expected = {rid: collect_text(outs) for rid, outs in in_process.generate_all(_requests("r")).items()}
+    engine = split
+    generated_before = engine.query_stats().num_generated_tokens
 
-        asyncio.run(scenario())
-    finally:
-        engine.shutdown()
-    assert not engine.is_running
+    async def scenario() -> None:
+        requests = _requests("r")
+        others_done = asyncio.Event()
+        slow = asyncio.create_task(_collect(engine, requests[0], others_done))
+        fast = await asyncio.wait_for(asyncio.gather(*(_collect(engine, r) for r in requests[1:])), WAIT_S)
+        others_done.set()
+        for request, outputs in zip(requests[1:], fast):
+            assert collect_text(outputs) == expected[request.request_id]
+        slow_outputs = await asyncio.wait_for(slow, WAIT_S)
+        assert collect_text(slow_outputs) == expected["r0"]
+        assert len(slow_outputs) == 2, "the deltas that piled up while it did not read arrive as one"
+        assert slow_outputs[-1].finished and slow_outputs[-1].usage.completion_tokens == GREEDY.max_tokens
+        with pytest.raises(FieldError) as refused:
+            await _collect(engine, EngineRequest("bad", [10 ** 7], GREEDY))
+        assert refused.value.field == "prompt_token_ids"
+        stats = await engine.stats()
+        assert stats.num_running == 0
+        assert stats.num_generated_tokens - generated_before == len(PROMPTS) * GREEDY.max_tokens
+
+    asyncio.run(scenario())
+
+
+def _final(outputs: list[RequestOutput]) -> tuple[str, list[int], str | None, int | str | None, int]:
+    last = outputs[-1]
+    assert last.finished and all(not o.finished for o in outputs[:-1])
+    return (*collect_text(outputs), last.finish_reason, last.stop_reason, last.usage.completion_tokens)
+
+
+def test_text_and_stop_rules_run_in_the_front_end_as_in_process(in_process, split) -> None:
+    prompt = list(range(500, 520))
+    full = in_process.tokenizer.decode(collect_text(in_process.generate_all(
+        [EngineRequest("full", prompt, SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True))])["full"])[1])
+    stop = full[12:15]
+    assert stop.strip() and len(stop) == 3
+    first_id = collect_text(in_process.generate_all([EngineRequest("one", prompt, GREEDY)])["one"])[1][0]
+    cases = {
+        "stop": SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True, stop=("never met", stop)),
+        "stop-min": SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True, stop=(full[1:3],),
+                                   min_tokens=6),
+        "stop-id": SamplingParams(max_tokens=20, temperature=0.0, stop_token_ids=(first_id,)),
+        "stop-id-min": SamplingParams(max_tokens=20, temperature=0.0, stop_token_ids=(first_id,), min_tokens=2),
+        "eos": SamplingParams(max_tokens=30, temperature=0.0, skip_special_tokens=False),
+    }
+    requests = [EngineRequest(name, prompt, params) for name, params in cases.items()]
+    expected = {rid: _final(outs) for rid, outs in in_process.generate_all(requests).items()}
+    assert expected["stop"][2:4] == ("stop", stop) and expected["stop-id"][2:] == ("stop", first_id, 1)
+    long_stop = SamplingParams(max_tokens=1500, temperature=0.0, ignore_eos=True, stop=(stop,))
+
+    async def scenario() -> None:
+        got = await asyncio.wait_for(asyncio.gather(*(_collect(split, r) for r in requests)), WAIT_S)
+        for request, outputs in zip(requests, got):
+            assert _final(outputs) == expected[request.request_id], request.request_id
+        baseline = await split.stats()
+        assert baseline.num_running == 0
+        outputs = await asyncio.wait_for(_collect(split, EngineRequest("long-stop", prompt, long_stop)), WAIT_S)
+        assert _final(outputs)[:4] == expected["stop"][:4]
+        for _ in range(int(WAIT_S / 0.05)):         # the abort reaches the core within a few steps
+            after = await split.stats()
+            if after.num_running == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert after.num_running == 0 and after.kv.num_free_blocks == baseline.kv.num_free_blocks
+        assert after.num_generated_tokens - baseline.num_generated_tokens < long_stop.max_tokens, \
+            "the core stopped when the front end saw the stop string, not at max_tokens"
+
+    asyncio.run(scenario())
 
 
 def test_core_crash_fails_every_request_in_flight(engine_dir) -> None:
