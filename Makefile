@@ -85,6 +85,9 @@ bench: $(STAMP)
 	$(VENV)/bin/trtserve-bench --engine engines/small-qwen2-fp32 --protocol native,triton,openai \
 		--concurrency $(BENCH_LEVELS) --requests $(BENCH_REQUESTS) --warmup 4 --input-len 128 --output-len 64 \
 		--baseline hf --note "$(BENCH_NOTE)" --out $(BENCH_OUT)/bench_small-qwen2_cpu
+	$(VENV)/bin/trtserve-bench --engine engines/small-qwen2-fp32 --protocol native \
+		--concurrency 16 --requests $(BENCH_REQUESTS) --warmup 4 --input-len 128 --output-len 16:256 \
+		--baseline hf --note "$(BENCH_NOTE)" --out $(BENCH_OUT)/bench_small-qwen2-spread_cpu
 	$(VENV)/bin/trtserve-bench --engine engines/tiny-qwen2-vl-fp32 --protocol native,triton,openai \
 		--concurrency $(BENCH_LEVELS) --requests $(BENCH_REQUESTS) --warmup 4 --input-len 64 --output-len 32 \
 		--images-per-request 1 --image-size 224 --baseline hf --note "$(BENCH_NOTE)" \
@@ -95,7 +98,7 @@ bench: $(STAMP)
 		--baseline hf --note "$(BENCH_NOTE)" --out $(BENCH_OUT)/bench_smollm2-135m_cpu
 	$(VENV)/bin/trtserve-bench plot $(BENCH_OUT)/bench_small-qwen2_cpu.json $(BENCH_OUT)/bench_tiny-qwen2-vl_cpu.json \
 		$(BENCH_OUT)/bench_smollm2-135m_cpu.json \
-		$(BENCH_OUT)/bench_tiny-qwen2_cpu.json \
+		$(BENCH_OUT)/bench_tiny-qwen2_cpu.json $(BENCH_OUT)/bench_small-qwen2-spread_cpu.json \
 		--title "trtserve-bench, 2-core CPU" --out $(BENCH_OUT)/bench_cpu.png
 
 # Regenerate the committed gRPC code after editing grpc_service/proto/trtserve.proto.

@@ -63,7 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     work.add_argument("--workload", choices=KINDS, default="synthetic")
     work.add_argument("--input-len", default="128", help="prompt tokens: N or LOW:HIGH (synthetic, suffix of "
                       "shared-prefix, each new user turn of multi-turn)")
-    work.add_argument("--output-len", default="64", help="output tokens, forced (ignore_eos / min_tokens)")
+    work.add_argument("--output-len", default="64", help="output tokens, forced (ignore_eos / min_tokens): N or "
+                      "LOW:HIGH (uniform per request, seeded by --seed and the level: every system gets the same "
+                      "lengths; the HF baseline runs each static batch until its longest request is done and "
+                      "counts each request's own length)")
     work.add_argument("--prefix-len", type=int, default=1024, help="shared-prefix: common prefix tokens")
     work.add_argument("--multi-turn", type=int, default=1, metavar="T", help="turns per session; each resends "
                       "the history")

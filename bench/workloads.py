@@ -10,6 +10,10 @@ cache that an earlier level filled, except the shared prefix, on purpose):
   `image` or `images` file names resolved under an image folder).
 `num_turns` > 1 makes multi-turn sessions: each turn resends the history
 (loadgen.py composes it from the previous prompt and the server's answer).
+`output_len` may be a range (`16:256`): each request's length is drawn uniformly
+from a random stream of its own, seeded by the seed and the level only, so the
+same seed gives every system (trtserve, the HF baseline, another server with
+another tokenizer) the same lengths in the same order.
 Not for: sending (backends.py) or timing (loadgen.py).
 """
 from __future__ import annotations
@@ -111,31 +115,34 @@ class WorkloadBuilder:
     def sessions(self, level: str, num_requests: int) -> list[Session]:
         """Sessions holding `num_requests` turns in all (the last session may be shorter)."""
         rng = random.Random(f"{self.spec.seed}-{level}")
+        lengths = output_lens(self.spec, level, num_requests)
         sessions: list[Session] = []
         remaining = num_requests
         while remaining > 0:
             num_turns = min(self.spec.num_turns, remaining)
-            sessions.append(self._session(rng, num_turns))
+            first = num_requests - remaining
+            sessions.append(self._session(rng, lengths[first:first + num_turns]))
             remaining -= num_turns
         return sessions
 
-    def _session(self, rng: random.Random, num_turns: int) -> Session:
+    def _session(self, rng: random.Random, output_lens: list[int]) -> Session:
         if self.spec.kind == "jsonl":
             record = rng.choice(self._records)
-            texts = _cycle(record.user_texts, num_turns)
+            texts = _cycle(record.user_texts, len(output_lens))
             first_images = self._images(rng, record.image_names)
-            turns = [self._text_turn(rng, text, first_images if i == 0 else ()) for i, text in enumerate(texts)]
+            turns = [self._text_turn(text, n, first_images if i == 0 else ())
+                     for i, (text, n) in enumerate(zip(texts, output_lens))]
             return Session(tuple(turns))
         turns = []
-        for i in range(num_turns):
+        for i, output_len in enumerate(output_lens):
             prefix = self._prefix if i == 0 else None
             prompt = exact_prompt(self.tokenizer, self.spec.input_len.sample(rng), rng, prefix)
             images = self._images(rng, ()) if i == 0 else ()
-            turns.append(BenchRequest(prompt.text, prompt.token_ids, self.spec.output_len.sample(rng), images))
+            turns.append(BenchRequest(prompt.text, prompt.token_ids, output_len, images))
         return Session(tuple(turns))
 
-    def _text_turn(self, rng: random.Random, text: str, images: tuple[bytes, ...]) -> BenchRequest:
-        return BenchRequest(text, tuple(self.tokenizer.encode(text)), self.spec.output_len.sample(rng), images)
+    def _text_turn(self, text: str, output_len: int, images: tuple[bytes, ...]) -> BenchRequest:
+        return BenchRequest(text, tuple(self.tokenizer.encode(text)), output_len, images)
 
     def _images(self, rng: random.Random, wanted: tuple[str, ...]) -> tuple[bytes, ...]:
         """The record's images, topped up from the folder (or synthetic) or cut to the sampled count."""
@@ -156,6 +163,13 @@ class WorkloadBuilder:
         if not path.is_file():
             raise ValueError(f"image {name!r} named in {self.spec.jsonl} is not in {self.spec.image_dir}")
         return path.read_bytes()
+
+
+def output_lens(spec: WorkloadSpec, level: str, num_requests: int) -> list[int]:
+    """The output length of each of a level's requests, in sending order: uniform over `spec.output_len`,
+    from a stream seeded by the seed and the level alone (prompts, images and the tokenizer do not touch it)."""
+    rng = random.Random(f"{spec.seed}-{level}-output-len")
+    return [spec.output_len.sample(rng) for _ in range(num_requests)]
 
 
 @dataclass(frozen=True, slots=True)

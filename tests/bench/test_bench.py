@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from bench.cli import main
+from bench.cli import build_parser, main, workload_spec
 from bench.server_stats import GENERATED, ServerCounters
+from bench.workloads import output_lens
 from tests.helpers.grpc_fixtures import ServerProcess
 from tests.helpers.vl_helpers import noise_image
 
@@ -81,13 +82,17 @@ def test_shared_prefix_multi_turn_resends_history(grpc_server: ServerProcess, tm
 def test_hf_baseline_side_by_side(grpc_server: ServerProcess, tiny_engine_dir: Path, tmp_path: Path) -> None:
     report = bench(grpc_server, tmp_path / "base", "--baseline", "hf", "--engine", str(tiny_engine_dir),
                    "--concurrency", "2", "--requests", "3", "--warmup", "1", "--input-len", "8:12",
-                   "--output-len", "4", "--no-plot")
+                   "--output-len", "2:9", "--no-plot")
     ours, hf = report["runs"]
     assert hf["system"] == "hf-transformers" and hf["counts"]["source"] == str(
         json.loads((tiny_engine_dir / "engine.json").read_text())["source"]["path"])
-    # Same prompts (the first protocol's), same forced output length.
+    # Same prompts (the first protocol's), the same seeded spread of forced output lengths: each system
+    # generated and counted exactly the lengths asked (HF's static batch runs to its longest and counts
+    # each request's own).
+    lengths = output_lens(workload_spec(build_parser().parse_args(["--output-len", "2:9"])), "native-c2", 3)
+    assert len(set(lengths)) > 1
     assert hf["levels"][0]["prompt_tokens"] == ours["levels"][0]["prompt_tokens"]
-    assert hf["levels"][0]["output_tokens"] == ours["levels"][0]["output_tokens"] == 3 * 4
+    assert hf["levels"][0]["output_tokens"] == ours["levels"][0]["output_tokens"] == sum(lengths)
     assert "ratio native" in (tmp_path / "base.md").read_text()
     assert not (tmp_path / "base.png").exists()
 
