@@ -54,6 +54,8 @@ class VisionComponent:
     weights_path: Path               # vision/encoder.safetensors, its header checked at load
     onnx_path: Path                  # vision/encoder.onnx (its external data, if any, lies beside it)
     plan_path: Path | None = None    # vision/encoder.plan, only where TensorRT built it
+    onnx_int8_path: Path | None = None   # vision/encoder.int8.onnx (--vision-quant int8): Q/DQ graph the
+                                         # onnxruntime backend runs instead of onnx_path when present
 
     def load_weights(self) -> dict[str, Any]:
         """HF tower names without prefix -> torch.Tensor (CPU), checked against the config again.
@@ -222,11 +224,12 @@ def _load_vision(root: Path, comp: Any, llm: LLMConfig) -> VisionComponent:
     config = parse_vision_config(_read_json(paths["config"], comp["config"]), comp["config"])
     _check_vision_llm(config, llm, comp["config"])
     _check_header(paths["weights"], comp["weights"], vision_tensor_shapes(config), config.dtype, comp["config"])
-    for key in ("onnx", "onnx_data", "plan"):
+    for key in ("onnx", "onnx_data", "plan", "onnx_int8", "onnx_int8_data"):
         if key in comp and not inside(root, comp[key], MANIFEST, f"components.vision.{key}").is_file():
             raise EngineLoadError(comp[key], "missing (listed in engine.json components.vision)")
     plan = inside(root, comp["plan"], MANIFEST, "components.vision.plan") if "plan" in comp else None
-    return VisionComponent(config, paths["weights"], paths["onnx"], plan)
+    int8 = inside(root, comp["onnx_int8"], MANIFEST, "components.vision.onnx_int8") if "onnx_int8" in comp else None
+    return VisionComponent(config, paths["weights"], paths["onnx"], plan, int8)
 
 
 def _check_vision_llm(config: VisionConfig, llm: LLMConfig, rel: str) -> None:
