@@ -91,7 +91,7 @@ def parse(data: dict[str, Any], file: str) -> LlavaVisionConfig:
         intermediate_size=v("intermediate_size"), num_heads=v("num_attention_heads"), num_hidden_layers=depth,
         num_layers=num_layers, image_size=v("image_size"), patch_size=v("patch_size"),
         num_channels=v("num_channels"), layer_norm_eps=v("layer_norm_eps", float), hidden_act=v("hidden_act", str),
-        select_strategy=v("vision_feature_select_strategy", str), projector_bias=v("multimodal_projector_bias", bool),
+        select_strategy=v("vision_feature_select_strategy", str), projector_bias=_bool(vision, file),
         grid_pinpoints=_pinpoints(vision, model_type, file))
     _check(cfg, file)
     return cfg
@@ -120,6 +120,13 @@ def _check(cfg: LlavaVisionConfig, file: str) -> None:
                               "preprocessing.image_size")
     if [list(p) for p in cfg.grid_pinpoints] != pre.get("image_grid_pinpoints", []):
         raise EngineLoadError(file, "disagrees with vision.image_grid_pinpoints", "preprocessing.image_grid_pinpoints")
+
+
+def _bool(vision: dict[str, Any], file: str) -> bool:
+    value = vision.get("multimodal_projector_bias")
+    if not isinstance(value, bool):
+        raise EngineLoadError(file, f"expected true or false, got {value!r}", "vision.multimodal_projector_bias")
+    return value
 
 
 def _preprocessing(data: dict[str, Any], file: str) -> dict[str, Any]:
