@@ -116,3 +116,24 @@ def _train(files: list[Path]):
 def special_token_ids(tokenizer_dir: Path) -> dict[str, int]:
     data = json.loads((tokenizer_dir / "tokenizer.json").read_text())
     return {t["content"]: t["id"] for t in data.get("added_tokens", [])}
+
+
+def extended_tokenizer_dir(cache_dir: Path, special_tokens: tuple[str, ...], chat_template: str) -> Path:
+    """The shared offline tokenizer plus `special_tokens` (appended: the shared ids do not move) and a
+    family's chat template, made once and cached under a key of the base tokenizer and both values."""
+    from transformers import AutoTokenizer
+
+    base = offline_tokenizer_dir(cache_dir)
+    key = hashlib.sha256(json.dumps([list(special_tokens), chat_template]).encode()).hexdigest()[:12]
+    out_dir = cache_dir / "tokenizers" / f"{base.name}-x{key}"
+    if (out_dir / "tokenizer.json").is_file():
+        return out_dir
+    tokenizer = AutoTokenizer.from_pretrained(str(base))
+    tokenizer.add_special_tokens({"additional_special_tokens": list(special_tokens)},
+                                 replace_extra_special_tokens=False)
+    tokenizer.chat_template = chat_template
+    tmp_dir = out_dir.with_name(out_dir.name + ".tmp")
+    tokenizer.save_pretrained(str(tmp_dir))
+    if not out_dir.exists():
+        tmp_dir.replace(out_dir)
+    return out_dir
