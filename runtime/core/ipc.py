@@ -7,12 +7,15 @@ engines, its preprocessed images), `AbortRequest`, `StatsQuery`, `Shutdown`;
 from the core `CoreReady` (what the front end needs to know: KV pool bytes,
 batch size, tokenizer and EOS ids), `CoreOutputs` (every delta of one step in one message: token ids, no text),
 `AddRefused` (the engine's door said no: field and message), `StatsReply` and
-`CoreFailed` (the core could not start). numpy arrays (pixel values, M-RoPE
-positions) travel as dtype, shape and raw bytes.
+`CoreFailed` (the core could not start). A VL request's multimodal inputs
+travel as MessagePack bytes whose numpy arrays (pixel values, M-RoPE
+positions) lie in a shared-memory segment of their own (runtime/core/shm_arrays.py);
+any other numpy array travels as dtype, shape and raw bytes.
 Not for: sockets and processes (runtime/core/core_process.py, process_engine.py).
 """
 from __future__ import annotations
 
+from multiprocessing.shared_memory import SharedMemory
 from typing import Any, Union
 
 import msgspec
@@ -20,6 +23,7 @@ import numpy as np
 
 from runtime.core.engine_core import EngineStats
 from runtime.core.request import EngineRequest
+from runtime.core.shm_arrays import pack, unpack
 from runtime.multimodal.processor import MultimodalInputs
 from runtime.outputs import RequestOutput
 from runtime.sampling_params import SamplingParams
@@ -32,16 +36,22 @@ class WireRequest(msgspec.Struct, tag="add", array_like=True):
     prompt_token_ids: list[int]
     sampling_params: SamplingParams
     cache_salt: str | None
-    multimodal: MultimodalInputs | None
+    multimodal: bytes | None      # MultimodalInputs as MessagePack, its arrays in `segment`
+    segment: str | None           # the shared-memory segment holding them
 
     @classmethod
-    def of(cls, request: EngineRequest) -> WireRequest:
+    def of(cls, request: EngineRequest) -> tuple[WireRequest, SharedMemory | None]:
+        """The message, and the segment the caller now owns (unlink it with shm_arrays.release)."""
+        body, segment = pack(request.multimodal) if request.multimodal is not None else (None, None)
         return cls(request.request_id, list(request.prompt_token_ids), request.sampling_params, request.cache_salt,
-                   request.multimodal)
+                   body, segment.name if segment is not None else None), segment
 
     def engine_request(self) -> EngineRequest:
+        """The request, its arrays copied out of the segment; SegmentError when the segment is gone."""
+        multimodal = (unpack(self.multimodal, self.segment, MultimodalInputs) if self.multimodal is not None
+                      else None)
         return EngineRequest(self.request_id, self.prompt_token_ids, self.sampling_params, self.cache_salt,
-                             self.multimodal)
+                             multimodal)
 
 
 class AbortRequest(msgspec.Struct, tag="abort", array_like=True):

@@ -12,7 +12,10 @@ detokenization and stop strings run here, runtime/core/output_text.py; on a
 stop-string hit the client's stream ends at once and the core is told to abort
 the request, freeing its KV blocks) and hands the deltas to their requests'
 queues with one `call_soon_threadsafe` per event loop; a consumer that fell
-behind gets its pending deltas merged into one output. When the core process dies, every
+behind gets its pending deltas merged into one output. A VL request's image
+tensors go to the core through a shared-memory segment (runtime/core/shm_arrays.py)
+that this side unlinks as soon as the core has answered for the request (it
+has copied them then), or when the request ends or the core dies. When the core process dies, every
 in-flight request ends with EngineDeadError naming the exit code, `is_running`
 turns false (the server then reports NOT_SERVING) and new requests are refused
 at once: nothing waits on a dead process.
@@ -33,6 +36,7 @@ import tempfile
 import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
+from multiprocessing.shared_memory import SharedMemory
 from pathlib import Path
 
 import msgspec
@@ -54,6 +58,7 @@ from runtime.core.ipc import (
     WireRequest,
 )
 from runtime.core.output_text import OutputText
+from runtime.core.shm_arrays import release
 from runtime.errors import FieldError
 from runtime.outputs import RequestOutput
 
@@ -72,6 +77,7 @@ class _Stream:
     loop: asyncio.AbstractEventLoop
     text: OutputText                 # touched by the receiver thread only
     queue: asyncio.Queue[_Item] = field(default_factory=asyncio.Queue)
+    segment: SharedMemory | None = None    # the request's image tensors until the core has copied them
 
 
 class _StatsOnly:
@@ -157,7 +163,8 @@ class ProcessEngine:
             self._streams[request.request_id] = stream
         finished = False
         try:
-            self._send(WireRequest.of(request))
+            message, stream.segment = WireRequest.of(request)
+            self._send(message)
             while True:
                 items = [await stream.queue.get()]
                 while not stream.queue.empty():          # the consumer fell behind: one merged delta
@@ -176,6 +183,7 @@ class ProcessEngine:
         finally:
             with self._lock:
                 self._streams.pop(request.request_id, None)
+            self._release_segment(stream)
             if not finished and self.is_running:
                 self.abort(request.request_id)
 
@@ -251,6 +259,10 @@ class ProcessEngine:
         if isinstance(message, CoreOutputs):
             self._deliver(self._with_text(message.outputs))
         elif isinstance(message, AddRefused):
+            with self._lock:
+                refused = self._streams.get(message.request_id)
+            if refused is not None:
+                self._release_segment(refused)
             error: ValueError = (FieldError(message.field, message.message) if message.field
                                  else ValueError(message.message))
             self._deliver([(message.request_id, error)])
@@ -269,6 +281,8 @@ class ProcessEngine:
             found = [(self._streams.get(out.request_id), out) for out in outputs]
         items: list[tuple[str, _Item]] = []
         for stream, out in found:
+            if stream is not None and stream.segment is not None:
+                self._release_segment(stream)              # the core has answered: it holds the arrays
             if stream is None or stream.text.finished:     # gone, or ended here: the core's late deltas go nowhere
                 continue
             delta, abort = add_text(stream.text, out)
@@ -291,10 +305,19 @@ class ProcessEngine:
             except RuntimeError:      # that loop is closed: its consumers are gone
                 pass
 
+    def _release_segment(self, stream: _Stream) -> None:
+        with self._lock:
+            segment, stream.segment = stream.segment, None
+        if segment is not None:
+            release(segment)
+
     def _fail_all(self, error: BaseException) -> None:
         with self._lock:
             request_ids = list(self._streams)
+            streams = list(self._streams.values())
             calls, self._stats_calls = self._stats_calls, {}
+        for stream in streams:
+            self._release_segment(stream)
         self._deliver([(request_id, error) for request_id in request_ids])
         for future in calls.values():
             if not future.done():

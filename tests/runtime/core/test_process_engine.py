@@ -27,6 +27,7 @@ from runtime.core.engine_core import EngineCore, EngineRequest, collect_text
 from runtime.core.ipc import Codec, WireRequest
 from runtime.core.process_engine import ProcessEngine, merge_outputs
 from runtime.core.request import MultimodalSpan
+from runtime.core.shm_arrays import SegmentError, release, segment_prefix
 from runtime.errors import FieldError
 from runtime.multimodal.image_processing import ProcessedVisual
 from runtime.multimodal.processor import MultimodalInputs
@@ -179,9 +180,18 @@ def test_codec_round_trips_a_vl_request_and_merge_joins_deltas() -> None:
     mm = MultimodalInputs((visual,), (MultimodalSpan(3, 1, "h"),), np.arange(15, dtype=np.int64).reshape(3, 5), 2)
     request = EngineRequest("x", [1, 2, 3, 4, 5], SamplingParams(max_tokens=3, stop=("a",)), "salt", mm)
     codec = Codec()
-    back = codec.decode_to_core(codec.encode(WireRequest.of(request)))
+    message, segment = WireRequest.of(request)
+    assert segment is not None and segment.name.startswith(segment_prefix())
+    data = codec.encode(message)
+    assert visual.pixel_values.tobytes() not in data and mm.mrope_positions.tobytes() not in data, \
+        "the arrays travel in the segment, not in the message"
+    back = codec.decode_to_core(data)
     assert isinstance(back, WireRequest)
     got = back.engine_request()
+    release(segment)
+    with pytest.raises(SegmentError, match="is gone"):
+        back.engine_request()
+    assert WireRequest.of(EngineRequest("t", [1], GREEDY))[1] is None, "text requests need no segment"
     assert (got.request_id, got.prompt_token_ids, got.sampling_params, got.cache_salt) == \
         (request.request_id, request.prompt_token_ids, request.sampling_params, request.cache_salt)
     assert got.multimodal is not None and got.multimodal.spans == mm.spans and got.multimodal.mrope_delta == 2
