@@ -8,6 +8,7 @@ from pathlib import Path
 from builder.calib_data import QuantizeError
 from builder.pipeline import BuildRequest, build_engine
 from builder.quantize import QuantRequest
+from builder.vision_quant import VISION_QUANT_MODES
 from engine_format.quant_config import KV_CACHE_MODES, QUANT_MODES
 from builder.presets import DTYPES, PresetError, list_presets
 from builder.source import SourceError
@@ -33,11 +34,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quant", choices=tuple(QUANT_MODES),
                         help="quantize the LLM's linear layers (calibrated with NVIDIA Model Optimizer)")
     parser.add_argument("--kv-cache-dtype", choices=tuple(KV_CACHE_MODES), help="one-byte KV cache")
-    parser.add_argument("--calib-data", type=Path, help='calibration JSONL, one {"text": ...} per line '
-                        "(default: the bundled set)")
+    parser.add_argument("--calib-data", type=Path, help='calibration JSONL, one {"text": ...} per line; VL '
+                        'engines also take "image" / "images": paths relative to the file, or data:image/...;base64 '
+                        "URLs (default: the bundled set; VL: plus generated images)")
     parser.add_argument("--calib-size", type=int, default=32, help="calibration samples to use (default 32)")
     parser.add_argument("--export-hf", action="store_true",
                         help="also write llm/hf/: a Model Optimizer unified HF checkpoint (hf_quant_config.json)")
+    parser.add_argument("--vision-quant", choices=VISION_QUANT_MODES,
+                        help="VL engines: also write vision/encoder.int8.onnx (int8 Q/DQ, calibrated on the images), "
+                             "checked against the float tower; the onnxruntime vision backend serves it")
     parser.add_argument("--quiet", action="store_true")
     return parser.parse_args(argv)
 
@@ -46,8 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     from builder.progress import Progress
 
     args = parse_args(argv)
-    suffix = "".join(f"-{v}" for v in (args.dtype, args.quant, args.kv_cache_dtype and f"kv{args.kv_cache_dtype}")
-                     if v)
+    suffix = "".join(f"-{v}" for v in (args.dtype, args.quant, args.kv_cache_dtype and f"kv{args.kv_cache_dtype}",
+                                       args.vision_quant and f"vision{args.vision_quant}") if v)
     model_path = Path(args.model.rstrip("/"))
     name = model_path.stem if model_path.suffix == ".gguf" else model_path.name
     output = args.output or Path("engines") / f"{name}{suffix}"
@@ -57,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
                            force=args.force, validate=not args.no_validate, cache_dir=args.cache_dir,
                            overrides=overrides,
                            quant=QuantRequest(args.quant, args.kv_cache_dtype, args.calib_data, args.calib_size,
-                                              args.export_hf))
+                                              args.export_hf, args.vision_quant))
     try:
         result = build_engine(request, Progress(6, enabled=not args.quiet))
     except (PresetError, SourceError, ConversionError, VisionExportError, EngineLoadError, QuantizeError) as exc:

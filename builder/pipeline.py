@@ -20,8 +20,10 @@ from builder.convert import convert_state_dict, llm_config_from_hf, read_hf_stat
 from builder.perplexity import MAX_TEXT_TOKENS
 from builder.presets import BuildSettings
 from builder.progress import Progress
+from builder.calib_data import CalibSample
 from builder.quantize import QuantRequest, check_quant_request
-from builder.quantize_stage import QuantOutcome, quant_input_hash, quant_summary_line, quantize_report, quantize_stage
+from builder.quantize_stage import QuantOutcome, quant_input_hash, quant_summary_line, quantize_engine, quantize_report
+from builder.vision_quant import add_int8_pair, validate_vision_int8
 from builder.source import ResolvedSource, resolve_source
 from builder.validate import validate_engine
 from builder.validate_vision import add_vision_report, validate_vision, vision_summary, vision_summary_line
@@ -64,18 +66,18 @@ def build_engine(request: BuildRequest, progress: Progress | None = None) -> Bui
         if source.architecture in MROPE_ARCHITECTURES:
             progress.num_stages += VISION_STAGES
         settings = _settings(source, request)
-        texts = check_quant_request(request.quant, json.loads((source.hf_dir / "config.json").read_text()),
+        samples = check_quant_request(request.quant, json.loads((source.hf_dir / "config.json").read_text()),
                                     source.architecture in MROPE_ARCHITECTURES)
         input_hash = _input_hash(source, settings, request.validate)
-        if request.quant.active:
-            input_hash = quant_input_hash(input_hash, request.quant, texts)
+        if request.quant.calibrates:
+            input_hash = quant_input_hash(input_hash, request.quant, samples)
     if not request.force and _up_to_date(request.output, input_hash):
         progress.skip("build", f"{request.output} is up to date (input hash {input_hash[:12]}); --force rebuilds")
         return BuildResult(request.output, True, None)
     request.output.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{request.output.name}.", dir=request.output.parent))
     try:
-        manifest = _build_into(work, source, settings, request, input_hash, progress, texts)
+        manifest = _build_into(work, source, settings, request, input_hash, progress, samples)
         if request.output.exists():
             shutil.rmtree(request.output)
         work.replace(request.output)
@@ -86,7 +88,7 @@ def build_engine(request: BuildRequest, progress: Progress | None = None) -> Bui
 
 
 def _build_into(work: Path, source: ResolvedSource, settings: BuildSettings, request: BuildRequest,
-                input_hash: str, progress: Progress, texts: list[str]) -> dict[str, Any]:
+                input_hash: str, progress: Progress, samples: list[CalibSample]) -> dict[str, Any]:
     hf_config = json.loads((source.hf_dir / "config.json").read_text())
     with progress.stage("convert weights to the TensorRT-LLM checkpoint layout"):
         cfg = llm_config_from_hf(hf_config, source.architecture, settings.dtype)
@@ -102,16 +104,6 @@ def _build_into(work: Path, source: ResolvedSource, settings: BuildSettings, req
     del hf_state
     with progress.stage("copy tokenizer"):
         eos_ids, pad_id = _copy_tokenizer(source, work / "tokenizer", hf_config)
-    quant: QuantOutcome | None = None
-    if request.quant.active:
-        with progress.stage(f"quantize ({request.quant.quant or 'float'} weights, KV cache "
-                            f"{request.quant.kv_cache_dtype or settings.dtype}), calibrated with Model Optimizer"):
-            quant = quantize_stage(work, source.hf_dir, source.tokenizer_dir, cfg, tensors, request.quant, texts)
-            write_checkpoint(work / "llm", quant.cfg, quant.tensors)
-    else:
-        del tensors
-        progress.skip("quantize", "quantization 'none'")
-    progress.skip("compile TensorRT-LLM engine", _trtllm_missing_reason())
     manifest: dict[str, Any] = {
         "format_version": FORMAT_VERSION, "trtserve_version": TRTSERVE_VERSION,
         "name": request.output.name, "input_hash": input_hash,
@@ -123,11 +115,27 @@ def _build_into(work: Path, source: ResolvedSource, settings: BuildSettings, req
         "compile": {"tensorrt_llm": {"built": False, "reason": _trtllm_missing_reason()}},
         "generation": {"eos_token_ids": eos_ids, "pad_token_id": pad_id},
     }
-    if quant is not None:
-        manifest["quantization"] = quant.manifest
     if vision is not None:
         manifest["components"]["vision"] = vision.component
         manifest["compile"]["tensorrt_vision"] = vision.compile
+    quant: QuantOutcome | None = None
+    vision_int8 = None
+    if request.quant.calibrates:
+        with progress.stage(f"quantize ({request.quant.quant or 'float'} weights, KV cache "
+                            f"{request.quant.kv_cache_dtype or settings.dtype}, vision tower "
+                            f"{request.quant.vision_quant or 'float'})"):
+            quant, vision_int8 = quantize_engine(work, source.hf_dir, source.tokenizer_dir, cfg, tensors,
+                                                 request.quant, samples, manifest)
+    else:
+        progress.skip("quantize", "quantization 'none'")
+    progress.skip("compile TensorRT-LLM engine", _trtllm_missing_reason())
+    if quant is None:
+        del tensors
+    else:
+        manifest["quantization"] = quant.manifest
+    if vision_int8 is not None:
+        manifest["build"]["vision_quantization"] = request.quant.vision_quant
+        manifest["vision_quantization"] = vision_int8.manifest
     write_manifest(work, manifest)
     if request.validate:
         with progress.stage("validate against the HF reference" if quant is None
@@ -145,6 +153,8 @@ def _build_into(work: Path, source: ResolvedSource, settings: BuildSettings, req
                               f"(HF {report['perplexity']['reference']:.3f}), passed: {report['passed']}")
             if vision is not None:
                 report = add_vision_report(report, validate_vision(engine, source.hf_dir))
+                if vision_int8 is not None and engine.vision is not None and engine.vision.onnx_int8_path:
+                    report = add_int8_pair(report, validate_vision_int8(engine, engine.vision.onnx_int8_path))
                 progress.note(vision_summary_line(report["vision"]))
             del engine
             (work / "validation.json").write_text(json.dumps(report, indent=2) + "\n")

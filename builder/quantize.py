@@ -1,12 +1,16 @@
 """Quantization stage: checks of the flags, calibration with NVIDIA Model Optimizer, HF export.
 
-What it is for: `--quant {int8_wo,int4_awq,w8a8_sq,fp8}` / `--kv-cache-dtype {int8,fp8}`.
-The HF model (float32) runs the calibration texts twice: once with forward
+What it is for: `--quant {int8_wo,int4_awq,w8a8_sq,fp8}` / `--kv-cache-dtype {int8,fp8}`
+(and the checks of `--vision-quant`, which builder/vision_quant.py does).
+The HF model (float32) runs the calibration samples twice: once with forward
 pre-hooks that record each linear layer's per-channel input absmax (exact for
 any later per-tensor activation scale, fused layers included), once under
 Model Optimizer's `mtq.quantize`, whose search gives the AWQ and SmoothQuant
 pre-quant scales and whose attention quantizers give the KV-cache amax (k after
 RoPE, and v). The TensorRT-LLM tensors are then made by builder/quantize_pack.py.
+For a vision-language engine the calibrated module is the HF model's language model,
+fed by builder/quantize_vl.py: image samples reach it as the runtime's processor and
+vision encoder make them (embeddings at the placeholder rows, M-RoPE positions).
 Model Optimizer's own TensorRT-LLM export is not used: in 0.47 it fails on
 transformers 5 configs (ZeroDivisionError, missing rotary_base) and clamps FP8
 KV scales to >= 1; its unified HF export (`--export-hf`) works and is used.
@@ -21,12 +25,16 @@ import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from builder.calib_data import QuantizeError, read_calib_texts
+from builder.calib_data import CalibSample, QuantizeError, read_calib_samples
+from builder.vision_quant import check_vision_quant
 from engine_format.quant_config import AWQ_GROUP_SIZE, KV_CACHE_MODES, QUANT_MODES
+
+if TYPE_CHECKING:
+    from engine_format.engine_dir import LoadedEngine
 
 # TensorRT-LLM linear base (inside transformer.layers.{i}.) -> the HF modules feeding it (same input).
 HF_LINEARS: dict[str, tuple[str, ...]] = {
@@ -46,10 +54,16 @@ class QuantRequest:
     calib_data: Path | None = None
     calib_size: int = 32
     export_hf: bool = False
+    vision_quant: str | None = None         # "int8": int8 Q/DQ ONNX vision tower beside the float one
 
     @property
     def active(self) -> bool:
+        """The LLM is quantized (weights and / or KV cache)."""
         return self.quant is not None or self.kv_cache_dtype is not None
+
+    @property
+    def calibrates(self) -> bool:
+        return self.active or self.vision_quant is not None
 
 
 @dataclass(slots=True)
@@ -61,10 +75,22 @@ class Calibration:
     kv_amax: dict[int, float] = field(default_factory=dict)               # layer -> max |k|, |v|
     num_samples: int = 0
     num_tokens: int = 0
+    num_images: int = 0
+    vision_graph: str | None = None          # VL: the ONNX graph whose embeddings the LLM saw
 
 
-def check_quant_request(req: QuantRequest, hf_config: dict[str, Any], vision_language: bool) -> list[str]:
-    """Every check that needs no model: raises QuantizeError (one line naming the flag); returns the texts."""
+@dataclass(frozen=True, slots=True)
+class CalibTarget:
+    """The module Model Optimizer quantizes, its decoder layers, and how one batch runs through it."""
+
+    module: Any
+    layers: Any
+    batches: list[Any]
+    run: Callable[[Any, Any], None]
+
+
+def check_quant_request(req: QuantRequest, hf_config: dict[str, Any], vision_language: bool) -> list[CalibSample]:
+    """Every check that needs no model: raises QuantizeError (one line naming the flag); returns the samples."""
     if req.quant is not None and req.quant not in QUANT_MODES:
         raise QuantizeError(f"--quant: unknown mode {req.quant!r} (choose from {', '.join(QUANT_MODES)})")
     if req.kv_cache_dtype is not None and req.kv_cache_dtype not in KV_CACHE_MODES:
@@ -75,9 +101,10 @@ def check_quant_request(req: QuantRequest, hf_config: dict[str, Any], vision_lan
     if req.export_hf and req.kv_cache_dtype == "int8":
         raise QuantizeError("--export-hf: Model Optimizer's unified HF checkpoint has no int8 KV cache (fp8 only); "
                             "drop --kv-cache-dtype int8 or --export-hf")
-    if vision_language and req.active:
-        raise QuantizeError("--quant / --kv-cache-dtype: vision-language engines are not quantized by this version "
-                            "(text models only)")
+    check_vision_quant(req.vision_quant, vision_language)
+    if vision_language and req.export_hf:
+        raise QuantizeError("--export-hf: not written for vision-language engines by this version (the engine's "
+                            "llm/ checkpoint is; drop --export-hf)")
     text = hf_config.get("text_config") or hf_config
     if req.quant == "int4_awq":
         for key in ("hidden_size", "intermediate_size"):
@@ -86,43 +113,57 @@ def check_quant_request(req: QuantRequest, hf_config: dict[str, Any], vision_lan
                                     f"group size {AWQ_GROUP_SIZE}")
     if req.quant in ("w8a8_sq", "fp8", "int8_wo") and text["hidden_size"] % 16:
         raise QuantizeError(f"--quant {req.quant}: hidden_size {text['hidden_size']} is not a multiple of 16")
-    if not req.active:
+    if not req.calibrates:
         if req.calib_data is not None:
-            raise QuantizeError("--calib-data: only used with --quant or --kv-cache-dtype")
+            raise QuantizeError("--calib-data: only used with --quant, --kv-cache-dtype or --vision-quant")
         return []
-    if importlib.util.find_spec("modelopt") is None:
+    if req.active and importlib.util.find_spec("modelopt") is None:
         raise QuantizeError("--quant / --kv-cache-dtype: calibration needs NVIDIA Model Optimizer "
                             "(pip install 'trtserve[quant]', i.e. nvidia-modelopt)")
-    return read_calib_texts(req.calib_data, req.calib_size, vision_language)
+    samples = read_calib_samples(req.calib_data, req.calib_size, vision_language)
+    if req.vision_quant is not None and not any(s.images for s in samples):
+        raise QuantizeError(f"--vision-quant: the first {req.calib_size} samples of --calib-data hold no images "
+                            "(add \"image\" entries, or leave --calib-data out to use the bundled images)")
+    return samples
 
 
-def calibrate(hf_dir: Path, tokenizer_dir: Path, req: QuantRequest, texts: list[str],
-              hf_export_dir: Path | None) -> Calibration:
-    """Run the calibration texts through the HF model (float32, CPU); optionally write Model Optimizer's
-    unified HF checkpoint of the same quantization to `hf_export_dir`."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def calibrate(hf_dir: Path, tokenizer_dir: Path, req: QuantRequest, samples: list[CalibSample],
+              hf_export_dir: Path | None, engine: LoadedEngine | None = None) -> Calibration:
+    """Run the calibration samples through the HF model (float32, CPU); optionally write Model Optimizer's
+    unified HF checkpoint of the same quantization to `hf_export_dir`. `engine`: the VL engine being built
+    (its processor and vision encoder make the image samples' embeddings); None for a text model."""
+    calib = Calibration()
+    if engine is not None and engine.vision is not None:
+        from builder.quantize_vl import load_language_model, run_vl_batch, vl_calib_batches
 
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    batches = [torch.tensor([tokenizer(t, add_special_tokens=False)["input_ids"][:MAX_CALIB_TOKENS]])
-               for t in texts]
-    batches = [b for b in batches if b.shape[1] > 0]
-    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
-    calib = Calibration(num_samples=len(batches), num_tokens=sum(int(b.shape[1]) for b in batches))
-    _record_input_absmax(model, batches, calib)
-    _modelopt_calibrate(model, req, batches, calib)
-    if hf_export_dir is not None:
+        data = vl_calib_batches(engine, samples)
+        calib.num_images, calib.vision_graph = data.num_images, data.vision_graph
+        language_model = load_language_model(hf_dir)
+        target = CalibTarget(language_model, language_model.layers, list(data.batches), run_vl_batch)
+        lengths = [int(b.input_ids.shape[1]) for b in data.batches]
+        model = None
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+        batches = [torch.tensor([tokenizer(s.text, add_special_tokens=False)["input_ids"][:MAX_CALIB_TOKENS]])
+                   for s in samples]
+        batches = [b for b in batches if b.shape[1] > 0]
+        model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+        target = CalibTarget(model, model.model.layers, batches, lambda m, batch: m(batch))
+        lengths = [int(b.shape[1]) for b in batches]
+    calib.num_samples, calib.num_tokens = len(lengths), sum(lengths)
+    _record_input_absmax(target, calib)
+    _modelopt_calibrate(target, req, calib)
+    if hf_export_dir is not None and model is not None:
         _export_hf(model, hf_export_dir, tokenizer_dir)
     return calib
 
 
-def _layers(model: Any) -> Any:
-    return model.model.layers
-
-
 @torch.inference_mode()
-def _record_input_absmax(model: Any, batches: list[torch.Tensor], calib: Calibration) -> None:
+def _record_input_absmax(target: CalibTarget, calib: Calibration) -> None:
     handles = []
-    for i, layer in enumerate(_layers(model)):
+    for i, layer in enumerate(target.layers):
         for base, modules in HF_LINEARS.items():
             key = f"transformer.layers.{i}.{base}"
             module = layer.get_submodule(modules[0])
@@ -134,8 +175,8 @@ def _record_input_absmax(model: Any, batches: list[torch.Tensor], calib: Calibra
 
             handles.append(module.register_forward_pre_hook(hook))
     try:
-        for batch in batches:
-            model(batch)
+        for batch in target.batches:
+            target.run(target.module, batch)
     finally:
         for h in handles:
             h.remove()
@@ -155,18 +196,18 @@ def _modelopt_config(req: QuantRequest) -> dict[str, Any]:
     return cfg
 
 
-def _modelopt_calibrate(model: Any, req: QuantRequest, batches: list[torch.Tensor], calib: Calibration) -> None:
+def _modelopt_calibrate(target: CalibTarget, req: QuantRequest, calib: Calibration) -> None:
     import modelopt.torch.quantization as mtq
 
     def forward_loop(m: Any) -> None:
         with torch.no_grad():
-            for batch in batches:
-                m(batch)
+            for batch in target.batches:
+                target.run(m, batch)
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        mtq.quantize(model, _modelopt_config(req), forward_loop)
-    for i, layer in enumerate(_layers(model)):
+        mtq.quantize(target.module, _modelopt_config(req), forward_loop)
+    for i, layer in enumerate(target.layers):
         if req.quant in ("int4_awq", "w8a8_sq"):
             for base, modules in HF_LINEARS.items():
                 scales = []

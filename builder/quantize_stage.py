@@ -1,13 +1,17 @@
 """The quantize stage of the build pipeline: calibrate, pack, describe; and its validation step.
 
-What it is for: the two calls builder/pipeline.py makes for a quantized build:
-`quantize_stage` (float checkpoint tensors -> quantized config + tensors, the
-optional `llm/hf/` export, and the manifest's `quantization` entry) and
-`quantize_report` (the validation report against the same model unquantized).
+What it is for: the calls builder/pipeline.py makes for a quantized build:
+`quantize_engine` (for a VL engine: the engine as built so far, float LLM, is written
+and loaded first, since its processor and vision encoder make the calibration images'
+embeddings; then `--vision-quant`'s int8 ONNX tower; then the LLM), `quantize_stage`
+(float checkpoint tensors -> quantized config + tensors, the optional `llm/hf/`
+export, and the manifest's `quantization` entry) and `quantize_report` (the validation
+report against the same model unquantized).
 Not for: the arithmetic (quantize_pack.py), calibration (quantize.py) or the metrics (quantize_validate.py).
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from dataclasses import dataclass, replace
@@ -16,10 +20,13 @@ from typing import Any
 
 import torch
 
+from builder.calib_data import CalibSample
 from builder.quantize import QuantRequest, calibrate
 from builder.quantize_pack import quantize_checkpoint
 from builder.quantize_validate import validate_quantized
-from engine_format.engine_dir import LoadedEngine
+from builder.vision_quant import VisionQuantResult, quantize_vision_onnx
+from builder.convert import write_checkpoint
+from engine_format.engine_dir import LoadedEngine, load_engine, write_manifest
 from engine_format.llm_config import LLMConfig
 from engine_format.quant_config import QuantSpec
 
@@ -47,20 +54,56 @@ class QuantOutcome:
     manifest: dict[str, Any]
 
 
-def quant_input_hash(base_hash: str, req: QuantRequest, texts: list[str]) -> str:
-    """The build's input hash extended by the quantization flags and the calibration texts."""
+def quant_input_hash(base_hash: str, req: QuantRequest, samples: list[CalibSample]) -> str:
+    """The build's input hash extended by the quantization flags and the calibration samples (texts, pixels)."""
     digest = hashlib.sha256(base_hash.encode())
     digest.update(json.dumps({"quant": req.quant, "kv": req.kv_cache_dtype, "export_hf": req.export_hf,
-                              "texts": texts}, sort_keys=True).encode())
+                              "vision_quant": req.vision_quant, "samples": [s.digest() for s in samples]},
+                             sort_keys=True).encode())
     return digest.hexdigest()
 
 
+def quantize_engine(work: Path, hf_dir: Path, tokenizer_dir: Path, cfg: LLMConfig, tensors: dict[str, torch.Tensor],
+                    req: QuantRequest, samples: list[CalibSample], manifest: dict[str, Any]
+                    ) -> tuple[QuantOutcome | None, VisionQuantResult | None]:
+    """Quantize what `req` asks into `work`: the vision tower's int8 graph (components.vision of `manifest`
+    gains `onnx_int8`) and / or the LLM (llm/ holds the quantized checkpoint afterwards)."""
+    engine = None
+    vision_int8 = None
+    if "vision" in manifest["components"]:
+        if req.active:       # a float LLM build wrote it already
+            write_checkpoint(work / "llm", cfg, tensors)
+        engine = _provisional_engine(work, manifest)
+        if req.vision_quant is not None:
+            vision_int8 = quantize_vision_onnx(engine, [image for s in samples for image in s.images])
+            manifest["components"]["vision"]["onnx_int8"] = vision_int8.onnx
+            if vision_int8.onnx_data:
+                manifest["components"]["vision"]["onnx_int8_data"] = vision_int8.onnx_data
+            engine = _provisional_engine(work, manifest)
+    quant = None
+    if req.active:
+        quant = quantize_stage(work, hf_dir, tokenizer_dir, cfg, tensors, req, samples, engine)
+        write_checkpoint(work / "llm", quant.cfg, quant.tensors)
+    return quant, vision_int8
+
+
+def _provisional_engine(work: Path, manifest: dict[str, Any]) -> LoadedEngine:
+    """The engine as built so far (float LLM), loaded as the server would load it."""
+    float_manifest = copy.deepcopy(manifest)
+    float_manifest["build"].update(quantization="none", kv_cache_dtype=float_manifest["build"]["dtype"])
+    write_manifest(work, float_manifest)
+    return load_engine(work, verify_checksums=False)
+
+
 def quantize_stage(work: Path, hf_dir: Path, tokenizer_dir: Path, cfg: LLMConfig, tensors: dict[str, torch.Tensor],
-                   req: QuantRequest, texts: list[str]) -> QuantOutcome:
+                   req: QuantRequest, samples: list[CalibSample], engine: LoadedEngine | None = None
+                   ) -> QuantOutcome:
+    """`engine`: for a VL build, the engine as built so far (float LLM), whose processor and vision encoder
+    make the image samples' embeddings."""
     import modelopt
 
     hf_out = work / "llm" / "hf" if req.export_hf else None
-    calib = calibrate(hf_dir, tokenizer_dir, req, texts, hf_out)
+    calib = calibrate(hf_dir, tokenizer_dir, req, samples, hf_out, engine)
     qcfg = replace(cfg, quant=QuantSpec.for_modes(req.quant, req.kv_cache_dtype))
     qtensors = quantize_checkpoint(tensors, qcfg, calib)
     entry: dict[str, Any] = {
@@ -71,6 +114,12 @@ def quantize_stage(work: Path, hf_dir: Path, tokenizer_dir: Path, cfg: LLMConfig
                         "num_samples": calib.num_samples, "num_tokens": calib.num_tokens},
         "runtime_kernels": RUNTIME_KERNELS.get(qcfg.quant_algo or "", {}),
     }
+    if calib.vision_graph is not None:
+        entry["calibration"].update(
+            num_images=calib.num_images,
+            images="runtime processor + vision encoder on vision/" + calib.vision_graph + "; embeddings at the "
+                   "placeholder rows of the HF language model's inputs_embeds" + ("" if req.calib_data else
+                   " (bundled: generated images, builder/calib_images.py)"))
     if qcfg.kv_cache_quant_algo:
         entry["kv_cache"] = KV_KERNELS[qcfg.kv_cache_quant_algo]
     if hf_out is not None:

@@ -7,7 +7,9 @@ are teacher-forced on the same tokens: the fixed validation prompts followed by
 the float model's greedy continuation; and both score the project's bundled
 public-domain text (builder/perplexity.py) for perplexity. Reported: top-1 agreement, max and mean |logit
 error| (absolute, and relative to max |float logit|), mean KL(float || quant)
-in nats, and both perplexities. The build fails outside the mode's tolerance.
+in nats, and both perplexities. The build fails outside the mode's tolerance. A
+vision-language engine adds image prompts (builder/quantize_validate_vl.py) to the
+teacher-forced positions, and reports them apart under `image_prompts` too.
 Not for: parity of the float model with HF (builder/validate.py does that).
 """
 from __future__ import annotations
@@ -75,18 +77,29 @@ def validate_quantized(engine: LoadedEngine, float_cfg: LLMConfig, float_tensors
         sequences.append(ids + runner.greedy(ids, num_new_tokens))
     ref_all = torch.cat([_teacher_forced(reference, s, block) for s in sequences])
     q_all = torch.cat([_teacher_forced(quantized, s, block) for s in sequences])
+    images: dict[str, Any] | None = None
+    if engine.vision is not None:
+        from builder.quantize_validate_vl import image_logits, image_set
+
+        found = image_set(engine)
+        ref_img, q_img = image_logits(reference, quantized, found, num_new_tokens, block)
+        images = {"num_prompts": len(found.prompts), "positions": int(ref_img.shape[0]),
+                  "num_image_rows": sum(n for p in found.prompts for _, n in p.spans),
+                  "vision_graph": {"reference": "vision/encoder.onnx (float)",
+                                   "engine": f"vision/{found.served_graph} (what the server runs)"},
+                  **_agreement(ref_img, q_img)}
+        ref_all, q_all = torch.cat([ref_all, ref_img]), torch.cat([q_all, q_img])
     err = (q_all - ref_all).abs()
     scale = max(1.0, float(ref_all.abs().max()))
-    log_p, log_q = torch.log_softmax(ref_all.double(), -1), torch.log_softmax(q_all.double(), -1)
-    kl = float((log_p.exp() * (log_p - log_q)).sum(-1).mean())
-    agree = float((ref_all.argmax(-1) == q_all.argmax(-1)).float().mean())
+    metrics = _agreement(ref_all, q_all)
+    kl, agree = metrics["kl_divergence"], metrics["top1_agreement"]
     text_ids = text_token_ids(tokenizer, PERPLEXITY_TOKENS)
     window = min(PERPLEXITY_TOKENS, engine.build.max_seq_len)
     ppl_ref = perplexity(engine_window_logits(reference, window, block), text_ids, window).perplexity
     ppl_q = perplexity(engine_window_logits(quantized, window, block), text_ids, window).perplexity
     tol = tolerance_for(engine.llm_config)
     passed = agree >= tol.min_top1_agreement and kl <= tol.max_kl and ppl_q / ppl_ref <= tol.max_ppl_ratio
-    return {
+    report = {
         "reference": f"the same model unquantized ({float_cfg.dtype}, PyTorch executor, cpu)",
         "dtype": engine.llm_config.dtype,
         "quant_algo": engine.llm_config.quant_algo, "kv_cache_quant_algo": engine.llm_config.kv_cache_quant_algo,
@@ -100,6 +113,17 @@ def validate_quantized(engine: LoadedEngine, float_cfg: LLMConfig, float_tensors
         "decisive_disagreements": 0 if passed else int((ref_all.argmax(-1) != q_all.argmax(-1)).sum()),
         "passed": bool(passed),
     }
+    if images is not None:
+        report["image_prompts"] = images
+    return report
+
+
+def _agreement(ref: torch.Tensor, quant: torch.Tensor) -> dict[str, float]:
+    """Top-1 agreement and mean KL(float || quant) in nats over the rows of two logit matrices."""
+    log_p, log_q = torch.log_softmax(ref.double(), -1), torch.log_softmax(quant.double(), -1)
+    return {"top1_agreement": float((ref.argmax(-1) == quant.argmax(-1)).float().mean()),
+            "kl_divergence": float((log_p.exp() * (log_p - log_q)).sum(-1).mean()),
+            "max_abs_err": float((quant - ref).abs().max())}
 
 
 def _teacher_forced(model: DecoderModel, ids: list[int], block: int) -> torch.Tensor:

@@ -27,9 +27,11 @@ ALLOWED: dict[str, frozenset[str]] = {
     "bench": frozenset(),
 }
 # the validation step (parity with HF, the vision tower across backends, a quantized build against its float
-# model, perplexity beside HF) runs the built engine; the ONNX export traces the runtime's one vision tower
+# model, perplexity beside HF) runs the built engine; the ONNX export traces the runtime's one vision tower; a VL
+# engine's calibration (LLM and int8 vision graph) runs the runtime's processor and vision encoder on its images
 BUILDER_MODULES_USING_RUNTIME = frozenset({"builder.validate", "builder.validate_vision", "builder.quantize_validate",
-                                           "builder.perplexity", "builder.vision_export"})
+                                           "builder.perplexity", "builder.vision_export", "builder.quantize_vl",
+                                           "builder.quantize_validate_vl", "builder.vision_quant"})
 GRPC_CLIENT_SIDE = ("grpc_service.client", "grpc_service.proto", "grpc_service.launcher")
 IMPORT_FUNCTIONS = frozenset({"import_module", "__import__"})
 
