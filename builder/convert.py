@@ -36,8 +36,10 @@ def text_config(hf_config: dict[str, Any]) -> dict[str, Any]:
     return {**sub, "tie_word_embeddings": hf_config.get("tie_word_embeddings", sub.get("tie_word_embeddings", False))}
 
 
-def llm_config_from_hf(full_config: dict[str, Any], architecture: str, dtype: str) -> LLMConfig:
-    hf_config = text_config(full_config)
+def llm_config_from_hf(full_config: dict[str, Any], architecture: str, dtype: str,
+                       text: dict[str, Any] | None = None) -> LLMConfig:
+    """`text`: the language model's HF fields where a vision-language family keeps them elsewhere."""
+    hf_config = text if text is not None else text_config(full_config)
     heads = hf_config["num_attention_heads"]
     hidden = hf_config["hidden_size"]
     head_size = hf_config.get("head_dim") or hidden // heads
@@ -94,9 +96,11 @@ def llm_prefix(hf: dict[str, torch.Tensor]) -> str:
     return HF_VL_TEXT_PREFIX if any(k.startswith(HF_VL_TEXT_PREFIX) for k in hf) else HF_PREFIX
 
 
-def convert_state_dict(hf: dict[str, torch.Tensor], cfg: LLMConfig) -> dict[str, torch.Tensor]:
-    """Map HF tensors to checkpoint tensors, cast to the config dtype, shapes checked."""
-    prefix = llm_prefix(hf)
+def convert_state_dict(hf: dict[str, torch.Tensor], cfg: LLMConfig, prefix: str | None = None,
+                       lm_head: str = "lm_head.weight") -> dict[str, torch.Tensor]:
+    """Map HF tensors to checkpoint tensors, cast to the config dtype, shapes checked. `prefix` / `lm_head`:
+    where a vision-language family's checkpoint keeps the LLM (builder/families/, LLMKeys)."""
+    prefix = prefix if prefix is not None else llm_prefix(hf)
 
     def take(name: str) -> torch.Tensor:
         if prefix + name not in hf:
@@ -109,10 +113,10 @@ def convert_state_dict(hf: dict[str, torch.Tensor], cfg: LLMConfig) -> dict[str,
     }
     if cfg.tie_word_embeddings:
         out["lm_head.weight"] = out["transformer.vocab_embedding.weight"]
-    elif "lm_head.weight" in hf:
-        out["lm_head.weight"] = hf["lm_head.weight"]
+    elif lm_head in hf:
+        out["lm_head.weight"] = hf[lm_head]
     else:
-        raise ConversionError("HF checkpoint is missing tensor 'lm_head.weight' (tie_word_embeddings is false)")
+        raise ConversionError(f"HF checkpoint is missing tensor {lm_head!r} (tie_word_embeddings is false)")
     for i in range(cfg.num_hidden_layers):
         src, dst = f"layers.{i}.", layer_prefix(i) + "."
         attn = src + "self_attn."

@@ -13,18 +13,17 @@ from typing import Any
 
 import yaml
 
+from builder.families import BUILD_FAMILIES, build_family_for, vl_model_types
+
 CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
 PRESETS_DIR = CONFIGS_DIR / "models"
 
-ARCHITECTURES = {
-    "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
-    "qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
-}
+TEXT_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+# Vision-language families (builder/families/) add their HF model types.
+ARCHITECTURES = {**TEXT_ARCHITECTURES,
+                 **{model_type: arch for family in BUILD_FAMILIES for model_type, arch in family.hf_architectures.items()}}
 FAMILIES = tuple(ARCHITECTURES)
-VL_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
-# Image-processor parameters a vision-language preset must state (vision/config.json "preprocessing").
-PREPROCESSING_KEYS = ("patch_size", "temporal_patch_size", "merge_size", "min_pixels", "max_pixels",
-                      "image_mean", "image_std", "rescale_factor")
+VL_FAMILIES = vl_model_types()
 SOURCES = ("random", "hub", "gguf")
 TOKENIZERS = ("offline", "source")
 DTYPES = ("fp32", "fp16", "bf16")
@@ -135,21 +134,23 @@ def preset_from_dict(data: Any, origin: str) -> ModelPreset:
 
 def _preprocessing(data: dict[str, Any], origin: str) -> dict[str, Any] | None:
     value = data.get("preprocessing")
-    if data["family"] not in VL_FAMILIES:
+    family = build_family_for(data["family"])
+    if family is None:
         if value is not None:
             raise PresetError(f"{origin}: preprocessing is only for the families {VL_FAMILIES}")
         return None
+    keys = family.preprocessing_keys      # the image-processor parameters (vision/config.json "preprocessing")
     if not isinstance(value, dict):
         raise PresetError(f"{origin}: family {data['family']!r} needs a preprocessing mapping "
-                          f"({', '.join(PREPROCESSING_KEYS)})")
-    missing = [k for k in PREPROCESSING_KEYS if k not in value]
-    unknown = sorted(set(value) - set(PREPROCESSING_KEYS))
+                          f"({', '.join(keys)})")
+    missing = [k for k in keys if k not in value]
+    unknown = sorted(set(value) - set(keys))
     if missing or unknown:
         raise PresetError(f"{origin}: preprocessing: missing keys {missing}, unknown keys {unknown}")
     for key in ("image_mean", "image_std"):
-        if not (isinstance(value[key], list) and len(value[key]) == 3):
+        if key in keys and not (isinstance(value[key], list) and len(value[key]) == 3):
             raise PresetError(f"{origin}: preprocessing.{key} must be a list of 3 numbers, got {value[key]!r}")
-    if not 0 < value["min_pixels"] <= value["max_pixels"]:
+    if "min_pixels" in keys and not 0 < value["min_pixels"] <= value["max_pixels"]:
         raise PresetError(f"{origin}: preprocessing.min_pixels ({value['min_pixels']}) must be positive and "
                           f"at most max_pixels ({value['max_pixels']})")
     return dict(value)

@@ -21,7 +21,6 @@ import torch
 from builder.gguf_source import load_gguf_reference
 from builder.perplexity import MAX_TEXT_TOKENS, perplexity_report
 from engine_format.engine_dir import LoadedEngine
-from engine_format.llm_config import MROPE_ARCHITECTURES
 from runtime.executor.model import DecoderModel
 from runtime.executor.sequential import SequentialRunner
 
@@ -37,14 +36,14 @@ TOLERANCE = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 6e-2}
 PERPLEXITY_TOLERANCE = {"float32": 1e-3, "float16": 2e-2, "bfloat16": 5e-2}
 
 
-def load_hf_reference(hf_dir: Path, architecture: str, dtype: torch.dtype, gguf_file: Path | None = None) -> Any:
-    """The HF model an engine is compared with (VL architectures load through the image-text-to-text class;
-    a GGUF source through transformers' GGUF loader)."""
+def load_hf_reference(hf_dir: Path, vision_language: bool, dtype: torch.dtype, gguf_file: Path | None = None) -> Any:
+    """The HF model an engine is compared with (vision-language checkpoints load through the image-text-to-text
+    class; a GGUF source through transformers' GGUF loader)."""
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     if gguf_file is not None:
         return load_gguf_reference(gguf_file, dtype)
-    auto_class = AutoModelForImageTextToText if architecture in MROPE_ARCHITECTURES else AutoModelForCausalLM
+    auto_class = AutoModelForImageTextToText if vision_language else AutoModelForCausalLM
     return auto_class.from_pretrained(str(hf_dir), dtype=dtype).eval()
 
 
@@ -55,7 +54,7 @@ def validate_engine(engine: LoadedEngine, hf_dir: Path, num_new_tokens: int = 16
 
     dtype = getattr(torch, engine.llm_config.dtype)
     tokenizer = AutoTokenizer.from_pretrained(str(engine.tokenizer_dir))
-    hf = load_hf_reference(hf_dir, engine.llm_config.architecture, dtype, gguf_file)
+    hf = load_hf_reference(hf_dir, engine.vision is not None, dtype, gguf_file)
     model = DecoderModel(engine.llm_config, engine.weights, torch.device("cpu"))
     tol = TOLERANCE[engine.llm_config.dtype]
     prompts = []

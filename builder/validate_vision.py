@@ -22,17 +22,14 @@ import numpy as np
 import torch
 from polygraphy.backend.base import BaseRunner
 
-from builder.vision_convert import VISION_PREFIXES
-from builder.vision_export import OUTPUT_NAME, example_inputs, input_names
+from builder.families import build_family_for_vision
+from builder.vision_export import example_inputs
 from engine_format.engine_dir import LoadedEngine
 from engine_format.vision_config import VisionConfig
+from runtime.families import vision_family
+from runtime.families.base import OUTPUT_NAME, Grid
 from runtime.vision.vision_encoder import session_options
-from runtime.vision.vision_inputs import GridTHW
-from runtime.vision.vision_model import vision_forward
 
-# Several images per call, a video (t > 1), sizes above one Qwen2.5-VL window at real shape (8 x 8 patches).
-GRIDS: tuple[tuple[GridTHW, ...], ...] = (((1, 2, 2),), ((1, 6, 8), (1, 10, 4)), ((2, 4, 6),),
-                                          ((1, 12, 20), (3, 2, 4)))
 TOLERANCE = 1e-5                      # float32 everywhere: max |a - b| / max(1, max |HF|)
 PAIRS = (("pytorch", "hf"), ("onnxruntime", "pytorch"), ("onnxruntime", "hf"))
 
@@ -63,42 +60,15 @@ class TowerRunner(BaseRunner):
 
 
 def _ours(cfg: VisionConfig, weights: dict[str, torch.Tensor]) -> TowerRunner:
+    family = vision_family(cfg)
     w32 = {name: t.float() for name, t in weights.items()}
-    meta = [("pixel_values", np.float32, (-1, cfg.patch_dim)), ("position_ids", np.int64, (-1, 2)),
-            ("cu_seqlens", np.int32, (-1,))]
-    if cfg.uses_windows:
-        meta += [("window_index", np.int64, (-1,)), ("cu_window_seqlens", np.int32, (-1,))]
-    return TowerRunner("pytorch", meta, lambda f: vision_forward(
-        cfg, w32, f["pixel_values"], f["position_ids"], f["cu_seqlens"], f.get("window_index"),
-        f.get("cu_window_seqlens")))
-
-
-def hf_tower(hf_dir: Path, dtype: torch.dtype) -> Any:
-    """transformers' vision tower with the checkpoint's own tensors, rounded to `dtype`, in float32."""
-    from safetensors import safe_open
-    from transformers import AutoConfig
-    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
-    from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
-
-    config = AutoConfig.from_pretrained(str(hf_dir))
-    tower_class = {"qwen2_vl": Qwen2VisionTransformerPretrainedModel,
-                   "qwen2_5_vl": Qwen2_5_VisionTransformerPretrainedModel}[config.model_type]
-    tower = tower_class._from_config(config.vision_config, dtype=torch.float32).eval()
-    state: dict[str, torch.Tensor] = {}
-    for path in sorted(hf_dir.glob("*.safetensors")):
-        with safe_open(str(path), "pt") as f:
-            for key in f.keys():
-                prefix = next((p for p in VISION_PREFIXES if key.startswith(p)), None)
-                if prefix:
-                    state[key[len(prefix):]] = f.get_tensor(key).to(dtype).float()
-    tower.load_state_dict(state, strict=True)
-    return tower
+    meta = [(i.name, i.dtype, tuple(-1 if isinstance(d, str) else d for d in i.dims)) for i in family.onnx_inputs()]
+    return TowerRunner("pytorch", meta, lambda f: family.forward(w32, f, segmented=True))
 
 
 def _hf(cfg: VisionConfig, hf_dir: Path) -> TowerRunner:
-    tower = hf_tower(hf_dir, getattr(torch, cfg.dtype))
-    meta = [("pixel_values", np.float32, (-1, cfg.patch_dim)), ("grid_thw", np.int64, (-1, 3))]
-    return TowerRunner("hf", meta, lambda f: tower(f["pixel_values"], grid_thw=f["grid_thw"]).pooler_output)
+    tower = build_family_for_vision(cfg).hf_tower(hf_dir, cfg)
+    return TowerRunner("hf", list(tower.inputs), tower.forward)
 
 
 def _onnxruntime(onnx_path: Path) -> Any:
@@ -110,10 +80,10 @@ def _onnxruntime(onnx_path: Path) -> Any:
                         name="onnxruntime")
 
 
-def data_loader(cfg: VisionConfig) -> list[OrderedDict]:
-    """One feed dict per entry of GRIDS: every runner's inputs (each takes the ones it declares)."""
+def data_loader(cfg: VisionConfig, grid_sets: tuple[tuple[Grid, ...], ...]) -> list[OrderedDict]:
+    """One feed dict per grid set: every runner's inputs (each takes the ones it declares)."""
     feeds = []
-    for i, grids in enumerate(GRIDS):
+    for i, grids in enumerate(grid_sets):
         feed = OrderedDict((name, t.numpy()) for name, t in example_inputs(cfg, grids, seed=i).items())
         feed["grid_thw"] = np.array(grids, dtype=np.int64)
         feeds.append(feed)
@@ -126,10 +96,11 @@ def validate_vision(engine: LoadedEngine, hf_dir: Path) -> dict[str, Any]:
 
     assert engine.vision is not None, "validate_vision needs a VL engine"
     cfg = engine.vision.config
+    grid_sets = build_family_for_vision(cfg).validation_grids
     runners = [_onnxruntime(engine.vision.onnx_path), _ours(cfg, engine.vision.load_weights()), _hf(cfg, hf_dir)]
     index = {runner.name: i for i, runner in enumerate(runners)}
     with G_LOGGER.verbosity(G_LOGGER.ERROR):
-        results = Comparator.run(runners, data_loader=data_loader(cfg))
+        results = Comparator.run(runners, data_loader=data_loader(cfg, grid_sets))
         ref = [np.abs(out[OUTPUT_NAME]).max() for out in results[index["hf"]][1]]
         scale = max(1.0, float(max(ref)))
         accuracy = Comparator.compare_accuracy(
@@ -147,8 +118,8 @@ def validate_vision(engine: LoadedEngine, hf_dir: Path) -> dict[str, Any]:
         "reference": f"transformers {__import__('transformers').__version__} vision tower, float32, weights "
                      f"rounded to {cfg.dtype}; onnxruntime {__import__('onnxruntime').__version__} CPU",
         "comparator": f"polygraphy {__import__('polygraphy').__version__} Comparator",
-        "grids": [[list(g) for g in grids] for grids in GRIDS],
-        "num_patches": [int(sum(t * h * w for t, h, w in grids)) for grids in GRIDS],
+        "grids": [[list(g) for g in grids] for grids in grid_sets],
+        "num_patches": [int(sum(t * h * w for t, h, w, *_ in grids)) for grids in grid_sets],
         "scale": scale, "tolerance": {"max_abs_err_over_scale": TOLERANCE},
         "pairs": pairs, "passed": all(p["passed"] for p in pairs.values()),
     }

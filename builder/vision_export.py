@@ -1,11 +1,11 @@
 """Export the vision tower to `vision/encoder.onnx` with a dynamic patch count.
 
 What it is for: the ONNX graph every non-PyTorch vision backend runs (ONNX
-Runtime here, TensorRT where installed). The exported module is
-`runtime.vision.vision_model.vision_forward` with `segmented=False` (REFERENCE.md
-section 4): host-computed positions and segment boundaries come in as inputs,
-the block-diagonal mask is built in the graph, and one SDPA call serves any
-number of images. The TorchScript exporter (`dynamo=False`) is used: the
+Runtime here, TensorRT where installed), for any family (docs/design/families.md).
+The exported module is the family's `forward` with `segmented=False` (REFERENCE.md
+section 4): its host-computed inputs (`encoder_feed`, named by `onnx_inputs`) come
+in as graph inputs, so one graph serves any number of images (Qwen2-VL: positions
+and segment boundaries in, the block-diagonal mask built in the graph, one SDPA call). The TorchScript exporter (`dynamo=False`) is used: the
 dynamo exporter specialises or fails on this graph. Towers whose float32
 weights would pass protobuf's 2 GB limit are written with external data
 (`encoder.onnx` + `encoder.onnx.data`).
@@ -22,17 +22,13 @@ from pathlib import Path
 import torch
 
 from engine_format.vision_config import VisionConfig
-from runtime.vision.vision_inputs import GridTHW, vision_inputs
-from runtime.vision.vision_model import vision_forward
+from runtime.families import vision_family
+from runtime.families.base import OUTPUT_NAME, Grid, VisionFamily
 
 ONNX_FILE = "encoder.onnx"
 ONNX_DATA_FILE = "encoder.onnx.data"
 OPSET = 17
 EXTERNAL_DATA_BYTES = 1 << 30     # above this many weight bytes the weights go to ONNX_DATA_FILE
-# Two images of different sizes: the trace sees several segments (and windows for Qwen2.5-VL).
-EXPORT_GRIDS: tuple[GridTHW, ...] = ((1, 4, 6), (1, 8, 8))
-INPUT_NAMES = ("pixel_values", "position_ids", "cu_seqlens", "window_index", "cu_window_seqlens")
-OUTPUT_NAME = "image_embeds"
 
 
 class VisionExportError(RuntimeError):
@@ -43,40 +39,34 @@ class VisionExportError(RuntimeError):
 class ExportedVision:
     onnx: str                  # relative to the engine directory
     onnx_data: str | None      # external weights file, when the tower is large
-    export_grids: tuple[GridTHW, ...]
+    export_grids: tuple[Grid, ...]
 
 
 class VisionTowerModule(torch.nn.Module):
-    """`vision_forward` with the weights as float32 buffers, for tracing; the mask path (segmented=False)."""
+    """The family's `forward` with the weights as float32 buffers, for tracing (segmented=False);
+    positional inputs in `onnx_inputs()` order."""
 
-    def __init__(self, cfg: VisionConfig, weights: dict[str, torch.Tensor]) -> None:
+    def __init__(self, family: VisionFamily, weights: dict[str, torch.Tensor]) -> None:
         super().__init__()
-        self.cfg = cfg
+        self.family = family
+        self.input_names = tuple(i.name for i in family.onnx_inputs())
         self.names = sorted(weights)
         for i, name in enumerate(self.names):
             self.register_buffer(f"w{i}", weights[name].to(torch.float32).contiguous(), persistent=True)
 
-    def forward(self, pixel_values: torch.Tensor, position_ids: torch.Tensor, cu_seqlens: torch.Tensor,
-                window_index: torch.Tensor | None = None,
-                cu_window_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         weights = {name: getattr(self, f"w{i}") for i, name in enumerate(self.names)}
-        return vision_forward(self.cfg, weights, pixel_values, position_ids, cu_seqlens, window_index,
-                              cu_window_seqlens, segmented=False)
+        return self.family.forward(weights, dict(zip(self.input_names, inputs, strict=True)), segmented=False)
 
 
 def input_names(cfg: VisionConfig) -> tuple[str, ...]:
-    return INPUT_NAMES if cfg.uses_windows else INPUT_NAMES[:3]
+    return tuple(i.name for i in vision_family(cfg).onnx_inputs())
 
 
-def example_inputs(cfg: VisionConfig, grids: tuple[GridTHW, ...], seed: int = 0) -> dict[str, torch.Tensor]:
-    """Feed dict (ONNX input name -> tensor) for `grids`, pixel values drawn from a seeded normal."""
-    inputs = vision_inputs(grids, cfg)
-    generator = torch.Generator().manual_seed(seed)
-    feed = {"pixel_values": torch.randn(inputs.num_patches, cfg.patch_dim, generator=generator),
-            "position_ids": inputs.position_ids, "cu_seqlens": inputs.cu_seqlens}
-    if cfg.uses_windows:
-        feed.update(window_index=inputs.window_index, cu_window_seqlens=inputs.cu_window_seqlens)
-    return feed
+def example_inputs(cfg: VisionConfig, grids: tuple[Grid, ...], seed: int = 0) -> dict[str, torch.Tensor]:
+    """Feed dict (ONNX input name -> tensor) for `grids`, pixel values from a seeded generator."""
+    family = vision_family(cfg)
+    return family.encoder_feed(family.random_pixels(grids, torch.Generator().manual_seed(seed)), grids)
 
 
 def export_vision_onnx(vision_dir: Path, cfg: VisionConfig, weights: dict[str, torch.Tensor],
@@ -84,12 +74,14 @@ def export_vision_onnx(vision_dir: Path, cfg: VisionConfig, weights: dict[str, t
     """Write vision_dir/encoder.onnx (and encoder.onnx.data for large towers); returns relative paths."""
     import onnx
 
-    module = VisionTowerModule(cfg, weights).eval()
-    feed = example_inputs(cfg, EXPORT_GRIDS)
+    family = vision_family(cfg)
+    module = VisionTowerModule(family, weights).eval()
+    grids = family.export_grids
+    feed = example_inputs(cfg, grids)
     names = input_names(cfg)
-    dynamic = {"pixel_values": {0: "num_patches"}, "position_ids": {0: "num_patches"},
-               "cu_seqlens": {0: "num_segments_plus_1"}, "window_index": {0: "num_merged_tokens"},
-               "cu_window_seqlens": {0: "num_windows_plus_1"}, OUTPUT_NAME: {0: "num_merged_tokens"}}
+    dynamic = {i.name: {axis: dim for axis, dim in enumerate(i.dims) if isinstance(dim, str)}
+               for i in family.onnx_inputs()}
+    dynamic[OUTPUT_NAME] = {0: "num_merged_tokens"}      # the embedding rows
     weight_bytes = sum(t.numel() * 4 for t in module.buffers())
     external = weight_bytes > external_data_bytes
     scratch = Path(tempfile.mkdtemp(prefix=".onnx-export.", dir=vision_dir))
@@ -114,4 +106,4 @@ def export_vision_onnx(vision_dir: Path, cfg: VisionConfig, weights: dict[str, t
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     rel = lambda name: (vision_dir / name).relative_to(engine_root).as_posix()   # noqa: E731
-    return ExportedVision(rel(ONNX_FILE), rel(ONNX_DATA_FILE) if external else None, EXPORT_GRIDS)
+    return ExportedVision(rel(ONNX_FILE), rel(ONNX_DATA_FILE) if external else None, grids)

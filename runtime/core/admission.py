@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from runtime.core.request import EngineRequest
 from runtime.errors import FieldError
-from runtime.multimodal.mrope import MRopeSpec
+from runtime.families.base import VisionFamily
 from runtime.multimodal.processor import check_multimodal
 from runtime.sampling_params import SamplingParams
 
@@ -40,7 +40,7 @@ class AdmissionLimits:
     max_seq_len: int                  # prompt + generated tokens of one request
     num_kv_blocks: int
     tokens_per_block: int
-    mrope: MRopeSpec | None = None    # VL engines: placeholder ids and merge size; None: text only
+    vision: VisionFamily | None = None   # VL engines: placeholders and positions; None: text only
     eos_token_ids: tuple[int, ...] = ()   # banned while min_tokens are due (SamplingParams.validate)
 
     def num_blocks_needed(self, num_tokens: int) -> int:
@@ -58,7 +58,7 @@ def check_request(request: EngineRequest, limits: AdmissionLimits,
     params = request.sampling_params.validate(limits.vocab_size, limits.eos_token_ids)
     _check_prompt(request.prompt_token_ids, limits)
     _check_capacity(len(request.prompt_token_ids), params.max_tokens, limits)
-    check_multimodal(request.prompt_token_ids, request.multimodal, limits.mrope)
+    check_multimodal(request.prompt_token_ids, request.multimodal, limits.vision)
     return params
 
 

@@ -27,7 +27,7 @@ from runtime.core.request import EngineRequest, Request, RequestStatus
 from runtime.core.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from runtime.executor.executor import PyTorchExecutor
 from runtime.executor.sampler import Sampler, SamplerOutput, TokenLogprobs, make_generator
-from runtime.multimodal.processor import mrope_spec_of
+from runtime.multimodal.processor import family_of
 from runtime.outputs import RequestOutput, Usage
 from runtime.sampling_params import SamplingParams
 from runtime.structured.grammars import GrammarCache
@@ -75,7 +75,7 @@ class EngineCore:
         # structured output: compiled grammars, shared with the network face (which compiles before admission)
         self.grammars = GrammarCache(self.tokenizer, self.vocab_size, engine.eos_token_ids)
         self.limits = AdmissionLimits(self.vocab_size, build.max_input_len, build.max_seq_len,
-                                      layout.num_kv_blocks, layout.tokens_per_block, mrope_spec_of(engine),
+                                      layout.num_kv_blocks, layout.tokens_per_block, family_of(engine),
                                       engine.eos_token_ids)
         self._num_steps = 0
         self._num_generated_tokens = 0

@@ -4,8 +4,9 @@ What it is for: turning a `SchedulerOutput` into logits for the requests that
 sample, on CPU or CUDA, and sizing the KV pool at start-up (`EngineLayout`: from a profiled
 warm-up on CUDA, runtime/executor/memory_profile.py and kv_sizing.py). On CUDA, decode-only
 steps replay graphs captured at start-up (runtime/executor/cuda_graphs.py); the rest run eagerly.
-On a VL engine each chunk also gets its M-RoPE positions and the vision
-embeddings of the placeholder rows it computes (runtime/vision/encoder_cache.py).
+On a VL engine each chunk also gets its M-RoPE positions (M-RoPE families) and the
+vision embeddings of the placeholder rows it computes (runtime/vision/encoder_cache.py),
+whatever the family.
 Not for: choosing tokens (runtime/executor/sampler.py) or which requests run.
 """
 from __future__ import annotations
@@ -86,11 +87,12 @@ class PyTorchExecutor:
 
 def _sequence_chunk(s: ScheduledRequest, embeds: tuple[tuple[int, torch.Tensor], ...]) -> SequenceChunk:
     """The chunk with its positions: M-RoPE rows only where it computes prompt tokens of a multimodal
-    request; elsewhere (decode, text) every axis is p + delta, so 1-D positions carry it."""
+    request of an M-RoPE family; elsewhere (decode, text, 1-D RoPE families) every axis is p + delta,
+    so 1-D positions carry it."""
     start, end = s.num_computed_tokens, s.num_computed_tokens + s.num_new_tokens
     mm = s.request.multimodal
     delta, rows = 0, None
-    if mm is not None:
+    if mm is not None and mm.mrope_positions is not None:
         delta = mm.mrope_delta
         if start < mm.mrope_positions.shape[1]:
             rows = positions_for_range(mm.mrope_positions, delta, start, end)

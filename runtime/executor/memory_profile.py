@@ -9,8 +9,6 @@ Not for: sizing the pool or owning the cache.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from engine_format.engine_dir import LoadedEngine
@@ -19,6 +17,7 @@ from runtime.executor.forward_batch import ForwardBatch, SequenceChunk
 from runtime.executor.kv_sizing import GpuMemory
 from runtime.executor.kv_storage import KVStorage, bytes_per_block
 from runtime.executor.model import DecoderModel
+from runtime.families import vision_family
 from runtime.vision.vision_encoder import VisionEncoder
 
 
@@ -42,11 +41,10 @@ def warm_up_forward(model: DecoderModel, encoder: VisionEncoder | None, engine: 
     torch.sort(torch.softmax(logits, dim=-1), dim=-1, descending=True)
     vision_rows = 0
     if encoder is not None and engine.vision is not None:
-        vision = engine.vision.config
-        merge = vision.spatial_merge_size
-        side = max(merge, math.isqrt(config.max_encoder_patches) // merge * merge)
-        pixels = torch.randn((side * side, vision.patch_dim), generator=torch.Generator().manual_seed(0))
-        vision_rows = int(encoder.encode(pixels, [(1, side, side)]).shape[0])
+        family = vision_family(engine.vision.config)
+        grids = family.profile_grids(config.max_encoder_patches)
+        pixels = family.random_pixels(grids, torch.Generator().manual_seed(0))
+        vision_rows = int(encoder.encode(pixels, grids).shape[0])
     return num_blocks * bytes_per_block(engine.llm_config, block_size, model.dtype), int(logits.shape[0]), vision_rows
 
 

@@ -198,7 +198,7 @@ class VisionEmbedder:
         batches: list[list[ProcessedVisual]] = []
         num_patches = 0
         for visual in visuals:
-            size = int(visual.pixel_values.shape[0])
+            size = visual.num_patches
             if batches and num_patches + size <= self.max_encoder_patches:
                 batches[-1].append(visual)
                 num_patches += size

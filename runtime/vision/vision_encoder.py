@@ -1,10 +1,11 @@
 """Vision encoders: patches of one or more images in, image embeddings out.
 
 What it is for: the `VisionEncoder` protocol the executor calls, its PyTorch
-implementation (runtime/vision/vision_model.py over vision/encoder.safetensors) and
+implementation (the family's `forward` over vision/encoder.safetensors) and
 its ONNX Runtime implementation (vision/encoder.onnx, CPU provider), and
 `load_vision_encoder`, which picks one ("auto": ONNX Runtime on CPU, PyTorch
-on CUDA). Both take the same host-side inputs (runtime/vision/vision_inputs.py).
+on CUDA). Both take the same host-side inputs, the family's `encoder_feed`
+(runtime/families/), whatever the family.
 Not for: preprocessing images, caching embeddings or batching across requests.
 """
 from __future__ import annotations
@@ -13,11 +14,10 @@ from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
 import torch
 
-from runtime.errors import FieldError
 from engine_format.errors import EngineLoadError
-from engine_format.vision_config import MAX_PATCHES_PER_ONNX_CALL, VisionConfig
-from runtime.vision.vision_inputs import GridTHW, num_patches, vision_inputs
-from runtime.vision.vision_model import vision_forward
+from engine_format.vision_config import VisionConfig
+from runtime.families import vision_family
+from runtime.families.base import Grid
 
 if TYPE_CHECKING:
     from engine_format.engine_dir import LoadedEngine
@@ -26,22 +26,14 @@ BACKENDS = ("auto", "pytorch", "onnxruntime")
 
 
 class VisionEncoder(Protocol):
-    def encode(self, pixel_values: torch.Tensor, grid_thws: list[tuple[int, int, int]]) -> torch.Tensor:
-        """[sum t*h*w, C*T*P*P] float32 -> [sum num_tokens, out_hidden_size] float32, rows in input order."""
+    def encode(self, pixel_values: torch.Tensor, grid_thws: list[Grid]) -> torch.Tensor:
+        """The visuals' pixel_values (concatenated along axis 0) and grids -> [sum num_tokens, out_hidden_size]
+        float32, rows in input order."""
         ...
 
 
 class VisionBackendError(RuntimeError):
     """A vision backend is unknown or cannot run here; the message says what to install or choose."""
-
-
-def check_pixel_values(pixel_values: torch.Tensor, grid_thws: Sequence[GridTHW], cfg: VisionConfig) -> None:
-    want = (num_patches(grid_thws), cfg.patch_dim)
-    if pixel_values.dim() != 2 or tuple(pixel_values.shape) != want:
-        raise FieldError("pixel_values", f"expected shape {list(want)} for grids {list(grid_thws)}, "
-                         f"got {list(pixel_values.shape)}")
-    if not pixel_values.is_floating_point():
-        raise FieldError("pixel_values", f"expected a floating-point tensor, got {pixel_values.dtype}")
 
 
 class TorchVisionEncoder:
@@ -50,55 +42,55 @@ class TorchVisionEncoder:
     def __init__(self, cfg: VisionConfig, weights: dict[str, torch.Tensor], device: torch.device,
                  dtype: torch.dtype | None = None) -> None:
         self.cfg = cfg
+        self.family = vision_family(cfg)
         self.device = device
         self.weights = {name: t.to(device=device, dtype=dtype or t.dtype) for name, t in weights.items()}
 
     @torch.inference_mode()
-    def encode(self, pixel_values: torch.Tensor, grid_thws: list[tuple[int, int, int]]) -> torch.Tensor:
-        check_pixel_values(pixel_values, grid_thws, self.cfg)
-        inputs = vision_inputs(grid_thws, self.cfg)
-        move = lambda t: None if t is None else t.to(self.device)   # noqa: E731
-        out = vision_forward(self.cfg, self.weights, pixel_values.to(self.device), move(inputs.position_ids),
-                             move(inputs.cu_seqlens), move(inputs.window_index), move(inputs.cu_window_seqlens))
-        return out.float()
+    def encode(self, pixel_values: torch.Tensor, grid_thws: list[Grid]) -> torch.Tensor:
+        feed = self.family.encoder_feed(pixel_values, grid_thws)
+        feed = {name: t.to(self.device) for name, t in feed.items()}
+        return self.family.forward(self.weights, feed, segmented=True).float()
 
 
 class OnnxVisionEncoder:
     """vision/encoder.onnx on ONNX Runtime's CPU provider."""
 
     def __init__(self, onnx_path: str, cfg: VisionConfig, num_threads: int = 0,
-                 max_patches_per_call: int = MAX_PATCHES_PER_ONNX_CALL) -> None:
+                 max_patches_per_call: int | None = None) -> None:
         ort = import_onnxruntime()
         self.cfg = cfg
-        self.max_patches_per_call = max_patches_per_call
+        self.family = vision_family(cfg)
+        self.max_patches_per_call = max_patches_per_call or self.family.max_patches_per_onnx_call
         self.session = ort.InferenceSession(onnx_path, session_options(num_threads),
                                             providers=["CPUExecutionProvider"])
         self.input_names = [i.name for i in self.session.get_inputs()]
 
-    def encode(self, pixel_values: torch.Tensor, grid_thws: list[tuple[int, int, int]]) -> torch.Tensor:
-        check_pixel_values(pixel_values, grid_thws, self.cfg)
+    def encode(self, pixel_values: torch.Tensor, grid_thws: list[Grid]) -> torch.Tensor:
+        self.family.encoder_feed(pixel_values, grid_thws)       # checks the whole call before any group runs
+        pixel_values = pixel_values.detach().to("cpu", torch.float32)
         outputs, start = [], 0
         for group in _groups(grid_thws, self.max_patches_per_call):
-            count = num_patches(group)
+            count = _num_patches(group)
             outputs.append(self._run(pixel_values[start:start + count], group))
             start += count
         return torch.cat(outputs)
 
-    def _run(self, pixel_values: torch.Tensor, grids: list[GridTHW]) -> torch.Tensor:
-        inputs = vision_inputs(grids, self.cfg)
-        feed = {"pixel_values": pixel_values.detach().to("cpu", torch.float32).contiguous().numpy(),
-                "position_ids": inputs.position_ids.numpy(), "cu_seqlens": inputs.cu_seqlens.numpy()}
-        if inputs.window_index is not None:
-            feed.update(window_index=inputs.window_index.numpy(), cu_window_seqlens=inputs.cu_window_seqlens.numpy())
-        (out,) = self.session.run(None, {name: feed[name] for name in self.input_names})
+    def _run(self, pixel_values: torch.Tensor, grids: list[Grid]) -> torch.Tensor:
+        feed = self.family.encoder_feed(pixel_values, grids)
+        (out,) = self.session.run(None, {name: feed[name].contiguous().numpy() for name in self.input_names})
         return torch.from_numpy(out)
 
 
-def _groups(grid_thws: Sequence[GridTHW], max_patches: int) -> list[list[GridTHW]]:
-    """Consecutive images, packed greedily up to max_patches per group (an image is never split)."""
-    groups: list[list[GridTHW]] = [[]]
+def _num_patches(grids: Sequence[Grid]) -> int:
+    return sum(t * h * w for t, h, w, *_ in grids)
+
+
+def _groups(grid_thws: Sequence[Grid], max_patches: int) -> list[list[Grid]]:
+    """Consecutive visuals, packed greedily up to max_patches per group (a visual is never split)."""
+    groups: list[list[Grid]] = [[]]
     for grid in grid_thws:
-        if groups[-1] and num_patches(groups[-1]) + num_patches([grid]) > max_patches:
+        if groups[-1] and _num_patches(groups[-1]) + _num_patches([grid]) > max_patches:
             groups.append([])
         groups[-1].append(tuple(grid))
     return groups

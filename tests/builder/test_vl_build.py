@@ -14,8 +14,8 @@ from safetensors.torch import load_file, save_file
 from builder.convert import read_hf_state_dict
 from builder.pipeline import BuildRequest, build_engine
 from builder.progress import Progress
-from builder.validate_vision import hf_tower
-from builder.vision_export import EXPORT_GRIDS
+from builder.families.qwen2_vl import hf_tower
+from runtime.families.qwen2_vl import EXPORT_GRIDS
 from engine_format.engine_dir import load_engine
 from runtime.vision.vision_encoder import (
     OnnxVisionEncoder,

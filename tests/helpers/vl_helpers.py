@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 
 from engine_format.engine_dir import LoadedEngine
-from runtime.multimodal.image_processing import PreprocessConfig, preprocess_video
-from runtime.multimodal.processor import IMAGE_PAD, VIDEO_PAD
+from runtime.families.qwen2_vl import IMAGE_PAD, VIDEO_PAD
+from runtime.families.qwen2_vl.preprocess import PreprocessConfig, preprocess_video
 from tests.conftest import hf_dir_of
 
 VL_PRESETS = ["tiny-qwen2-vl", "tiny-qwen2.5-vl"]

@@ -21,7 +21,8 @@ from runtime.core.engine_core import EngineCore, EngineRequest, collect_text
 from engine_format.engine_dir import load_engine
 from runtime.errors import FieldError
 from runtime.multimodal.image_io import ImageLimits
-from runtime.multimodal.processor import IMAGE_PAD, VISION_END, VISION_START, MultimodalProcessor
+from runtime.families.qwen2_vl import IMAGE_PAD, VISION_END, VISION_START
+from runtime.multimodal.processor import MultimodalProcessor
 from runtime.sampling_params import SamplingParams
 from tests.helpers.engine_helpers import (
     assert_all_blocks_free,
@@ -272,12 +273,12 @@ def test_process_text_puts_blocks_first_or_uses_the_given_ones(processor) -> Non
     np.testing.assert_array_equal(implicit.mrope_positions, explicit.mrope_positions)
     span = implicit.spans[0]
     assert span.offset == 1 and span.length == implicit.visuals[0].num_tokens
-    assert set(implicit_ids[span.offset:span.offset + span.length]) == {processor.spec.image_token_id}
+    assert set(implicit_ids[span.offset:span.offset + span.length]) == {processor.family.config.image_token_id}
     # visuals follow the placeholders' text order, whatever the argument order
     ids, mm = processor.process_text(f"a{VISION_START}<|video_pad|>{VISION_END}b{VISION_START}{IMAGE_PAD}"
                                      f"{VISION_END}c", [image], [(noise_frames(61, 2, 56, 56), 1.0)])
     assert [v.kind for v in mm.visuals] == ["video", "image"]
-    spec = processor.spec
+    spec = processor.family.config
     assert [ids[s.offset] for s in mm.spans] == [spec.video_token_id, spec.image_token_id]
     assert mm.spans[0].offset + mm.spans[0].length < mm.spans[1].offset
 

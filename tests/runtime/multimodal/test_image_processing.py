@@ -21,13 +21,8 @@ from transformers.models.qwen2_vl import image_processing_pil_qwen2_vl as hf_qwe
 
 from runtime.errors import FieldError
 from runtime.multimodal.image_io import ImageLimits, decode_image
-from runtime.multimodal.image_processing import (
-    PreprocessConfig,
-    ProcessedVisual,
-    preprocess_image,
-    preprocess_video,
-    smart_resize,
-)
+from runtime.families.qwen2_vl.preprocess import PreprocessConfig, preprocess_image, preprocess_video, smart_resize
+from runtime.multimodal.image_processing import ProcessedVisual
 
 MEAN = [0.48145466, 0.4578275, 0.40821073]
 STD = [0.26862954, 0.26130258, 0.27577711]

@@ -7,7 +7,7 @@ import torch
 from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position_ids, get_vision_window_index
 
 from runtime.errors import FieldError
-from runtime.vision.vision_inputs import check_grids, cu_seqlens, num_merged_tokens, position_ids, window_index
+from runtime.families.qwen2_vl.tower_inputs import check_grids, cu_seqlens, num_merged_tokens, position_ids, window_index
 
 GRIDS = [
     [(1, 2, 2)],

@@ -8,7 +8,7 @@ Every vision backend (PyTorch, ONNX Runtime, TensorRT) takes exactly these,
 so they are computed here once, on the CPU, with the same semantics as
 transformers' `get_vision_position_ids` / `get_vision_cu_seqlens` /
 `get_vision_window_index`.
-Not for: running the tower (runtime/vision/vision_model.py) or image preprocessing.
+Not for: running the tower (runtime/families/qwen2_vl/tower.py) or image preprocessing.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from runtime.errors import FieldError
-from engine_format.vision_config import VisionConfig
+from engine_format.families.qwen2_vl import QwenVisionConfig
 
 GridTHW = tuple[int, int, int]
 
@@ -98,7 +98,7 @@ def window_index(grid_thws: Sequence[GridTHW], merge: int, window_side: int) -> 
     return np.concatenate(order).astype(np.int64), bounds
 
 
-def vision_inputs(grid_thws: Sequence[GridTHW], cfg: VisionConfig) -> VisionInputs:
+def vision_inputs(grid_thws: Sequence[GridTHW], cfg: QwenVisionConfig) -> VisionInputs:
     grids = [tuple(int(x) for x in g) for g in grid_thws]
     check_grids(grids, cfg.spatial_merge_size)
     windows = window_index(grids, cfg.spatial_merge_size, cfg.window_merged_side) if cfg.uses_windows else None

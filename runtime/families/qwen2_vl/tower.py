@@ -4,7 +4,7 @@ What it is for: one forward pass from flattened patches (`pixel_values`
 [N, C*T*P*P], HF patch order) to merged image embeddings [N / merge^2,
 out_hidden_size], reading exactly the tensors of `vision/encoder.safetensors`.
 All data-dependent inputs (2-D positions, segment and window boundaries) come
-from runtime/vision/vision_inputs.py, so the same function is the PyTorch backend and,
+from runtime/families/qwen2_vl/tower_inputs.py, so the same function is the PyTorch backend and,
 with `segmented=False`, the graph exported to ONNX: attention then uses one
 block-diagonal mask built in the graph and a single SDPA call.
 Qwen2-VL: LayerNorm, QuickGELU MLP. Qwen2.5-VL: RMSNorm, gated SiLU MLP,
@@ -17,11 +17,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from engine_format.families.qwen2_vl import NORM_EPS
-from engine_format.families.qwen2_vl import QwenVisionConfig as VisionConfig
+from engine_format.families.qwen2_vl import NORM_EPS, QwenVisionConfig
 
 
-def vision_forward(cfg: VisionConfig, w: dict[str, torch.Tensor], pixel_values: torch.Tensor,
+def vision_forward(cfg: QwenVisionConfig, w: dict[str, torch.Tensor], pixel_values: torch.Tensor,
                    position_ids: torch.Tensor, cu_seqlens: torch.Tensor,
                    window_index: torch.Tensor | None = None, cu_window_seqlens: torch.Tensor | None = None,
                    segmented: bool = True) -> torch.Tensor:
@@ -35,7 +34,7 @@ def vision_forward(cfg: VisionConfig, w: dict[str, torch.Tensor], pixel_values: 
     cos, sin = rotary_cos_sin(cfg, position_ids)
     if cfg.uses_windows:
         if window_index is None or cu_window_seqlens is None:
-            raise ValueError("Qwen2.5-VL needs window_index and cu_window_seqlens (runtime/vision/vision_inputs.py)")
+            raise ValueError("Qwen2.5-VL needs window_index and cu_window_seqlens (runtime/families/qwen2_vl/tower_inputs.py)")
         x, cos, sin = (_to_window_order(t, window_index, cfg.merge_unit) for t in (x, cos, sin))
     for i in range(cfg.depth):
         full = not cfg.uses_windows or i in cfg.fullatt_block_indexes
@@ -47,7 +46,7 @@ def vision_forward(cfg: VisionConfig, w: dict[str, torch.Tensor], pixel_values: 
     return merged
 
 
-def rotary_cos_sin(cfg: VisionConfig, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def rotary_cos_sin(cfg: QwenVisionConfig, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """2-D rotary: head_dim / 4 frequencies per axis; angles (rows | columns) repeated over both halves."""
     quarter = cfg.head_dim // 2
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, quarter, 2, dtype=torch.float32) / quarter))
@@ -62,13 +61,13 @@ def _to_window_order(t: torch.Tensor, window_index: torch.Tensor, unit: int) -> 
     return t.reshape(-1, unit, t.shape[-1])[window_index].reshape(-1, t.shape[-1])
 
 
-def _block(cfg: VisionConfig, w: dict[str, torch.Tensor], p: str, x: torch.Tensor, cos: torch.Tensor,
+def _block(cfg: QwenVisionConfig, w: dict[str, torch.Tensor], p: str, x: torch.Tensor, cos: torch.Tensor,
            sin: torch.Tensor, bounds: torch.Tensor, segmented: bool) -> torch.Tensor:
     x = x + _attention(cfg, w, p + "attn.", _norm(cfg, w, p + "norm1", x), cos, sin, bounds, segmented)
     return x + _mlp(cfg, w, p + "mlp.", _norm(cfg, w, p + "norm2", x))
 
 
-def _norm(cfg: VisionConfig, w: dict[str, torch.Tensor], name: str, x: torch.Tensor) -> torch.Tensor:
+def _norm(cfg: QwenVisionConfig, w: dict[str, torch.Tensor], name: str, x: torch.Tensor) -> torch.Tensor:
     if not cfg.uses_windows:
         return F.layer_norm(x, (cfg.embed_dim,), w[name + ".weight"], w[name + ".bias"], NORM_EPS)
     x32 = x.to(torch.float32)
@@ -76,7 +75,7 @@ def _norm(cfg: VisionConfig, w: dict[str, torch.Tensor], name: str, x: torch.Ten
     return w[name + ".weight"] * x32.to(x.dtype)
 
 
-def _mlp(cfg: VisionConfig, w: dict[str, torch.Tensor], p: str, x: torch.Tensor) -> torch.Tensor:
+def _mlp(cfg: QwenVisionConfig, w: dict[str, torch.Tensor], p: str, x: torch.Tensor) -> torch.Tensor:
     if cfg.uses_windows:
         gate = F.linear(x, w[p + "gate_proj.weight"], w[p + "gate_proj.bias"])
         up = F.linear(x, w[p + "up_proj.weight"], w[p + "up_proj.bias"])
@@ -94,7 +93,7 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return (x32 * cos[:, None, :] + rotated * sin[:, None, :]).to(x.dtype)
 
 
-def _attention(cfg: VisionConfig, w: dict[str, torch.Tensor], p: str, x: torch.Tensor, cos: torch.Tensor,
+def _attention(cfg: QwenVisionConfig, w: dict[str, torch.Tensor], p: str, x: torch.Tensor, cos: torch.Tensor,
                sin: torch.Tensor, bounds: torch.Tensor, segmented: bool) -> torch.Tensor:
     n = x.shape[0]
     qkv = F.linear(x, w[p + "qkv.weight"], w[p + "qkv.bias"]).reshape(n, 3, cfg.num_heads, cfg.head_dim)
@@ -117,7 +116,7 @@ def block_diagonal_mask(bounds: torch.Tensor, n: int) -> torch.Tensor:
     return segment[:, None] == segment[None, :]
 
 
-def _merger(cfg: VisionConfig, w: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+def _merger(cfg: QwenVisionConfig, w: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     x = _norm(cfg, w, "merger.ln_q", x).reshape(-1, cfg.embed_dim * cfg.merge_unit)
     x = F.gelu(F.linear(x, w["merger.mlp.0.weight"], w["merger.mlp.0.bias"]))
     return F.linear(x, w["merger.mlp.2.weight"], w["merger.mlp.2.bias"])

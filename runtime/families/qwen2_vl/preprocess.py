@@ -1,0 +1,187 @@
+"""Qwen2-VL / Qwen2.5-VL pixel preprocessing, equal to Hugging Face's image processor.
+
+What it is for: turning decoded RGB images and video frames into the flat patch
+rows the vision tower takes (`pixel_values [t*h*w, C*T*P*P]` float32 in HF's patch
+order) plus `grid_thw`, the per-visual metadata and a content hash for prefix
+caching. Pillow and numpy only; no torch.
+Not for: decoding bytes or enforcing request limits (see `runtime/multimodal/image_io.py`),
+tokenisation or M-RoPE positions (see `runtime/multimodal/processor.py`, `runtime/multimodal/mrope.py`).
+Colour conversion is the shared `to_rgb` (runtime/multimodal/image_processing.py).
+
+Equality with HF (`Qwen2VLImageProcessorPil`, transformers 5.x) is exact, bit for
+bit: the same `smart_resize`, a Pillow bicubic resize of the uint8 RGB image,
+rescale in float64 then cast to float32, normalise in float32, and the same patch
+order. Videos use the same per-frame steps (HF's video processor resizes with
+torchvision instead, which this module cannot match without torch) and HF's
+video patch order, padding the frame count to a multiple of
+`temporal_patch_size` by repeating the last frame as HF does.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from runtime.errors import FieldError
+from runtime.multimodal.image_processing import MAX_ASPECT_RATIO, ProcessedVisual, content_hash, to_rgb
+
+_CONFIG_FIELD = "preprocessing"
+_INT_KEYS = ("patch_size", "temporal_patch_size", "merge_size", "min_pixels", "max_pixels")
+_TRIPLE_KEYS = ("image_mean", "image_std")
+_ALL_KEYS = frozenset(_INT_KEYS + _TRIPLE_KEYS + ("rescale_factor",))
+
+
+@dataclass(frozen=True, slots=True)
+class PreprocessConfig:
+    """The `preprocessing` block of `vision/config.json` (HF preprocessor_config values)."""
+
+    patch_size: int
+    temporal_patch_size: int
+    merge_size: int
+    min_pixels: int
+    max_pixels: int
+    image_mean: tuple[float, float, float]
+    image_std: tuple[float, float, float]
+    rescale_factor: float
+
+    @property
+    def factor(self) -> int:
+        """Side lengths after resizing are multiples of this (one merged patch)."""
+        return self.patch_size * self.merge_size
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, object]) -> PreprocessConfig:
+        """Validate and build; a FieldError names `preprocessing.<key>` and the rule."""
+        if not isinstance(d, Mapping):
+            raise FieldError(_CONFIG_FIELD, f"must be an object, got {type(d).__name__}")
+        unknown = sorted(str(k) for k in d if k not in _ALL_KEYS)
+        if unknown:
+            raise FieldError(f"{_CONFIG_FIELD}.{unknown[0]}", "unknown key")
+        missing = sorted(k for k in _ALL_KEYS if k not in d)
+        if missing:
+            raise FieldError(f"{_CONFIG_FIELD}.{missing[0]}", "missing")
+        ints = {k: _positive_int(k, d[k]) for k in _INT_KEYS}
+        if ints["max_pixels"] < ints["min_pixels"]:
+            raise FieldError(f"{_CONFIG_FIELD}.max_pixels",
+                             f"must be >= min_pixels ({ints['min_pixels']}), got {ints['max_pixels']}")
+        mean = _float_triple("image_mean", d["image_mean"], positive=False)
+        std = _float_triple("image_std", d["image_std"], positive=True)
+        rescale = _finite_float("rescale_factor", d["rescale_factor"])
+        if not rescale > 0:
+            raise FieldError(f"{_CONFIG_FIELD}.rescale_factor", f"must be > 0, got {rescale}")
+        return cls(image_mean=mean, image_std=std, rescale_factor=rescale, **ints)
+
+
+def smart_resize(height: int, width: int, cfg: PreprocessConfig,
+                 field: str = "image") -> tuple[int, int]:
+    """HF's `smart_resize`: sides become multiples of `cfg.factor`, area within [min, max] pixels.
+
+    Raises FieldError where HF raises (aspect ratio above 200) and for empty images.
+    """
+    if height < 1 or width < 1:
+        raise FieldError(field, f"image is {width}x{height}; both sides must be >= 1 pixel")
+    ratio = max(height, width) / min(height, width)
+    if ratio > MAX_ASPECT_RATIO:
+        raise FieldError(field, f"image is {width}x{height}: aspect ratio {ratio:.1f} is above "
+                                f"the limit of {MAX_ASPECT_RATIO}")
+    factor = cfg.factor
+    h_bar = round(height / factor) * factor
+    w_bar = round(width / factor) * factor
+    if h_bar * w_bar > cfg.max_pixels:
+        beta = math.sqrt((height * width) / cfg.max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < cfg.min_pixels:
+        beta = math.sqrt(cfg.min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+def preprocess_image(image: Image.Image, cfg: PreprocessConfig, *,
+                     field: str = "image") -> ProcessedVisual:
+    """One image -> `[h*w, C*T*P*P]` patch rows with grid (1, h, w), equal to HF."""
+    frame = _normalised_frame(image, cfg, field)
+    frames = np.broadcast_to(frame, (cfg.temporal_patch_size, *frame.shape))
+    return _make_visual("image", frames, cfg, second_per_grid_t=0.0)
+
+
+def preprocess_video(frames: Sequence[Image.Image], cfg: PreprocessConfig, fps: float, *,
+                     field: str = "video") -> ProcessedVisual:
+    """Already-sampled frames shown at `fps` -> patch rows with grid (t, h, w).
+
+    All frames must have one size. The frame count is padded to a multiple of
+    `temporal_patch_size` by repeating the last frame (as HF does).
+    """
+    if not (isinstance(fps, (int, float)) and math.isfinite(fps) and fps > 0):
+        raise FieldError(f"{field}.fps", f"must be a finite number > 0, got {fps!r}")
+    if len(frames) == 0:
+        raise FieldError(field, "video has no frames")
+    size = frames[0].size
+    for index, frame in enumerate(frames):
+        if frame.size != size:
+            raise FieldError(f"{field}[{index}]", f"frame is {frame.size[0]}x{frame.size[1]}, "
+                                                  f"frame 0 is {size[0]}x{size[1]}")
+    arrays = [_normalised_frame(frame, cfg, f"{field}[{i}]") for i, frame in enumerate(frames)]
+    pad = -len(arrays) % cfg.temporal_patch_size
+    arrays.extend([arrays[-1]] * pad)
+    stacked = np.stack(arrays)
+    return _make_visual("video", stacked, cfg, second_per_grid_t=cfg.temporal_patch_size / fps)
+
+
+def _normalised_frame(image: Image.Image, cfg: PreprocessConfig, field: str) -> np.ndarray:
+    """Resize (bicubic), rescale and normalise one frame -> float32 [H, W, C]."""
+    try:
+        rgb = to_rgb(image)
+    except ValueError as exc:
+        raise FieldError(field, f"pixel mode {image.mode!r} cannot be converted to RGB") from exc
+    width, height = rgb.size
+    new_height, new_width = smart_resize(height, width, cfg, field)
+    resized = rgb.resize((new_width, new_height), Image.Resampling.BICUBIC)
+    # HF: uint8 -> float64 * scale -> float32, then (x - mean) / std in float32.
+    pixels = (np.asarray(resized, dtype=np.float64) * cfg.rescale_factor).astype(np.float32)
+    mean = np.asarray(cfg.image_mean, dtype=np.float32)
+    std = np.asarray(cfg.image_std, dtype=np.float32)
+    return (pixels - mean) / std
+
+
+def _make_visual(kind: str, frames: np.ndarray, cfg: PreprocessConfig,
+                 second_per_grid_t: float) -> ProcessedVisual:
+    """Patchify frames [F, H, W, C] (F a multiple of T) in HF's order and hash the result."""
+    num_frames, height, width, channels = frames.shape
+    p, m, t = cfg.patch_size, cfg.merge_size, cfg.temporal_patch_size
+    grid_t, grid_h, grid_w = num_frames // t, height // p, width // p
+    blocks = frames.reshape(grid_t, t, grid_h // m, m, p, grid_w // m, m, p, channels)
+    # -> (grid_t, gh/m, gw/m, m_h, m_w, C, T, p_h, p_w): HF's row order and row layout.
+    blocks = blocks.transpose(0, 2, 5, 3, 6, 8, 1, 4, 7)
+    pixel_values = np.ascontiguousarray(
+        blocks.reshape(grid_t * grid_h * grid_w, channels * t * p * p), dtype=np.float32)
+    grid_thw = (grid_t, grid_h, grid_w)
+    return ProcessedVisual(kind=kind, pixel_values=pixel_values, grid_thw=grid_thw,
+                           second_per_grid_t=second_per_grid_t,
+                           content_hash=content_hash(kind, grid_thw, second_per_grid_t, pixel_values),
+                           merge_size=m)
+
+
+def _positive_int(key: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise FieldError(f"{_CONFIG_FIELD}.{key}", f"must be an integer >= 1, got {value!r}")
+    return value
+
+
+def _finite_float(key: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise FieldError(f"{_CONFIG_FIELD}.{key}", f"must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _float_triple(key: str, value: object, positive: bool) -> tuple[float, float, float]:
+    if not isinstance(value, (list, tuple)) or len(value) != 3:
+        raise FieldError(f"{_CONFIG_FIELD}.{key}", f"must be a list of 3 numbers, got {value!r}")
+    numbers = tuple(_finite_float(f"{key}[{i}]", v) for i, v in enumerate(value))
+    if positive and not all(v > 0 for v in numbers):
+        raise FieldError(f"{_CONFIG_FIELD}.{key}", f"every entry must be > 0, got {list(numbers)}")
+    return numbers  # type: ignore[return-value]
