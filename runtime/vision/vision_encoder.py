@@ -2,7 +2,8 @@
 
 What it is for: the `VisionEncoder` protocol the executor calls, its PyTorch
 implementation (the family's `forward` over vision/encoder.safetensors) and
-its ONNX Runtime implementation (vision/encoder.onnx, CPU provider), and
+its ONNX Runtime implementation (vision/encoder.onnx, or the int8 Q/DQ vision/encoder.int8.onnx
+when the build wrote one; CPU provider), and
 `load_vision_encoder`, which picks one ("auto": ONNX Runtime on CPU, PyTorch
 on CUDA). Both take the same host-side inputs, the family's `encoder_feed`
 (runtime/families/), whatever the family.
@@ -10,6 +11,7 @@ Not for: preprocessing images, caching embeddings or batching across requests.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
 import torch
@@ -62,6 +64,7 @@ class OnnxVisionEncoder:
         self.cfg = cfg
         self.family = vision_family(cfg)
         self.max_patches_per_call = max_patches_per_call or self.family.max_patches_per_onnx_call
+        self.onnx_path = onnx_path
         self.session = ort.InferenceSession(onnx_path, session_options(num_threads),
                                             providers=["CPUExecutionProvider"])
         self.input_names = [i.name for i in self.session.get_inputs()]
@@ -122,6 +125,13 @@ def session_options(num_threads: int = 0) -> Any:
     return options
 
 
+def onnx_graph_path(engine: "LoadedEngine") -> Path:
+    """The graph the onnxruntime backend runs: vision/encoder.int8.onnx when the build wrote one
+    (`--vision-quant int8`, issue 14), else the float vision/encoder.onnx. The pytorch backend stays float."""
+    assert engine.vision is not None
+    return engine.vision.onnx_int8_path or engine.vision.onnx_path
+
+
 def load_vision_encoder(engine: "LoadedEngine", backend: str = "auto",
                         device: torch.device = torch.device("cpu")) -> VisionEncoder:
     if engine.vision is None:
@@ -133,12 +143,13 @@ def load_vision_encoder(engine: "LoadedEngine", backend: str = "auto",
     if backend == "onnxruntime":
         if device.type != "cpu":
             raise VisionBackendError(f"the onnxruntime vision backend runs on the CPU, not {device}")
+        path = onnx_graph_path(engine)
         try:
-            return OnnxVisionEncoder(str(engine.vision.onnx_path), engine.vision.config)
+            return OnnxVisionEncoder(str(path), engine.vision.config)
         except VisionBackendError:
             raise
         except Exception as exc:  # ONNX Runtime's own errors (InvalidProtobuf, Fail, ...) name no file
-            rel = engine.vision.onnx_path.resolve().relative_to(engine.root.resolve()).as_posix()
+            rel = path.resolve().relative_to(engine.root.resolve()).as_posix()
             first_line = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0][:300]
             raise EngineLoadError(rel, f"ONNX Runtime cannot load it ({first_line})") from None
     # float16 / bfloat16 matmuls are slow or missing on CPU: compute there in float32.
