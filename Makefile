@@ -8,9 +8,11 @@ MODEL ?= tiny-qwen2
 DTYPE ?= fp32
 RANDOM_WEIGHTS ?= 0
 # make engine QUANT=int8_wo|int4_awq|w8a8_sq|fp8 KV_CACHE_DTYPE=int8|fp8 (either alone, or both)
+# VISION_QUANT=int8 (VL models: the int8 Q/DQ ONNX vision tower too)
 QUANT ?=
 KV_CACHE_DTYPE ?=
-ENGINE_DIR ?= engines/$(MODEL)-$(DTYPE)$(if $(QUANT),-$(QUANT))$(if $(KV_CACHE_DTYPE),-kv$(KV_CACHE_DTYPE))
+VISION_QUANT ?=
+ENGINE_DIR ?= engines/$(MODEL)-$(DTYPE)$(if $(QUANT),-$(QUANT))$(if $(KV_CACHE_DTYPE),-kv$(KV_CACHE_DTYPE))$(if $(VISION_QUANT),-vision$(VISION_QUANT))
 
 .PHONY: setup test demo engine serve proto clean bench perf-analyzer
 
@@ -39,7 +41,8 @@ test: $(STAMP) $(PERF_ANALYZER)
 engine: $(STAMP)
 	$(VENV)/bin/trtserve-build --model $(MODEL) --dtype $(DTYPE) --output $(ENGINE_DIR) \
 		$(if $(filter 1 true yes,$(RANDOM_WEIGHTS)),--random-weights,) \
-		$(if $(QUANT),--quant $(QUANT),) $(if $(KV_CACHE_DTYPE),--kv-cache-dtype $(KV_CACHE_DTYPE),)
+		$(if $(QUANT),--quant $(QUANT),) $(if $(KV_CACHE_DTYPE),--kv-cache-dtype $(KV_CACHE_DTYPE),) \
+		$(if $(VISION_QUANT),--vision-quant $(VISION_QUANT),)
 
 DEMO_ENGINE ?= engines/tiny-qwen2
 DEMO_VL_ENGINE ?= engines/tiny-qwen2-vl
