@@ -29,7 +29,7 @@ from builder.validate import validate_engine
 from builder.validate_vision import add_vision_report, validate_vision, vision_summary, vision_summary_line
 from builder.vision_build import NUM_STAGES as VISION_STAGES
 from builder.vision_build import build_vision
-from engine_format.llm_config import MROPE_ARCHITECTURES
+from builder.families import build_family_for
 from engine_format.engine_dir import FORMAT_VERSION, EngineLoadError, load_engine, read_manifest, verify_files, write_manifest
 
 TRTSERVE_VERSION = "0.1.0"
@@ -63,11 +63,12 @@ def build_engine(request: BuildRequest, progress: Progress | None = None) -> Bui
     progress = progress or Progress(6)
     with progress.stage("resolve model source"):
         source = resolve_source(request.model, request.cache_dir, request.random_weights)
-        if source.architecture in MROPE_ARCHITECTURES:
+        vision_language = build_family_for(source.family) is not None
+        if vision_language:
             progress.num_stages += VISION_STAGES
         settings = _settings(source, request)
         samples = check_quant_request(request.quant, json.loads((source.hf_dir / "config.json").read_text()),
-                                    source.architecture in MROPE_ARCHITECTURES)
+                                    vision_language)
         input_hash = _input_hash(source, settings, request.validate)
         if request.quant.calibrates:
             input_hash = quant_input_hash(input_hash, request.quant, samples)
@@ -90,17 +91,25 @@ def build_engine(request: BuildRequest, progress: Progress | None = None) -> Bui
 def _build_into(work: Path, source: ResolvedSource, settings: BuildSettings, request: BuildRequest,
                 input_hash: str, progress: Progress, samples: list[CalibSample]) -> dict[str, Any]:
     hf_config = json.loads((source.hf_dir / "config.json").read_text())
+    family = build_family_for(source.family)       # a vision-language family, or None (builder/families/)
     with progress.stage("convert weights to the TensorRT-LLM checkpoint layout"):
-        cfg = llm_config_from_hf(hf_config, source.architecture, settings.dtype)
-        hf_state = read_hf_state_dict(source.hf_dir)
-        tensors = convert_state_dict(hf_state, cfg)
+        if family is None:
+            cfg = llm_config_from_hf(hf_config, source.architecture, settings.dtype)
+            hf_state = read_hf_state_dict(source.hf_dir)
+            tensors = convert_state_dict(hf_state, cfg)
+        else:
+            cfg = llm_config_from_hf(hf_config, family.llm_architecture(hf_config), settings.dtype,
+                                     family.text_config(hf_config))
+            hf_state = read_hf_state_dict(source.hf_dir)
+            keys = family.llm_keys(hf_state.keys())
+            tensors = convert_state_dict(hf_state, cfg, keys.prefix, keys.lm_head)
         if not request.quant.active:
             write_checkpoint(work / "llm", cfg, tensors)
         progress.note(f"{cfg.architecture}, {cfg.num_hidden_layers} layers, dtype {cfg.dtype}")
     vision = None
-    if cfg.mrope_section is not None:
+    if family is not None:
         preprocessing = source.preset.preprocessing if source.preset else None
-        vision = build_vision(work, source.hf_dir, settings.dtype, preprocessing, hf_state, progress)
+        vision = build_vision(work, source.hf_dir, settings.dtype, preprocessing, hf_state, progress, family)
     del hf_state
     with progress.stage("copy tokenizer"):
         eos_ids, pad_id = _copy_tokenizer(source, work / "tokenizer", hf_config)
