@@ -13,12 +13,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from builder.families import build_family_for
 from builder.presets import ARCHITECTURES, ModelPreset, is_preset, load_preset
-from builder.tokenizer import offline_tokenizer_dir, special_token_ids
+from builder.tokenizer import extended_tokenizer_dir, offline_tokenizer_dir, special_token_ids
 
 RANDOM_CHECKPOINT_VERSION = 1
-VL_TOKEN_IDS = {"image_token_id": "<|image_pad|>", "video_token_id": "<|video_pad|>",
-                "vision_start_token_id": "<|vision_start|>", "vision_end_token_id": "<|vision_end|>"}
 
 
 class SourceError(RuntimeError):
@@ -57,12 +56,21 @@ def _resolve_preset(preset: ModelPreset, cache_dir: Path, random_weights: bool) 
         hf_dir = _download(preset.hub_id or "", preset.revision)
         desc = {"kind": "hub", "preset": preset.name, "hub_id": preset.hub_id, "revision": preset.revision}
         return _resolve_local(hf_dir, desc, preset)
-    tokenizer_dir = offline_tokenizer_dir(cache_dir)
+    tokenizer_dir = _offline_tokenizer(preset, cache_dir)
     hf_dir = make_random_checkpoint(preset, tokenizer_dir, cache_dir)
     desc = {"kind": "preset", "preset": preset.name, "random_weights": True, "seed": preset.seed,
             "hub_id": preset.hub_id, "path": str(hf_dir)}
     return ResolvedSource(hf_dir, tokenizer_dir, preset.family, ARCHITECTURES[preset.family],
                           True, desc, preset)
+
+
+def _offline_tokenizer(preset: ModelPreset, cache_dir: Path) -> Path:
+    """The shared offline tokenizer, or a vision-language family's extension of it (builder/families/)."""
+    family = build_family_for(preset.family)
+    tokens = family.offline_tokenizer if family is not None else None
+    if tokens is None:
+        return offline_tokenizer_dir(cache_dir)
+    return extended_tokenizer_dir(cache_dir, tokens.special_tokens, tokens.chat_template)
 
 
 def _resolve_gguf(path: Path, cache_dir: Path, desc: dict[str, Any],
@@ -145,9 +153,10 @@ def hf_config_dict(preset: ModelPreset, tokenizer_dir: Path) -> dict[str, Any]:
                   pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
     if preset.family == "qwen2":
         config.setdefault("attention_bias", True)
-    if preset.is_vision_language:
+    family = build_family_for(preset.family)
+    if family is not None:
         ids = special_token_ids(tokenizer_dir)
-        config.update({key: ids[token] for key, token in VL_TOKEN_IDS.items()})
+        config.update({key: ids[token] for key, token in family.special_tokens.items()})
         config["vision_config"] = {"initializer_range": preset.init_std, **config["vision_config"]}
     return config
 
@@ -173,22 +182,12 @@ def make_random_checkpoint(preset: ModelPreset, tokenizer_dir: Path, cache_dir: 
     tmp_dir = out_dir.with_name(out_dir.name + ".tmp")
     model.save_pretrained(str(tmp_dir))
     AutoTokenizer.from_pretrained(str(tokenizer_dir)).save_pretrained(str(tmp_dir))
-    if preset.preprocessing is not None:
+    family = build_family_for(preset.family)
+    if preset.preprocessing is not None and family is not None:
         (tmp_dir / "preprocessor_config.json").write_text(
-            json.dumps(hf_preprocessor_config(preset.preprocessing, preset.family), indent=2) + "\n")
+            json.dumps(family.hf_preprocessor_config(preset.preprocessing), indent=2) + "\n")
     tmp_dir.replace(out_dir)
     return out_dir
-
-
-def hf_preprocessor_config(preprocessing: dict[str, Any], family: str) -> dict[str, Any]:
-    """An HF `preprocessor_config.json` for the Qwen2-VL image processor (both spellings of the pixel limits)."""
-    processor = {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor"}[family]
-    return {
-        "image_processor_type": "Qwen2VLImageProcessor", "processor_class": processor,
-        "do_resize": True, "do_rescale": True, "do_normalize": True, "do_convert_rgb": True,
-        **preprocessing,
-        "size": {"shortest_edge": preprocessing["min_pixels"], "longest_edge": preprocessing["max_pixels"]},
-    }
 
 
 def _perturb_defaults(model: Any, seed: int) -> None:
