@@ -145,12 +145,15 @@ def hf_config_dict(preset: ModelPreset, tokenizer_dir: Path) -> dict[str, Any]:
 
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     config = dict(preset.hf_config)
-    config.setdefault("vocab_size", len(tokenizer))
-    if config["vocab_size"] < len(tokenizer):
-        raise SourceError(f"{preset.origin}: hf_config.vocab_size ({config['vocab_size']}) is smaller "
+    # Nested VL configs (InternVL, LLaVA) hold the language model's fields in text_config.
+    text = config["text_config"] = dict(config["text_config"]) if "text_config" in config else config
+    text.setdefault("vocab_size", len(tokenizer))
+    if text["vocab_size"] < len(tokenizer):
+        raise SourceError(f"{preset.origin}: hf_config.vocab_size ({text['vocab_size']}) is smaller "
                           f"than the tokenizer ({len(tokenizer)} tokens)")
-    config.update(initializer_range=preset.init_std, eos_token_id=tokenizer.eos_token_id,
-                  pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
+    ids = dict(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
+    config.update(initializer_range=preset.init_std, **ids)
+    text.update(ids)
     if preset.family == "qwen2":
         config.setdefault("attention_bias", True)
     family = build_family_for(preset.family)
@@ -191,12 +194,14 @@ def make_random_checkpoint(preset: ModelPreset, tokenizer_dir: Path, cache_dir: 
 
 
 def _perturb_defaults(model: Any, seed: int) -> None:
-    """Give norms and biases non-default values, so conversion tests can see them move."""
+    """Give norms, biases and constant-initialised tensors (InternVL's CLS token, position embeddings and layer
+    scales) non-default values, so conversion and parity tests can see them move."""
     import torch
 
     generator = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if name.endswith("bias") or "norm" in name:
+            constant = param.numel() > 1 and bool((param == param.flatten()[0]).all())   # zeros, layer scales
+            if name.endswith("bias") or "norm" in name or constant:
                 noise = torch.randn(param.shape, generator=generator, dtype=param.dtype)
                 param.add_(0.1 * noise)

@@ -13,7 +13,8 @@ Layout of the file:
 num_attention_heads, intermediate_size, hidden_act, layer_norm_eps, attention_bias,
 image_size, patch_size, num_channels}, "downsample_ratio", "projector_hidden_act",
 "out_hidden_size", "image_token_id" (<IMG_CONTEXT>), "image_start_token_id" (<img>),
-"image_end_token_id" (</img>), "preprocessing": {tile_size, patch_size, min_tiles,
+"image_end_token_id" (</img>), optional "video_token_id" (the `<video>` marker of transformers'
+chat template; without it the engine takes images only), "preprocessing": {tile_size, patch_size, min_tiles,
 max_tiles, use_thumbnail, image_mean, image_std, rescale_factor}}`.
 Not for: preprocessing images (runtime/families/internvl/tiling.py) or running the tower.
 """
@@ -51,11 +52,13 @@ class InternVLVisionConfig:
     image_start_token_id: int
     image_end_token_id: int
     preprocessing: dict[str, Any]   # TilingConfig.from_dict input
+    video_token_id: int | None = None
     model_type: str = MODEL_TYPE
 
     @property
     def token_ids(self) -> dict[str, int]:
-        return {key: getattr(self, key) for key in TOKEN_ID_KEYS}
+        ids = {key: getattr(self, key) for key in TOKEN_ID_KEYS}
+        return ids if self.video_token_id is None else {**ids, "video_token_id": self.video_token_id}
 
     @property
     def position_scheme(self) -> str:
@@ -112,7 +115,8 @@ class InternVLVisionConfig:
             image_size=v("image_size"), patch_size=v("patch_size"), num_channels=v("num_channels"),
             downsample_ratio=get_field(data, "downsample_ratio", float, file),
             out_hidden_size=get_field(data, "out_hidden_size", int, file),
-            **{key: get_field(data, key, int, file) for key in TOKEN_ID_KEYS}, preprocessing=dict(preprocessing))
+            **{key: get_field(data, key, int, file) for key in TOKEN_ID_KEYS}, preprocessing=dict(preprocessing),
+            video_token_id=get_field(data, "video_token_id", int, file) if "video_token_id" in data else None)
         cfg._check(file)
         return cfg
 

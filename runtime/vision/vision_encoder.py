@@ -72,9 +72,12 @@ class OnnxVisionEncoder:
     def encode(self, pixel_values: torch.Tensor, grid_thws: list[Grid]) -> torch.Tensor:
         self.family.encoder_feed(pixel_values, grid_thws)       # checks the whole call before any group runs
         pixel_values = pixel_values.detach().to("cpu", torch.float32)
+        # axis 0 holds a fixed number of patches per row in every family's layout: one (Qwen's patch rows) or
+        # a whole tile (InternVL, LLaVA: [tiles, 3, S, S]), so a group's rows are in proportion to its patches
+        rows, patches = pixel_values.shape[0], _num_patches(grid_thws)
         outputs, start = [], 0
         for group in _groups(grid_thws, self.max_patches_per_call):
-            count = _num_patches(group)
+            count = _num_patches(group) * rows // patches
             outputs.append(self._run(pixel_values[start:start + count], group))
             start += count
         return torch.cat(outputs)
