@@ -97,6 +97,8 @@ def validate_vision(engine: LoadedEngine, hf_dir: Path) -> dict[str, Any]:
     assert engine.vision is not None, "validate_vision needs a VL engine"
     cfg = engine.vision.config
     grid_sets = build_family_for_vision(cfg).validation_grids
+    if callable(grid_sets):     # grids that depend on the parsed config (LLaVA: crop side, anyres pinpoints)
+        grid_sets = grid_sets(cfg)
     runners = [_onnxruntime(engine.vision.onnx_path), _ours(cfg, engine.vision.load_weights()), _hf(cfg, hf_dir)]
     index = {runner.name: i for i, runner in enumerate(runners)}
     with G_LOGGER.verbosity(G_LOGGER.ERROR):

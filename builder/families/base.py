@@ -20,6 +20,9 @@ import torch
 from engine_format.vision_config import VisionConfig
 
 
+GridSets = tuple[tuple[tuple[int, ...], ...], ...]     # validation feeds: grid sets, one per encoder call
+
+
 @dataclass(frozen=True, slots=True)
 class LLMKeys:
     """Where the language model's tensors sit in an HF checkpoint."""
@@ -58,7 +61,8 @@ class BuildFamily(Protocol):
     def special_tokens(self) -> dict[str, str]: ...     # HF config key -> token text (random checkpoints)
 
     @property
-    def validation_grids(self) -> tuple[tuple[tuple[int, ...], ...], ...]: ...   # parity feeds, one per call
+    def validation_grids(self) -> GridSets | Callable[[VisionConfig], GridSets]: ...
+        # parity feeds, one grid set per call; a callable where the grids depend on the parsed config
 
     @property
     def offline_tokenizer(self) -> OfflineTokens | None: ...   # None: the shared offline tokenizer

@@ -21,10 +21,11 @@ from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from builder.convert import ConversionError
-from builder.families.base import HFTower, LLMKeys, OfflineTokens
+from builder.families.base import GridSets, HFTower, LLMKeys, OfflineTokens
 from engine_format.families.llava import PREPROCESSING_KEYS, LlavaVisionConfig, tensor_shapes
 
 PREPROCESSOR_FILE = "preprocessor_config.json"
@@ -34,6 +35,9 @@ PROJECTOR_PREFIXES = ("model.multi_modal_projector.", "multi_modal_projector.")
 NEWLINE_NAMES = ("model.image_newline", "image_newline")
 LLM_LAYOUTS = (LLMKeys("model.language_model.", "lm_head.weight"),
                LLMKeys("language_model.model.", "language_model.lm_head.weight"))
+# Image sizes (height, width in crop sides) of the parity feeds, one tuple per encoder call: several images
+# per call, and at the tiny presets' and the real geometry NeXT grids of every pinpoint shape, some unpadded.
+VALIDATION_SIZES = (((1.43, 1.07),), ((1.79, 3.21), (1.18, 2.5)), ((4.29, 1.43), (1.0, 1.0), (0.82, 3.46)))
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{% if message['role'] == 'system' %}"
@@ -57,9 +61,26 @@ class LlavaBuildFamily:
     preprocessing_keys = PREPROCESSING_KEYS
     special_tokens = {"image_token_index": IMAGE_TOKEN}
     offline_tokenizer = OfflineTokens((IMAGE_TOKEN,), CHAT_TEMPLATE)
-    # Feeds of the parity check: (height, width) per image of one call; sizes chosen so the tiny presets' NeXT
-    # grids include unpadded rows and columns and every pinpoint shape.
-    validation_grids = (((40, 30),), ((50, 90), (33, 70)), ((120, 40), (28, 28), (97, 23)))
+
+    def validation_grids(self, cfg: LlavaVisionConfig) -> GridSets:
+        """Parity feeds: images of VALIDATION_SIZES (in crop sides) per call, as grids of this config (NeXT's
+        crop grid from transformers' own select_best_resolution)."""
+        from transformers.image_processing_utils import select_best_resolution
+
+        side, patches = cfg.image_size, cfg.patches_per_side
+        sets = []
+        for sizes in VALIDATION_SIZES:
+            grids = []
+            for h, w in sizes:
+                height, width = round(h * side), round(w * side)
+                if cfg.is_next:
+                    best_h, best_w = select_best_resolution((height, width), [list(p) for p in cfg.grid_pinpoints])
+                    rows, cols = best_h // side, best_w // side
+                    grids.append((1 + rows * cols, patches, patches, height, width, rows, cols))
+                else:
+                    grids.append((1, patches, patches))
+            sets.append(tuple(grids))
+        return tuple(sets)
 
     def llm_architecture(self, hf_config: dict[str, Any]) -> str:
         text = self.text_config(hf_config)
@@ -173,8 +194,8 @@ class LlavaBuildFamily:
             return torch.cat([r.reshape(-1, cfg.out_hidden_size) for r in rows]).float()
 
         s = cfg.image_size
-        return HFTower(inputs=(("pixel_values", "float32", (-1, cfg.num_channels, s, s)),
-                               ("grid_thw", "int64", (-1, 7 if cfg.is_next else 3))), forward=forward)
+        return HFTower(inputs=(("pixel_values", np.float32, (-1, cfg.num_channels, s, s)),
+                               ("grid_thw", np.int64, (-1, 7 if cfg.is_next else 3))), forward=forward)
 
 
 def engine_name(key: str) -> str | None:
@@ -204,7 +225,7 @@ def hf_vision_model(hf_dir: Path, dtype: torch.dtype) -> Any:
     """transformers' LlavaModel / LlavaNextModel with only the tower, projector and newline materialised
     (the checkpoint's tensors rounded to `dtype`, in float32); the language model stays on the meta device."""
     from safetensors import safe_open
-    from transformers import AutoConfig, LlavaModel, LlavaNextModel
+    from transformers import AutoConfig, AutoModel, LlavaModel, LlavaNextModel
 
     config = AutoConfig.from_pretrained(str(hf_dir))
     model_class = {"llava": LlavaModel, "llava_next": LlavaNextModel}[config.model_type]
@@ -218,9 +239,11 @@ def hf_vision_model(hf_dir: Path, dtype: torch.dtype) -> Any:
                 if name is not None:
                     state[name] = f.get_tensor(key).to(dtype).float()
     tower = {k: v for k, v in state.items() if not k.startswith("projector.") and k != "image_newline"}
-    model.vision_tower.to_empty(device="cpu")
+    # the tower and projector are built on the CPU (their non-persistent buffers, such as CLIP's
+    # position_ids, initialised), then given the checkpoint's tensors
+    model.vision_tower = AutoModel.from_config(config.vision_config, dtype=torch.float32)
     model.vision_tower.load_state_dict(_with_inner_prefix(model.vision_tower, tower), strict=True)
-    model.multi_modal_projector.to_empty(device="cpu")
+    model.multi_modal_projector = type(model.multi_modal_projector)(config).float()
     model.multi_modal_projector.load_state_dict(
         {k[len("projector."):]: v for k, v in state.items() if k.startswith("projector.")}, strict=True)
     if config.model_type == "llava_next":
