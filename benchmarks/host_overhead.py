@@ -13,6 +13,11 @@ each level runs `--waves` waves of `batch` requests together (32 prompt tokens,
 * detokenization: the rest of the step's update (incremental detokenizer, stop
   checks, output records).
 
+`--token-ids-only` runs the step as the engine-core process of the server runs it
+(EngineCore text_output=False: token stop rules only, no detokenization or stop
+strings, which the server's front end does), so "detokenization" is then only the
+token stop rules and the output records.
+
 Timers wrap the engine's own objects from the outside (the engine carries no
 timing code); their overhead (one perf_counter pair per call) is included.
 `--baseline hf` also runs HF `generate` on the same weights in static batches of
@@ -143,10 +148,13 @@ def main() -> None:
     parser.add_argument("--op-backend", default="auto", help="EngineConfig.op_backend (auto, reference, cpu)")
     parser.add_argument("--baseline", choices=("none", "hf"), default="none")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--token-ids-only", action="store_true",
+                        help="the step as the engine-core process runs it: no text (the front end makes it)")
     args = parser.parse_args()
     engine_dir = args.engine_dir or Path("engines") / f"{args.model}-fp32"
     build_engine(BuildRequest(model=args.model, output=engine_dir, dtype="fp32", validate=False))
-    core = EngineCore.from_dir(engine_dir, EngineConfig(device="cpu", op_backend=args.op_backend))
+    core = EngineCore.from_dir(engine_dir, EngineConfig(device="cpu", op_backend=args.op_backend),
+                               text_output=not args.token_ids_only)
     max_batch = core.scheduler_config.max_batch_size
     levels = list(dict.fromkeys(max_batch if b == "max" else int(b) for b in args.batch.split(",")))
     rng = random.Random(0)
@@ -170,7 +178,7 @@ def main() -> None:
         meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "torch": torch.__version__,
                 "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
                 "model": args.model, "input_len": args.input_len, "output_len": args.output_len,
-                "waves": args.waves, "op_backend": core.executor.model.ops.name}
+                "waves": args.waves, "op_backend": core.executor.model.ops.name, "text_output": core.text_output}
         args.json.write_text(json.dumps({"meta": meta, "levels": rows}, indent=2) + "\n")
 
 
