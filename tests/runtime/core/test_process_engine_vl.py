@@ -5,8 +5,9 @@ tokens and text through ProcessEngine (the core copies the pixel values and M-Ro
 each request's segment). After a batch that also holds requests abandoned after their first delta,
 one cancelled before any answer and one refused at the engine's door, no segment of this process is
 left in /dev/shm and the core's KV pool is back to its baseline. A request sent to a stopped core
-holds its segment until the core is killed; then the request fails and the segment is gone. The codec itself (arrays not in the
-message, a segment that is gone refused by name): tests/runtime/core/test_process_engine.py.
+holds its segment until the core is killed; then the request fails and the segment is gone. The codec
+itself (arrays not in the message, a segment that is gone refused by name):
+tests/runtime/core/test_process_engine.py.
 """
 from __future__ import annotations
 
