@@ -7,7 +7,8 @@ gets its pending deltas merged (same tokens and text). The core sends token ids 
 end makes the text: stop strings (one spanning tokens, one never met, min_tokens), stop token ids and
 skip_special_tokens give the in-process text, tokens, finish and stop reasons; a stop-string hit
 aborts the request in the core, whose KV pool returns to its baseline before it could have run to
-max_tokens. SIGKILL of the core with requests in flight:
+max_tokens; `add_text` cuts a (merged) delta at the token that completes a stop string and asks for
+an abort only where the core has not finished. SIGKILL of the core with requests in flight:
 every one ends with EngineDeadError naming the exit code (within a bounded wait: nothing hangs),
 `is_running` turns false and a new request is refused at once. The wire codec round-trips a VL
 request's arrays without pickle.
@@ -17,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -25,7 +27,8 @@ from runtime.config import EngineConfig
 from runtime.core.async_engine import EngineDeadError
 from runtime.core.engine_core import EngineCore, EngineRequest, collect_text
 from runtime.core.ipc import Codec, WireRequest
-from runtime.core.process_engine import ProcessEngine, merge_outputs
+from runtime.core.output_text import OutputText
+from runtime.core.process_engine import ProcessEngine, add_text, merge_outputs
 from runtime.core.request import MultimodalSpan
 from runtime.core.shm_arrays import SegmentError, release, segment_prefix
 from runtime.errors import FieldError
@@ -205,3 +208,30 @@ def test_codec_round_trips_a_vl_request_and_merge_joins_deltas() -> None:
     merged = merge_outputs(deltas)
     assert (merged.text, merged.token_ids, merged.finished, merged.finish_reason, merged.usage) == \
         ("abc", (0, 1, 2), True, "length", deltas[-1].usage)
+
+
+class Letters:
+    """Token id i is the letter chr(97 + i) (a Decoder for OutputText)."""
+
+    def decode(self, token_ids, skip_special_tokens: bool = True) -> str:
+        return "".join(chr(97 + i) for i in token_ids)
+
+
+def test_add_text_cuts_a_delta_at_the_stop_string_and_says_when_to_abort() -> None:
+    params = SamplingParams(max_tokens=10, stop=("cd",))
+    first = RequestOutput("x", "", (0,), False, None, Usage(3, 1, 0, 0.1))            # "a"
+    text = OutputText.of(Letters(), [20, 21], params, ())
+    assert add_text(text, first) == (replace(first, text="a"), False)
+    merged = RequestOutput("x", "", (1, 2, 3, 4), False, None, Usage(3, 5, 0, 0.1))  # "bcde": merged deltas
+    cut, abort = add_text(text, merged)
+    assert abort and (cut.text, cut.token_ids, cut.finished, cut.finish_reason, cut.stop_reason) == \
+        ("b", (1, 2, 3), True, "stop", "cd")
+    assert cut.usage.completion_tokens == 4, "the token after the stop string is not the client's"
+    last = OutputText.of(Letters(), [20], SamplingParams(max_tokens=2, stop=("ab",)), ())
+    both, abort = add_text(last, RequestOutput("y", "", (0, 1), True, "length", Usage(1, 2, 0, 0.1)))
+    assert not abort and (both.text, both.finish_reason, both.stop_reason) == ("", "stop", "ab"), \
+        "a stop string completed by the core's last token wins, and the core has finished already"
+    held = OutputText.of(Letters(), [20], SamplingParams(max_tokens=9, stop=("bz",)), ())
+    assert add_text(held, RequestOutput("z", "", (0, 1), False, None, Usage(1, 2, 0, 0.1)))[0].text == "a"
+    aborted = RequestOutput("z", "", (), True, "abort", Usage(1, 2, 0, 0.1))
+    assert add_text(held, aborted) == (replace(aborted, text="b"), False), "held-back text comes with the end"
