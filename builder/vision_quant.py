@@ -51,9 +51,10 @@ INT8_ONNX_FILE = "encoder.int8.onnx"
 INT8_ONNX_DATA_FILE = "encoder.int8.onnx.data"
 INT8_PAIR = "onnxruntime_int8_vs_onnxruntime"
 # max |int8 - float| / max(1, max |float|) over the held-out images. Measured on the tiny random towers
-# (MinMax, per-channel weights, bundled images): 0.036 on tiny-qwen2.5-vl, 0.077 on tiny-qwen2-vl; 0.15 leaves
-# 2x. A broken graph lands far outside (see tests/builder/test_vl_quant.py: one weight scale wrong).
-INT8_TOLERANCE = 0.15
+# (MinMax, per-channel weights, bundled images): 0.037 on tiny-qwen2.5-vl, 0.077 on tiny-qwen2-vl, 0.10 on
+# tiny-qwen2-vl-h128; 0.2 leaves 2x. A broken graph lands outside: the projector's weight scales doubled give
+# 0.49 (tests/builder/test_vl_quant.py).
+INT8_TOLERANCE = 0.2
 HELD_OUT_SEED = 7_001          # held-out validation images: a seed the bundled calibration set does not use
 HELD_OUT_GROUPS = ((0,), (1, 2), (3,), (4, 5))      # images per encoder call in the comparison
 MAX_CALIB_IMAGES = 64
