@@ -168,3 +168,26 @@ def test_prefix_and_encoder_caches_are_keyed_by_image_content(llava) -> None:
     for rid, ids, mm, out in (("a", ids_a, mm_a, out_a), ("c", ids_c, mm_c, out_c)):
         expected = alone.generate_all([EngineRequest(rid, ids, params, multimodal=mm)])[rid]
         assert collect_text(out)[1] == collect_text(expected)[1], rid
+
+
+def test_onnx_groups_and_pytorch_tower_agree(llava) -> None:
+    """ONNX Runtime split into groups of whole images (as the engine does under a small patch budget) equals
+    one call, and the PyTorch backend, within 1e-5 (the validation tolerance; float32)."""
+    import numpy as np
+
+    from runtime.vision.vision_encoder import OnnxVisionEncoder, TorchVisionEncoder
+
+    engine, core, _, _ = llava
+    if engine.vision.config.model_type != "llava_next":
+        pytest.skip("the encoders are family-independent; checked on NeXT's variable crop counts")
+    processor = MultimodalProcessor(engine, core.tokenizer, ImageLimits())
+    visuals = [processor.process_chat(_messages(name, "?"))[1].visuals[0] for name in ("wide", "tall", "half")]
+    pixels = torch.from_numpy(np.concatenate([v.pixel_values for v in visuals]))
+    grids = [v.grid_thw for v in visuals]
+    cfg, per_image = engine.vision.config, max(g[0] * g[1] * g[2] for g in grids)
+    whole = OnnxVisionEncoder(str(engine.vision.onnx_path), cfg).encode(pixels, grids)
+    grouped = OnnxVisionEncoder(str(engine.vision.onnx_path), cfg, max_patches_per_call=per_image).encode(pixels, grids)
+    ours = TorchVisionEncoder(cfg, engine.vision.load_weights(), torch.device("cpu"), torch.float32).encode(pixels, grids)
+    assert whole.shape == (sum(v.num_tokens for v in visuals), cfg.out_hidden_size)
+    torch.testing.assert_close(grouped, whole, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ours, whole, atol=1e-5, rtol=0)
