@@ -14,6 +14,7 @@ Not for: the tower's arithmetic (tower.py), the anyres rules (geometry.py) or pi
 """
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -121,12 +122,15 @@ class LlavaFamily:
         return (1 + rows * cols, side, side, height, width, rows, cols)
 
     def _check_grid(self, grid: Grid, i: int) -> None:
-        expected_len = 7 if self.config.is_next else 3
-        ok = len(grid) == expected_len and all(isinstance(x, int) and x > 0 for x in grid)
-        if ok and self.config.is_next:
-            ok = tuple(grid) == self.grid_of(grid[3], grid[4])
-        elif ok:
-            ok = tuple(grid) == self.grid_of(1, 1)
-        if not ok:
+        """A grid this family made for some image (NeXT: its crops and rows / columns follow from its size)."""
+        next_ = self.config.is_next
+        values = tuple(int(x) for x in grid) if all(isinstance(x, numbers.Integral) for x in grid) else ()
+        expected: Grid | None = None
+        if len(values) == 7 and next_ and min(values[3:5]) > 0:
+            expected = self.grid_of(values[3], values[4])
+        elif len(values) == 3 and not next_:
+            expected = self.grid_of(1, 1)
+        if values != expected:
+            shape = "(crops, S/p, S/p, height, width, rows, cols)" if next_ else str(list(self.grid_of(1, 1)))
             raise FieldError(f"grid_thw[{i}]", f"{list(grid)} is not a {self.config.model_type} image grid "
-                                               f"(expected {'(crops, h, w, height, width, rows, cols)' if self.config.is_next else list(self.grid_of(1, 1))})")
+                                               f"(expected {shape})")

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaNextConfig, LlavaNextForConditionalGeneration
 from transformers.models.llava_next.processing_llava_next import LlavaNextProcessor
@@ -100,3 +101,23 @@ def test_token_counts_equal_hf_processor(tmp_path: Path) -> None:
         rng = np.random.default_rng(side)
         for h, w in [*(rng.integers(1, 4 * side, size=(40, 2)).tolist()), *SIZES]:
             assert num_image_tokens(cfg, h, w) == processor._get_number_of_features(h, w, side, side), (side, h, w)
+
+
+def test_encoder_feed_refuses_grids_and_pixels_that_do_not_fit(tmp_path: Path) -> None:
+    from runtime.errors import FieldError
+
+    _, cfg = _model(True, tmp_path)
+    family = LlavaFamily(cfg)
+    grid = family.grid_of(50, 90)
+    pixels = family.random_pixels([grid], torch.Generator().manual_seed(0))
+    for bad_grid, field in (((5, 2, 2, 50, 90, 1, 4), "grid_thw[0]"), ((5, 2, 2), "grid_thw[0]"),
+                            ((1, 2, 2, 0, 90, 1, 1), "grid_thw[0]")):
+        with pytest.raises(FieldError) as info:
+            family.encoder_feed(pixels[:bad_grid[0]], [bad_grid])
+        assert info.value.field == field
+    with pytest.raises(FieldError) as info:
+        family.encoder_feed(pixels[:3], [grid])
+    assert info.value.field == "pixel_values"
+    feed = family.encoder_feed(pixels, [tuple(np.int64(x) for x in grid)])      # numpy integers are fine
+    visual = family.preprocess_image(Image.new("RGB", (90, 50)), "image")
+    assert visual.grid_thw == grid and feed["gather_index"].shape == (visual.num_tokens,) == (14,)
