@@ -1,6 +1,7 @@
 """Quantized vision-language engines (issue 14): a tiny Qwen2-VL engine quantized (SmoothQuant W8A8, int8 KV
 cache, int8 Q/DQ vision graph) with a calibration JSONL holding images (a relative path and a data: URL) builds,
-validates with image prompts, and serves greedy tokens equal to the in-process quantized reference; the int8
+validates with image prompts, and its greedy tokens with an image through the runtime's EngineCore equal one
+sequence through the quantized model (the server's APIs over EngineCore are tests/grpc_service's); the int8
 vision graph passes its polygraphy tolerance, is the one the runtime's ONNX Runtime backend runs, and a broken
 one fails the check; bad input is refused in one line naming the flag, before any work."""
 from __future__ import annotations
