@@ -121,3 +121,25 @@ def test_encoder_feed_refuses_grids_and_pixels_that_do_not_fit(tmp_path: Path) -
     feed = family.encoder_feed(pixels, [tuple(np.int64(x) for x in grid)])      # numpy integers are fine
     visual = family.preprocess_image(Image.new("RGB", (90, 50)), "image")
     assert visual.grid_thw == grid and feed["gather_index"].shape == (visual.num_tokens,) == (14,)
+
+
+def test_checkpoint_layouts_convert_to_the_same_engine_tensors(tmp_path: Path) -> None:
+    """transformers 5 in memory (model.vision_tower.*, model.language_model.*, lm_head), save_pretrained's
+    llava-hf layout (vision_tower.*, language_model.model.*, language_model.lm_head) and the older hub
+    spelling with CLIPVisionModel's inner vision_model. give the same vision and LLM tensors."""
+    from builder.convert import convert_state_dict, llm_config_from_hf
+
+    model, cfg = _model(True, tmp_path)
+    saved = load_file(str(tmp_path / "model.safetensors"))
+    hub = {k.replace("vision_tower.", "vision_tower.vision_model.", 1) if k.startswith("vision_tower.") else k: v
+           for k, v in saved.items()}
+    hf_config = json.loads((tmp_path / "config.json").read_text())
+    llm = llm_config_from_hf(hf_config, FAMILY.llm_architecture(hf_config), "fp32", FAMILY.text_config(hf_config))
+    results = []
+    for state in (model.state_dict(), saved, hub):
+        keys = FAMILY.llm_keys(state.keys())
+        results.append((FAMILY.vision_tensors(state, cfg), convert_state_dict(state, llm, keys.prefix, keys.lm_head)))
+    for vision, tensors in results[1:]:
+        assert vision.keys() == results[0][0].keys() and tensors.keys() == results[0][1].keys()
+        assert all(torch.equal(vision[k], results[0][0][k]) for k in vision)
+        assert all(torch.equal(tensors[k], results[0][1][k]) for k in tensors)
