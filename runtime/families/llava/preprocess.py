@@ -1,8 +1,7 @@
 """LLaVA-1.5 / LLaVA-NeXT pixel preprocessing, equal to Hugging Face's PIL image processors.
 
 What it is for: turning one decoded image into the crops the CLIP tower takes
-(`pixel_values [num_crops, C, S, S]` float32) and the number of LLM placeholder
-tokens it expands to. LLaVA-1.5 (HF `CLIPImageProcessorPil` /
+(`pixel_values [num_crops, C, S, S]` float32). LLaVA-1.5 (HF `CLIPImageProcessorPil` /
 `LlavaImageProcessorPil`): optional pad to square with the mean colour, bicubic
 resize of the shortest edge to S, centre crop S x S. LLaVA-NeXT (HF
 `LlavaNextImageProcessorPil`): the anyres pinpoint that keeps the most
@@ -10,7 +9,9 @@ resolution, an aspect-preserving bicubic resize into it, zero padding centred,
 S x S crops row by row, and first of all the whole image squashed to S x S.
 Rescale in float64 then cast to float32, normalise in float32, as HF does, so
 the result is bit-identical (tests/runtime/families/test_llava_preprocess.py).
-Pillow and numpy only.
+One deliberate difference: images longer than MAX_ASPECT_RATIO (200) to one side
+are refused, naming the field (HF would resize a 100000x1 image's short side to
+S, a 33.6-megapixel intermediate at S = 336). Pillow and numpy only.
 Not for: decoding bytes or request limits (runtime/multimodal/image_io.py), the
 anyres geometry (runtime/families/llava/geometry.py owns it; this module only
 applies it), tokenisation.
