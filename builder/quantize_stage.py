@@ -110,7 +110,8 @@ def quantize_stage(work: Path, hf_dir: Path, tokenizer_dir: Path, cfg: LLMConfig
         "mode": req.quant or "none", "kv_cache_dtype": req.kv_cache_dtype,
         "quant_algo": qcfg.quant_algo, "kv_cache_quant_algo": qcfg.kv_cache_quant_algo,
         "calibration": {"tool": f"nvidia-modelopt {modelopt.__version__}", "device": "cpu",
-                        "data": str(req.calib_data) if req.calib_data else "bundled calib_texts.jsonl",
+                        "data": str(req.calib_data) if req.calib_data else "bundled calib_texts.jsonl"
+                        + (" + generated images" if calib.vision_graph is not None else ""),
                         "num_samples": calib.num_samples, "num_tokens": calib.num_tokens},
         "runtime_kernels": RUNTIME_KERNELS.get(qcfg.quant_algo or "", {}),
     }
@@ -119,7 +120,7 @@ def quantize_stage(work: Path, hf_dir: Path, tokenizer_dir: Path, cfg: LLMConfig
             num_images=calib.num_images,
             images="runtime processor + vision encoder on vision/" + calib.vision_graph + "; embeddings at the "
                    "placeholder rows of the HF language model's inputs_embeds" + ("" if req.calib_data else
-                   " (bundled: generated images, builder/calib_images.py)"))
+                   "; generated images: builder/calib_images.py"))
     if qcfg.kv_cache_quant_algo:
         entry["kv_cache"] = KV_KERNELS[qcfg.kv_cache_quant_algo]
     if hf_out is not None:
