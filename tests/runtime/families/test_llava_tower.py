@@ -34,6 +34,16 @@ SIZES = [(50, 90), (33, 70), (120, 40), (40, 40), (23, 97)]
 MEAN, STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
 
 
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[bool, tuple]:
+    """{is NeXT: (HF model, our parsed config, its save_pretrained directory)}, made once per module."""
+    out = {}
+    for next_ in (False, True):
+        tmp = tmp_path_factory.mktemp("llava-next" if next_ else "llava")
+        out[next_] = (*_model(next_, tmp), tmp)
+    return out
+
+
 def _model(next_: bool, tmp: Path):
     torch.manual_seed(3)
     config_class, model_class = ((LlavaNextConfig, LlavaNextForConditionalGeneration) if next_
@@ -51,8 +61,8 @@ def _model(next_: bool, tmp: Path):
 
 
 @pytest.mark.parametrize("next_", [False, True], ids=["llava-1.5", "llava-next"])
-def test_rows_equal_hf_get_image_features(next_: bool, tmp_path: Path) -> None:
-    model, cfg = _model(next_, tmp_path)
+def test_rows_equal_hf_get_image_features(next_: bool, tiny_models: dict[bool, tuple]) -> None:
+    model, cfg, tmp_path = tiny_models[next_]
     family = LlavaFamily(cfg)
     for state in (load_file(str(tmp_path / "model.safetensors")), model.state_dict()):     # both key layouts
         weights = {k: v.float() for k, v in FAMILY.vision_tensors(state, cfg).items()}
@@ -74,7 +84,7 @@ def test_rows_equal_hf_get_image_features(next_: bool, tmp_path: Path) -> None:
         assert torch.allclose(ours, ref, atol=1e-5, rtol=0)
 
 
-def test_token_counts_equal_hf_processor(tmp_path: Path) -> None:
+def test_token_counts_equal_hf_processor() -> None:
     """num_embeds of every size equals HF LlavaNextProcessor's count (real 336-px geometry and the tiny one)."""
     from runtime.families.llava.geometry import num_image_tokens
 
@@ -103,10 +113,10 @@ def test_token_counts_equal_hf_processor(tmp_path: Path) -> None:
             assert num_image_tokens(cfg, h, w) == processor._get_number_of_features(h, w, side, side), (side, h, w)
 
 
-def test_encoder_feed_refuses_grids_and_pixels_that_do_not_fit(tmp_path: Path) -> None:
+def test_encoder_feed_refuses_grids_and_pixels_that_do_not_fit(tiny_models: dict[bool, tuple]) -> None:
     from runtime.errors import FieldError
 
-    _, cfg = _model(True, tmp_path)
+    _, cfg, _ = tiny_models[True]
     family = LlavaFamily(cfg)
     grid = family.grid_of(50, 90)
     pixels = family.random_pixels([grid], torch.Generator().manual_seed(0))
@@ -123,13 +133,13 @@ def test_encoder_feed_refuses_grids_and_pixels_that_do_not_fit(tmp_path: Path) -
     assert visual.grid_thw == grid and feed["gather_index"].shape == (visual.num_tokens,) == (14,)
 
 
-def test_checkpoint_layouts_convert_to_the_same_engine_tensors(tmp_path: Path) -> None:
+def test_checkpoint_layouts_convert_to_the_same_engine_tensors(tiny_models: dict[bool, tuple]) -> None:
     """transformers 5 in memory (model.vision_tower.*, model.language_model.*, lm_head), save_pretrained's
     llava-hf layout (vision_tower.*, language_model.model.*, language_model.lm_head) and the older hub
     spelling with CLIPVisionModel's inner vision_model. give the same vision and LLM tensors."""
     from builder.convert import convert_state_dict, llm_config_from_hf
 
-    model, cfg = _model(True, tmp_path)
+    model, cfg, tmp_path = tiny_models[True]
     saved = load_file(str(tmp_path / "model.safetensors"))
     hub = {k.replace("vision_tower.", "vision_tower.vision_model.", 1) if k.startswith("vision_tower.") else k: v
            for k, v in saved.items()}
