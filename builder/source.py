@@ -146,7 +146,9 @@ def hf_config_dict(preset: ModelPreset, tokenizer_dir: Path) -> dict[str, Any]:
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     config = dict(preset.hf_config)
     # Nested VL configs (InternVL, LLaVA) hold the language model's fields in text_config.
-    text = config["text_config"] = dict(config["text_config"]) if "text_config" in config else config
+    text = config
+    if "text_config" in config:
+        text = config["text_config"] = dict(config["text_config"])
     text.setdefault("vocab_size", len(tokenizer))
     if text["vocab_size"] < len(tokenizer):
         raise SourceError(f"{preset.origin}: hf_config.vocab_size ({text['vocab_size']}) is smaller "
