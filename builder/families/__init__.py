@@ -8,11 +8,11 @@ Not for: the families' mappings (builder/families/<family>.py).
 """
 from __future__ import annotations
 
-from builder.families import llava, qwen2_vl
+from builder.families import internvl, llava, qwen2_vl
 from builder.families.base import BuildFamily
 from engine_format.vision_config import VisionConfig
 
-BUILD_FAMILIES: tuple[BuildFamily, ...] = (*qwen2_vl.FAMILIES, llava.FAMILY)
+BUILD_FAMILIES: tuple[BuildFamily, ...] = (*qwen2_vl.FAMILIES, llava.FAMILY, internvl.FAMILY)
 
 
 def vl_model_types() -> tuple[str, ...]:

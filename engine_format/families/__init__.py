@@ -8,10 +8,10 @@ Not for: parsing itself (engine_format/vision_config.py) or runtime behaviour.
 from __future__ import annotations
 
 from engine_format.errors import EngineLoadError
-from engine_format.families import llava, qwen2_vl
+from engine_format.families import internvl, llava, qwen2_vl
 from engine_format.families.base import VisionSchema
 
-SCHEMAS: tuple[VisionSchema, ...] = (qwen2_vl.SCHEMA, llava.SCHEMA)
+SCHEMAS: tuple[VisionSchema, ...] = (qwen2_vl.SCHEMA, llava.SCHEMA, internvl.SCHEMA)
 
 
 def known_model_types() -> tuple[str, ...]:

@@ -10,10 +10,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from engine_format.families import internvl as internvl_schema
 from engine_format.families import llava as llava_schema
 from engine_format.families import qwen2_vl as qwen2_vl_schema
 from engine_format.vision_config import VisionConfig
 from runtime.families.base import VisionFamily
+from runtime.families.internvl import InternVLFamily
 from runtime.families.llava import LlavaFamily
 from runtime.families.qwen2_vl import Qwen2VLFamily
 
@@ -21,6 +23,7 @@ from runtime.families.qwen2_vl import Qwen2VLFamily
 FAMILIES: tuple[tuple[tuple[str, ...], Callable[[Any], VisionFamily]], ...] = (
     (qwen2_vl_schema.MODEL_TYPES, Qwen2VLFamily),
     (llava_schema.MODEL_TYPES, LlavaFamily),
+    ((internvl_schema.MODEL_TYPE,), InternVLFamily),
 )
 
 
