@@ -217,6 +217,8 @@ def _copy_tokenizer(source: ResolvedSource, out: Path, hf_config: dict[str, Any]
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(source.tokenizer_dir))
+    if tokenizer.chat_template is None:
+        tokenizer.chat_template = processor_chat_template(source.hf_dir)
     tokenizer.save_pretrained(str(out))
     eos: list[int] = []
     gen_path = source.hf_dir / "generation_config.json"
@@ -228,6 +230,16 @@ def _copy_tokenizer(source: ResolvedSource, out: Path, hf_config: dict[str, Any]
             if isinstance(token, int) and token not in eos:
                 eos.append(token)
     return eos, tokenizer.pad_token_id
+
+
+def processor_chat_template(hf_dir: Path) -> str | None:
+    """The chat template a checkpoint keeps with its processor only (`chat_template.json`, as llava-hf's
+    do), which AutoTokenizer does not read; None when there is none."""
+    path = hf_dir / "chat_template.json"
+    if not path.is_file():
+        return None
+    template = json.loads(path.read_text()).get("chat_template")
+    return template if isinstance(template, str) else None
 
 
 def _trtllm_missing_reason() -> str:

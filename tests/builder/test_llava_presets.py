@@ -67,3 +67,39 @@ def _numel(shape: tuple[int, ...]) -> int:
     for d in shape:
         n *= d
     return n
+
+
+def test_text_models_a_llava_checkpoint_may_hold() -> None:
+    """Llama and Llama-shaped Mistral (no sliding window) become LlamaForCausalLM; anything else is refused,
+    naming the config field."""
+    from builder.convert import ConversionError
+
+    family = build_family_for("llava_next")
+    base = {**load_preset("llava-v1.6-vicuna-7b").hf_config, "model_type": "llava_next"}
+    mistral = {"model_type": "mistral", "vocab_size": 32064, "sliding_window": None}
+    assert family.llm_architecture({**base, "text_config": mistral}) == "LlamaForCausalLM"
+    for text, field in (({**mistral, "sliding_window": 4096}, "sliding_window"),
+                        ({"model_type": "qwen2", "vocab_size": 32064}, "model_type")):
+        with pytest.raises(ConversionError, match=f"text_config.{field}"):
+            family.llm_architecture({**base, "text_config": text})
+
+
+def test_processor_chat_template_is_copied_into_the_engine_tokenizer(tmp_path: Path, cache_dir: Path) -> None:
+    """llava-hf checkpoints keep their chat template in chat_template.json, which AutoTokenizer ignores."""
+    from transformers import AutoTokenizer
+
+    from builder.families.llava import CHAT_TEMPLATE
+    from builder.pipeline import _copy_tokenizer
+    from builder.source import ResolvedSource
+    from builder.tokenizer import offline_tokenizer_dir
+
+    hf_dir = tmp_path / "checkpoint"
+    tokenizer = AutoTokenizer.from_pretrained(str(offline_tokenizer_dir(cache_dir)))
+    tokenizer.chat_template = None
+    tokenizer.save_pretrained(str(hf_dir))
+    (hf_dir / "chat_template.jinja").unlink(missing_ok=True)
+    assert AutoTokenizer.from_pretrained(str(hf_dir)).chat_template is None
+    (hf_dir / "chat_template.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE}))
+    source = ResolvedSource(hf_dir, hf_dir, "llava", "LlavaForConditionalGeneration", False, {})
+    _copy_tokenizer(source, tmp_path / "engine-tokenizer", {})
+    assert AutoTokenizer.from_pretrained(str(tmp_path / "engine-tokenizer")).chat_template == CHAT_TEMPLATE
