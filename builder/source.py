@@ -43,10 +43,10 @@ def resolve_source(model: str, cache_dir: Path, random_weights: bool = False) ->
     if path.suffix == ".gguf" and not path.is_dir():
         return _resolve_gguf(path, cache_dir, {"kind": "gguf", "path": str(path.resolve())})
     if path.is_dir():
-        return _resolve_local(path, {"kind": "local", "path": str(path.resolve())})
+        return _loadable(_resolve_local(path, {"kind": "local", "path": str(path.resolve())}), cache_dir)
     if path.exists() or model.startswith((".", "/")):
         raise SourceError(f"--model {model!r}: not a preset, a model directory or a .gguf file")
-    return _resolve_local(_download(model, None), {"kind": "hub", "hub_id": model})
+    return _loadable(_resolve_local(_download(model, None), {"kind": "hub", "hub_id": model}), cache_dir)
 
 
 def _resolve_preset(preset: ModelPreset, cache_dir: Path, random_weights: bool) -> ResolvedSource:
@@ -55,7 +55,7 @@ def _resolve_preset(preset: ModelPreset, cache_dir: Path, random_weights: bool) 
     if preset.source == "hub" and not random_weights:
         hf_dir = _download(preset.hub_id or "", preset.revision)
         desc = {"kind": "hub", "preset": preset.name, "hub_id": preset.hub_id, "revision": preset.revision}
-        return _resolve_local(hf_dir, desc, preset)
+        return _loadable(_resolve_local(hf_dir, desc, preset), cache_dir)
     tokenizer_dir = _offline_tokenizer(preset, cache_dir)
     hf_dir = make_random_checkpoint(preset, tokenizer_dir, cache_dir)
     desc = {"kind": "preset", "preset": preset.name, "random_weights": True, "seed": preset.seed,
@@ -108,6 +108,18 @@ def _resolve_packaged_gguf(preset: ModelPreset, cache_dir: Path) -> ResolvedSour
         raise SourceError(f"{missing}; the hub checkpoint is not reachable either: {exc}") from None
     desc = {"kind": "hub", "preset": preset.name, "hub_id": preset.hub_id, "revision": preset.revision}
     return _resolve_local(hf_dir, desc, preset)
+
+
+def _loadable(resolved: ResolvedSource, cache_dir: Path) -> ResolvedSource:
+    """A VL checkpoint in a layout transformers cannot load, replaced by its family's converted copy."""
+    family = build_family_for(resolved.family)
+    if family is None:
+        return resolved
+    hf_dir = family.transformers_checkpoint(resolved.hf_dir, cache_dir)
+    if hf_dir == resolved.hf_dir:
+        return resolved
+    converted = _resolve_local(hf_dir, resolved.description, resolved.preset)
+    return replace(converted, description={**converted.description, "converted_to": str(hf_dir)})
 
 
 def _resolve_local(hf_dir: Path, desc: dict[str, Any], preset: ModelPreset | None = None) -> ResolvedSource:

@@ -96,3 +96,8 @@ class BuildFamily(Protocol):
     def hf_tower(self, hf_dir: Path, cfg: VisionConfig) -> HFTower:
         """transformers' tower with the checkpoint's tensors rounded to cfg.dtype, computing in float32."""
         ...
+
+    def transformers_checkpoint(self, hf_dir: Path, cache_dir: Path) -> Path:
+        """hf_dir, or for a hub layout transformers cannot load (InternVL's OpenGVLab original) a copy in
+        transformers' own layout made once under cache_dir: what the build and its validation read."""
+        ...

@@ -137,6 +137,13 @@ class InternVLBuildFamily:
                 "image_mean": preprocessing["image_mean"], "image_std": preprocessing["image_std"],
                 "rescale_factor": preprocessing["rescale_factor"]}
 
+    def transformers_checkpoint(self, hf_dir: Path, cache_dir: Path) -> Path:
+        """OpenGVLab's layout (custom code in the hub repository) -> a -hf copy, made once per config + weights."""
+        config = json.loads((hf_dir / "config.json").read_text())
+        if config.get("model_type") != OPENGVLAB:
+            return hf_dir
+        return convert_opengvlab(hf_dir, config, cache_dir)
+
     def hf_tower(self, hf_dir: Path, cfg: InternVLVisionConfig) -> HFTower:
         model = hf_vision_model(hf_dir, getattr(torch, cfg.dtype))
 
@@ -181,6 +188,59 @@ def engine_tensors(hf: Mapping[str, torch.Tensor], width: int) -> dict[str, torc
             raise ConversionError(f"{key}: expected {3 * width} rows (3 x vision hidden_size), got {tensor.shape[0]}")
         for part, chunk in zip(("q_proj", "k_proj", "v_proj"), tensor.split(width, dim=0)):
             out[name.replace(".qkv.", f".{part}.")] = chunk
+    return out
+
+
+def convert_opengvlab(hf_dir: Path, config: dict[str, Any], cache_dir: Path) -> Path:
+    """Write an OpenGVLab InternVL checkpoint in transformers' -hf layout (config.json, model.safetensors with
+    save_pretrained's names, the tokenizer files, a GotOcr2 preprocessor_config.json) under cache_dir."""
+    import hashlib
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    from transformers import InternVLConfig
+
+    weights = sorted(hf_dir.glob("*.safetensors"))
+    if not weights:
+        raise ConversionError(f"{hf_dir}: no *.safetensors weights (PyTorch .bin checkpoints are not supported)")
+    digest = hashlib.sha256((hf_dir / "config.json").read_bytes())
+    for path in weights:
+        digest.update(f"{path.name}:{path.stat().st_size}".encode())
+    out = cache_dir / "converted-checkpoints" / f"internvl-hf-{digest.hexdigest()[:16]}"
+    if (out / "model.safetensors").is_file():
+        return out
+    hf = normalized_config(config)
+    width = int(hf["vision_config"].get("hidden_size", 1024))
+    state: dict[str, torch.Tensor] = {}
+    for path in weights:
+        with safe_open(str(path), "pt") as f:
+            for key in f.keys():
+                if key.startswith(("language_model.model.", "language_model.lm_head.")):
+                    state[key] = f.get_tensor(key)
+                elif engine_name(key) is None:
+                    raise ConversionError(f"OpenGVLab tensor {key!r} is not part of an InternVL checkpoint")
+                else:
+                    state.update(engine_tensors({key: f.get_tensor(key)}, width))
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for path in hf_dir.iterdir():        # tokenizer files and chat template; not the weights or configs
+        if path.is_file() and path.suffix in (".json", ".txt", ".jinja", ".model", ".tiktoken") and path.name not in (
+                "config.json", "model.safetensors.index.json", PREPROCESSOR_FILE, "generation_config.json"):
+            shutil.copy2(path, tmp / path.name)
+    ids = _token_ids(hf_dir)
+    side = _side(hf["vision_config"].get("image_size", 448))
+    fields = {k: v for k, v in hf.items() if k not in ("model_type", "architectures")}
+    hf_config = InternVLConfig(**fields, image_token_id=ids["image_token_id"],
+                               image_seq_length=(side // _side(hf["vision_config"].get("patch_size", 14)) // 2) ** 2)
+    hf_config.architectures = ["InternVLForConditionalGeneration"]
+    hf_config.save_pretrained(str(tmp))
+    preprocessing = _preprocessing(hf_dir, None, side, _side(hf["vision_config"].get("patch_size", 14)))
+    (tmp / PREPROCESSOR_FILE).write_text(json.dumps(FAMILY.hf_preprocessor_config(preprocessing), indent=2) + "\n")
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    if not out.exists():
+        tmp.replace(out)
     return out
 
 

@@ -176,6 +176,9 @@ class LlavaBuildFamily:
             out.update(image_processor_type="LlavaImageProcessor", do_pad=True)
         return out
 
+    def transformers_checkpoint(self, hf_dir: Path, cache_dir: Path) -> Path:
+        return hf_dir           # both layouts load in transformers
+
     def hf_tower(self, hf_dir: Path, cfg: LlavaVisionConfig) -> HFTower:
         model = hf_vision_model(hf_dir, getattr(torch, cfg.dtype))
 

@@ -80,6 +80,9 @@ class Qwen2VLBuild:
             "size": {"shortest_edge": preprocessing["min_pixels"], "longest_edge": preprocessing["max_pixels"]},
         }
 
+    def transformers_checkpoint(self, hf_dir: Path, cache_dir: Path) -> Path:
+        return hf_dir           # both hub layouts load in transformers
+
     def hf_tower(self, hf_dir: Path, cfg: QwenVisionConfig) -> HFTower:
         tower = hf_tower(hf_dir, getattr(torch, cfg.dtype))
         inputs = (("pixel_values", np.float32, (-1, cfg.patch_dim)), ("grid_thw", np.int64, (-1, 3)))

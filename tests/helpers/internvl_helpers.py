@@ -63,3 +63,57 @@ def hf_prompt(processor, messages: list[dict], video_tiles: np.ndarray | None = 
     if video_tiles is not None:
         pixels.append(torch.from_numpy(video_tiles))
     return HFPrompt(input_ids, torch.cat(pixels) if pixels else None)
+
+
+def write_opengvlab_checkpoint(hf_dir: Path, out: Path) -> Path:
+    """The checkpoint in `hf_dir` (transformers' -hf layout, as save_pretrained writes it) rewritten in OpenGVLab's
+    original layout: config.json of `InternVLChatModel` (model_type internvl_chat, llm_config, vision_config with
+    qkv_bias), tensors `vision_model.*` (fused attn.qkv, ls1 / ls2, norm1 / norm2), `mlp1.{0,1,3}.*`,
+    `language_model.*`, and OpenGVLab's CLIP-style preprocessor_config.json. Names written out by hand."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    config = json.loads((hf_dir / "config.json").read_text())
+    pre = json.loads((hf_dir / "preprocessor_config.json").read_text())
+    sd = load_file(str(hf_dir / "model.safetensors"))
+    v = config["vision_config"]
+    out.mkdir(parents=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy2(hf_dir / name, out / name)
+    text = {**config["text_config"], "architectures": ["Qwen2ForCausalLM"]}
+    vision = {k: v[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                                "image_size", "patch_size", "layer_norm_eps", "hidden_act", "norm_type")}
+    vision.update(qkv_bias=v["attention_bias"], qk_normalization=False, image_size=v["image_size"][0],
+                  patch_size=v["patch_size"][0], model_type="intern_vit_6b", architectures=["InternVisionModel"])
+    (out / "config.json").write_text(json.dumps({
+        "architectures": ["InternVLChatModel"], "model_type": "internvl_chat", "llm_config": text,
+        "vision_config": vision, "downsample_ratio": config["downsample_ratio"], "template": "internvl2_5",
+        "select_layer": -1, "ps_version": "v2", "dynamic_image_size": True, "use_thumbnail": True,
+        "min_dynamic_patch": pre["min_patches"], "max_dynamic_patch": pre["max_patches"],
+        "force_image_size": vision["image_size"], "tie_word_embeddings": config["tie_word_embeddings"]}))
+    (out / "preprocessor_config.json").write_text(json.dumps({
+        "crop_size": vision["image_size"], "do_center_crop": True, "do_normalize": True, "do_resize": True,
+        "feature_extractor_type": "CLIPFeatureExtractor", "image_mean": pre["image_mean"],
+        "image_std": pre["image_std"], "resample": 3, "size": vision["image_size"]}))
+    state = {k: t for k, t in sd.items() if k.startswith("language_model.")}
+    state["vision_model.embeddings.class_embedding"] = sd["vision_tower.embeddings.cls_token"]
+    state["vision_model.embeddings.position_embedding"] = sd["vision_tower.embeddings.position_embeddings"]
+    for kind in ("weight", "bias"):
+        state[f"vision_model.embeddings.patch_embedding.{kind}"] = \
+            sd[f"vision_tower.embeddings.patch_embeddings.projection.{kind}"]
+        for ours, hf in (("0", "layer_norm"), ("1", "linear_1"), ("3", "linear_2")):
+            state[f"mlp1.{ours}.{kind}"] = sd[f"multi_modal_projector.{hf}.{kind}"]
+    for i in range(v["num_hidden_layers"]):
+        src, dst = f"vision_tower.encoder.layer.{i}.", f"vision_model.encoder.layers.{i}."
+        state[dst + "ls1"], state[dst + "ls2"] = sd[src + "lambda_1"], sd[src + "lambda_2"]
+        for kind in ("weight", "bias"):
+            state[f"{dst}attn.qkv.{kind}"] = torch.cat([sd[f"{src}attention.{p}_proj.{kind}"] for p in "qkv"])
+            state[f"{dst}attn.proj.{kind}"] = sd[f"{src}attention.projection_layer.{kind}"]
+            state[f"{dst}norm1.{kind}"] = sd[f"{src}layernorm_before.{kind}"]
+            state[f"{dst}norm2.{kind}"] = sd[f"{src}layernorm_after.{kind}"]
+            for fc in ("fc1", "fc2"):
+                state[f"{dst}mlp.{fc}.{kind}"] = sd[f"{src}mlp.{fc}.{kind}"]
+    save_file({k: t.contiguous() for k, t in state.items()}, str(out / "model.safetensors"))
+    return out
