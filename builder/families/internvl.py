@@ -193,7 +193,8 @@ def engine_tensors(hf: Mapping[str, torch.Tensor], width: int) -> dict[str, torc
 
 def convert_opengvlab(hf_dir: Path, config: dict[str, Any], cache_dir: Path) -> Path:
     """Write an OpenGVLab InternVL checkpoint in transformers' -hf layout (config.json, model.safetensors with
-    save_pretrained's names, the tokenizer files, a GotOcr2 preprocessor_config.json) under cache_dir."""
+    save_pretrained's names, the tokenizer with transformers' InternVL chat template, a GotOcr2
+    preprocessor_config.json) under cache_dir."""
     import hashlib
     import shutil
 
@@ -225,10 +226,13 @@ def convert_opengvlab(hf_dir: Path, config: dict[str, Any], cache_dir: Path) -> 
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    for path in hf_dir.iterdir():        # tokenizer files and chat template; not the weights or configs
-        if path.is_file() and path.suffix in (".json", ".txt", ".jinja", ".model", ".tiktoken") and path.name not in (
-                "config.json", "model.safetensors.index.json", PREPROCESSOR_FILE, "generation_config.json"):
-            shutil.copy2(path, tmp / path.name)
+    # The tokenizer, with transformers' InternVL chat template (image parts -> <IMG_CONTEXT>), as transformers'
+    # conversion script gives it: OpenGVLab's own template renders string contents only.
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(str(tmp))
     ids = _token_ids(hf_dir)
     side = _side(hf["vision_config"].get("image_size", 448))
     fields = {k: v for k, v in hf.items() if k not in ("model_type", "architectures")}

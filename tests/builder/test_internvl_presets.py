@@ -57,3 +57,27 @@ def test_real_shape_configs(preset) -> None:
             "preprocessing": {**preset.preprocessing}}
     tower = InternVLVisionConfig.from_json(data, "vision/config.json")
     assert (tower.patches_per_tile, tower.tokens_per_tile, tower.head_dim) == (1024, 256, 64)
+
+
+def test_llama_language_model() -> None:
+    """InternVL on a Llama LLM (OpenGVLab's llm_config or transformers' text_config): LlamaForCausalLM, no qkv bias."""
+    llama = dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, vocab_size=300, max_position_embeddings=2048,
+                 rms_norm_eps=1e-5, rope_theta=10000.0)
+    opengvlab = {"model_type": "internvl_chat", "llm_config": {**llama, "architectures": ["LlamaForCausalLM"]},
+                 "vision_config": {"hidden_size": 32, "qkv_bias": True}, "downsample_ratio": 0.5}
+    for hf_config in ({"model_type": "internvl", "text_config": llama}, opengvlab):
+        arch = FAMILY.llm_architecture(hf_config)
+        cfg = llm_config_from_hf(hf_config, arch, "fp32", text=FAMILY.text_config(hf_config))
+        assert (cfg.architecture, cfg.attn_bias, cfg.head_size, cfg.mrope_section) == (
+            "LlamaForCausalLM", False, 16, None)
+
+
+def test_unsupported_language_models_are_named() -> None:
+    from builder.convert import ConversionError
+
+    internlm = {"model_type": "internvl_chat", "llm_config": {"architectures": ["InternLM2ForCausalLM"]}}
+    with pytest.raises(ConversionError, match="InternLM2ForCausalLM"):
+        FAMILY.llm_architecture(internlm)
+    with pytest.raises(ConversionError, match="ps_version"):
+        FAMILY.text_config({**internlm, "llm_config": {"architectures": ["Qwen2ForCausalLM"]}, "ps_version": "v1"})
