@@ -103,3 +103,23 @@ def test_processor_chat_template_is_copied_into_the_engine_tokenizer(tmp_path: P
     source = ResolvedSource(hf_dir, hf_dir, "llava", "LlavaForConditionalGeneration", False, {})
     _copy_tokenizer(source, tmp_path / "engine-tokenizer", {})
     assert AutoTokenizer.from_pretrained(str(tmp_path / "engine-tokenizer")).chat_template == CHAT_TEMPLATE
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_random_weight_config_of_the_real_shape(name: str, cache_dir: Path) -> None:
+    """RANDOM_WEIGHTS=1 builds these shapes with the offline tokenizer: the config transformers gets keeps the
+    published sizes and points image_token_index at that tokenizer's <image>."""
+    from transformers import AutoConfig
+
+    from builder.source import hf_config_dict
+    from builder.tokenizer import extended_tokenizer_dir, special_token_ids
+
+    preset = load_preset(name)
+    tokens = build_family_for(preset.family).offline_tokenizer
+    tokenizer_dir = extended_tokenizer_dir(cache_dir, tokens.special_tokens, tokens.chat_template)
+    config = AutoConfig.for_model(preset.family, **hf_config_dict(preset, tokenizer_dir))
+    text = config.text_config.to_dict()
+    assert {k: text[k] for k in TEXT if k != "rope_theta"} == {k: v for k, v in TEXT.items() if k != "rope_theta"}
+    assert text["rope_parameters"]["rope_theta"] == TEXT["rope_theta"]
+    assert config.image_token_id == special_token_ids(tokenizer_dir)["<image>"]
+    assert config.vision_config.num_hidden_layers == 24 and config.vision_config.image_size == 336
