@@ -5,18 +5,19 @@ validating its `vision/config.json` (model_type "internvl") into a frozen datacl
 shared by the builder (which writes it), the loader (which checks
 `vision/encoder.safetensors` against it) and the runtime family
 (runtime/families/internvl/); and the single statement of which tensors the tower
-holds and their shapes. The language model is a plain 1-D RoPE Qwen2 or Llama. Tensor names are transformers' own InternVL names
-(`vision_tower.*`, `multi_modal_projector.*`) without the leading `model.`; the
-builder maps OpenGVLab's layout (`vision_model.*`, `mlp1.*`) onto them.
+holds and their shapes. The language model is a plain 1-D RoPE Qwen2 or Llama.
+Tensor names are those of transformers' `-hf` checkpoints (`vision_tower.*`,
+`multi_modal_projector.*`); the builder maps the other layouts onto them.
 Layout of the file:
 `{"model_type": "internvl", "dtype", "vision": {hidden_size, num_hidden_layers,
 num_attention_heads, intermediate_size, hidden_act, layer_norm_eps, attention_bias,
 image_size, patch_size, num_channels}, "downsample_ratio", "projector_hidden_act",
 "out_hidden_size", "image_token_id" (<IMG_CONTEXT>), "image_start_token_id" (<img>),
-"image_end_token_id" (</img>), optional "video_token_id" (the `<video>` marker of transformers'
-chat template; without it the engine takes images only), "preprocessing": {tile_size, patch_size, min_tiles,
-max_tiles, use_thumbnail, image_mean, image_std, rescale_factor}}`.
-Not for: preprocessing images (runtime/families/internvl/tiling.py) or running the tower.
+"image_end_token_id" (</img>), optional "video_token_id" (the `<video>` marker of
+transformers' chat template; without it the engine takes images only), "preprocessing":
+{tile_size, patch_size, min_tiles, max_tiles, use_thumbnail, image_mean, image_std,
+rescale_factor}}`.
+Not for: preprocessing images (runtime/families/internvl/preprocess.py) or running the tower.
 """
 from __future__ import annotations
 
@@ -152,7 +153,8 @@ def internvl_tensor_shapes(cfg: InternVLVisionConfig) -> dict[str, tuple[int, ..
         emb + "patch_embeddings.projection.weight": (e, c, p, p),
         emb + "patch_embeddings.projection.bias": (e,),
         PROJECTOR + "layer_norm.weight": (merged,), PROJECTOR + "layer_norm.bias": (merged,),
-        PROJECTOR + "linear_1.weight": (cfg.out_hidden_size, merged), PROJECTOR + "linear_1.bias": (cfg.out_hidden_size,),
+        PROJECTOR + "linear_1.weight": (cfg.out_hidden_size, merged),
+        PROJECTOR + "linear_1.bias": (cfg.out_hidden_size,),
         PROJECTOR + "linear_2.weight": (cfg.out_hidden_size, cfg.out_hidden_size),
         PROJECTOR + "linear_2.bias": (cfg.out_hidden_size,),
     }
