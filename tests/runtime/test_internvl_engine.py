@@ -159,7 +159,22 @@ def test_different_image_sizes_in_flight_equal_alone(engine, processor, config: 
         ids, mm = prompts[key]
         out = alone.generate_all([EngineRequest(key, list(ids), greedy(n), multimodal=mm)])[key]
         assert got[key] == collect_text(out)[1], key
+    # the shared image is encoded once (encoder cache or prefix cache), every other visual once
+    assert core.stats().encoder.num_encoded_visuals == len({v.content_hash for _, mm in prompts.values() if mm
+                                                            for v in mm.visuals}) == 6
     assert_all_blocks_free(core)
+
+
+def test_validation_report_holds_the_tower_parity(engine) -> None:
+    """The build compared ONNX Runtime, our PyTorch tower and transformers' InternVLModel (polygraphy) and the LLM."""
+    import json
+
+    report = json.loads((engine.root / "validation.json").read_text())
+    vision = report["vision"]
+    assert vision["passed"] and set(vision["pairs"]) == {"pytorch_vs_hf", "onnxruntime_vs_pytorch", "onnxruntime_vs_hf"}
+    assert all(pair["max_rel_err"] < 1e-4 for pair in vision["pairs"].values())
+    assert vision["grids"] == [[[1, 8, 8]], [[5, 8, 8], [1, 8, 8]], [[13, 8, 8]]]
+    assert report["passed"]
 
 
 def test_prefix_cache_reuses_an_image_by_content(engine, processor) -> None:
