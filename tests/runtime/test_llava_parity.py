@@ -191,3 +191,19 @@ def test_onnx_groups_and_pytorch_tower_agree(llava) -> None:
     assert whole.shape == (sum(v.num_tokens for v in visuals), cfg.out_hidden_size)
     torch.testing.assert_close(grouped, whole, atol=1e-5, rtol=0)
     torch.testing.assert_close(ours, whole, atol=1e-5, rtol=0)
+
+
+def test_build_validated_the_tower_with_polygraphy(llava) -> None:
+    """validation.json: ONNX Runtime, our PyTorch tower and transformers' (LlavaModel / LlavaNextModel
+    get_image_features) agree on several images per call; NeXT's feeds take every crop count."""
+    import json
+
+    engine = llava[0]
+    report = json.loads((engine.root / "validation.json").read_text())
+    vision = report["vision"]
+    assert report["passed"] and vision["passed"]
+    assert sorted(vision["pairs"]) == ["onnxruntime_vs_hf", "onnxruntime_vs_pytorch", "pytorch_vs_hf"]
+    assert all(pair["passed"] and pair["max_rel_err"] <= 1e-5 for pair in vision["pairs"].values())
+    assert max(len(grids) for grids in vision["grids"]) >= 3
+    if engine.vision.config.model_type == "llava_next":
+        assert {grid[0] for grids in vision["grids"] for grid in grids} == {3, 4, 5}
