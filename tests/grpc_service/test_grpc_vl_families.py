@@ -1,6 +1,6 @@
 """Vision-language families served side by side: one server holding a Qwen2-VL and an InternVL2.5 engine.
 
-Requests with images of different sizes to both engines, sent at once from several threads, are in flight
+Requests with images of two sizes to each engine, sent at once from four threads, are in flight
 together in the server (each engine's own in-flight batch, both families' encoders and the shared front end);
 each must get exactly the greedy tokens its engine gives it alone in this process (`VLReference`).
 """
@@ -39,7 +39,7 @@ def test_two_families_in_flight_equal_alone(server: ServerProcess, engine_dirs: 
     with NativeClient(server.target, timeout_s=120) as client:
         names = {card.name for card in client.models()}
         model_of = {preset: next(n for n in names if n.startswith(preset)) for preset in PRESETS}
-        sizes = [(56, 56), (300, 60), (60, 180)]
+        sizes = [(300, 60), (60, 180)]
         jobs = [(preset, media.gradient_png(w, h, seed=20 + i)) for preset in PRESETS for i, (w, h) in enumerate(sizes)]
         expected = [references[preset].greedy(references[preset].chat(
             {"type": "image", "image": png}, {"type": "text", "text": "What is it?"})) for preset, png in jobs]
