@@ -24,7 +24,7 @@ from builder.progress import Progress
 from builder.quantize import QuantRequest
 from builder.quantize_validate_vl import encode_rows, make_prompt, mm_greedy
 from builder.vision_quant import INT8_PAIR, INT8_TOLERANCE, validate_vision_int8
-from engine_format.engine_dir import load_engine
+from engine_format.engine_dir import EngineLoadError, load_engine
 from runtime.config import EngineConfig
 from runtime.core.engine_core import EngineCore, EngineRequest, collect_text
 from runtime.executor.model import DecoderModel
@@ -134,6 +134,9 @@ def test_broken_int8_graph_fails_the_polygraphy_check(engine_dir: Path, tmp_path
     onnx.save(model, str(path))
     report = validate_vision_int8(load_engine(copy, verify_checksums=False), path)
     assert not report["passed"] and report["max_rel_err"] > INT8_TOLERANCE
+    path.unlink()              # listed in engine.json but gone: the loader names it
+    with pytest.raises(EngineLoadError, match=r"vision/encoder\.int8\.onnx: missing \(listed in engine.json"):
+        load_engine(copy, verify_checksums=False)
 
 
 def test_bundled_vl_calibration_set() -> None:
