@@ -1,5 +1,5 @@
 """Shared fixtures: engines built once per test session from the tiny presets, and for the gRPC tests one
-server subprocess per test module plus the in-process reference engine it is compared against
+default server subprocess per test session plus the in-process reference engine it is compared against
 (helpers in tests/helpers/grpc_fixtures.py)."""
 from __future__ import annotations
 
@@ -82,10 +82,13 @@ def tiny_engine_dir(build_tiny: Callable[..., Path]) -> Path:
     return build_tiny("tiny-qwen2")
 
 
-@pytest.fixture(scope="module")
-def grpc_server(tiny_engine_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    """The default server: the tiny engine, both APIs, default limits (queue 64, decoupled ensemble)."""
-    server = ServerProcess.start(["--engine", str(tiny_engine_dir)], tmp_path_factory.mktemp("grpc-logs"))
+@pytest.fixture(scope="session")
+def grpc_server(build_tiny: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """The default server: the tiny engine, both APIs, default limits (queue 64, decoupled ensemble). One per
+    session, shared by every module that only sends it requests: a test reads the counters it checks as deltas
+    or lower bounds and leaves nothing in flight, never relying on a fresh server. A test that stops the
+    server, kills its core or needs other flags starts its own."""
+    server = ServerProcess.start(["--engine", str(build_tiny("tiny-qwen2"))], tmp_path_factory.mktemp("grpc-logs"))
     yield server
     server.stop()
 

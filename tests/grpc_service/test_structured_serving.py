@@ -12,7 +12,6 @@ import json
 import re
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import grpc
 import jsonschema
@@ -60,10 +59,8 @@ def _each(fn: Callable[[int], object]) -> list[object]:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_engine_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    process = ServerProcess.start(["--engine", str(tiny_engine_dir)], tmp_path_factory.mktemp("structured-logs"))
-    yield process
-    process.stop()
+def server(grpc_server: ServerProcess) -> ServerProcess:
+    return grpc_server       # the session's default server (tests/conftest.py): these tests need no other flags
 
 
 @pytest.fixture(scope="module")
