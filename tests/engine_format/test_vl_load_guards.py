@@ -91,7 +91,7 @@ def test_vision_config_disagrees_with_weights(vl_copy: Path) -> None:
 
 @pytest.mark.parametrize("edit,field", [
     (lambda d: d.pop("image_token_id"), "image_token_id"),
-    (lambda d: d.__setitem__("model_type", "llava"), "model_type"),
+    (lambda d: d.__setitem__("model_type", "paligemma"), "model_type"),
     (lambda d: d["vision"].pop("patch_size"), "vision.patch_size"),
     (lambda d: d["preprocessing"].__setitem__("min_pixels", 10 ** 9), "preprocessing.min_pixels"),
     (lambda d: d["preprocessing"].__setitem__("merge_size", 3), "preprocessing.merge_size"),
