@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from bench.backends import BenchRequest, RequestRecord
+from bench.hf_images import ImagePromptError, ImagePrompts, VisionBatch, image_prompts_for
 from bench.loadgen import LevelRun, next_request
 from bench.workloads import Session
 
@@ -57,14 +58,6 @@ class _FirstTokenClock:
         pass
 
 
-@dataclass(frozen=True, slots=True)
-class VisionBatch:
-    """A VL batch's pixel inputs (HF names) and the image placeholder id that marks image positions."""
-
-    tensors: dict[str, torch.Tensor]
-    image_token_id: int
-
-
 @torch.inference_mode()
 def generate_static_batch(model: torch.nn.Module, prompts: Sequence[Sequence[int]], output_lens: Sequence[int],
                           pad_id: int, vision: VisionBatch | None = None) -> BatchTiming:
@@ -75,9 +68,10 @@ def generate_static_batch(model: torch.nn.Module, prompts: Sequence[Sequence[int
     ids = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in prompts], device=device)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
     extra: dict[str, torch.Tensor] = {}
-    if vision is not None:          # Qwen2-VL needs mm_token_type_ids (REFERENCE.md section 4)
+    if vision is not None:
         extra = {name: t.to(device) for name, t in vision.tensors.items()}
-        extra["mm_token_type_ids"] = (ids == vision.image_token_id).long()
+        if vision.image_token_id is not None:     # Qwen2-VL needs mm_token_type_ids (REFERENCE.md section 4)
+            extra["mm_token_type_ids"] = (ids == vision.image_token_id).long()
     clock = _FirstTokenClock()
     start = time.perf_counter()
     out = model.generate(ids, attention_mask=mask, max_new_tokens=num_new, min_new_tokens=num_new,
@@ -128,10 +122,15 @@ class HFBaseline:
                            else transformers.AutoModelForCausalLM)
             self.model = model_class.from_pretrained(source, dtype=DTYPES[self.dtype]).to(device).eval()
         self.model.generation_config.eos_token_id = None      # fixed lengths: never stop early
-        tokenizer = transformers.AutoTokenizer.from_pretrained(str(engine_dir / "tokenizer"))
+        self.tokenizer = tokenizer = transformers.AutoTokenizer.from_pretrained(str(engine_dir / "tokenizer"))
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.pad_id = int(pad or 0)
-        self.images = HFImagePrompts(source, tokenizer) if has_vision else None
+        self.images: ImagePrompts | None = None
+        if has_vision:
+            try:
+                self.images = image_prompts_for(source, config, tokenizer, engine_dir / "tokenizer")
+            except ImagePromptError as e:
+                raise BaselineError(str(e)) from e
 
     def describe(self) -> dict[str, object]:
         import transformers
@@ -171,39 +170,9 @@ class HFBaseline:
                 record = RequestRecord(timing.start_s, timing.end_s, timing.first_token_s,
                                        prompt_tokens=len(prompt), output_tokens=len(output_ids),
                                        output_ids=output_ids)
+                if self.images is not None:       # a next turn resends the history as text, as the server's does
+                    record.output_text = self.tokenizer.decode(output_ids)
                 run.records.append(record)
                 histories[i] = (request, record)
                 if on_record is not None:
                     on_record(record)
-
-
-class HFImagePrompts:
-    """Qwen2-VL prompts the way the server builds a text prompt with images: one vision block per image
-    (start, one pad per merged patch, end) before the text; pixels from HF's own image processor."""
-
-    def __init__(self, source: str, tokenizer: object) -> None:
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-        self.processor = Qwen2VLImageProcessorPil.from_pretrained(source)
-        self.merge = int(self.processor.merge_size) ** 2
-        ids = tokenizer.convert_tokens_to_ids(["<|vision_start|>", "<|image_pad|>", "<|vision_end|>"])  # type: ignore
-        self.start_id, self.pad_id, self.end_id = (int(i) for i in ids)
-
-    def batch(self, requests: list[BenchRequest]) -> tuple[list[Sequence[int]], VisionBatch]:
-        import io
-
-        from PIL import Image
-
-        prompts: list[Sequence[int]] = []
-        pixels, grids = [], []
-        for request in requests:
-            ids: list[int] = []
-            for data in request.images:
-                out = self.processor(images=[Image.open(io.BytesIO(data)).convert("RGB")], return_tensors="pt")
-                pixels.append(out["pixel_values"])
-                grids.append(out["image_grid_thw"])
-                ids += [self.start_id] + [self.pad_id] * (int(out["image_grid_thw"].prod()) // self.merge) + \
-                    [self.end_id]
-            prompts.append(ids + list(request.token_ids))
-        tensors = {"pixel_values": torch.cat(pixels), "image_grid_thw": torch.cat(grids)}
-        return prompts, VisionBatch(tensors, self.pad_id)

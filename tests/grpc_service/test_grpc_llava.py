@@ -8,6 +8,7 @@ bad-image battery (tests/helpers/image_battery.py) is refused, naming the field,
 from __future__ import annotations
 
 import base64
+import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from bench.cli import main as bench_main
 from grpc_service.client import NativeClient, TritonClient, chat_message, image_proto
 from tests.helpers import media
 from tests.helpers.grpc_fixtures import VL_GREEDY, VL_SERVER_ARGS, ServerProcess, VLReference, assert_idle
@@ -126,3 +128,22 @@ def test_unusual_but_valid_images_are_served(client: NativeClient, reference: VL
         got = client.chat([chat_message("user", image_proto(data), "What is it?")], VL_GREEDY)
         assert got.token_ids == expected[1], name
     assert_idle(client)
+
+
+def test_bench_with_images_records_the_hf_baseline_beside_the_server(server: ServerProcess, engine_dir: Path,
+                                                                     tmp_path: Path) -> None:
+    """trtserve-bench --baseline hf on a LLaVA engine (issue 17's `make bench` row): both systems' rows, and HF's
+    prompts (LlavaNextProcessor's "<image>\\n" per image + text) count what the server counted."""
+    out = tmp_path / "bench"
+    rc = bench_main(["--target", f"grpc://{server.target}", "--metrics-url",
+                     f"http://127.0.0.1:{server.metrics_port}/metrics", "--protocol", "native",
+                     "--images-per-request", "1:2", "--image-size", "64", "--input-len", "8", "--output-len", "3",
+                     "--concurrency", "2", "--requests", "3", "--warmup", "0", "--baseline", "hf",
+                     "--engine", str(engine_dir), "--no-progress", "--no-plot", "--out", str(out)])
+    assert rc == 0
+    native, hf = json.loads(out.with_suffix(".json").read_text())["runs"]
+    assert hf["system"] == "hf-transformers"
+    (ours,), (theirs,) = native["levels"], hf["levels"]
+    assert (ours["num_requests"], ours["num_errors"], theirs["num_requests"], theirs["num_errors"]) == (3, 0, 3, 0)
+    assert ours["output_tokens"] == theirs["output_tokens"] == 9
+    assert theirs["prompt_tokens"] == ours["prompt_tokens"] == ours["server_tokens"]["prompt_tokens"] > 3 * 8 + 10
