@@ -95,11 +95,17 @@ bench: $(STAMP)
 		--concurrency $(BENCH_LEVELS) --requests $(BENCH_REQUESTS) --warmup 4 --input-len 64 --output-len 32 \
 		--images-per-request 1 --image-size 224 --baseline hf --note "$(BENCH_NOTE)" \
 		--out $(BENCH_OUT)/bench_tiny-qwen2-vl_cpu
+	$(VENV)/bin/trtserve-build --model tiny-llava --output engines/tiny-llava-fp32
+	$(VENV)/bin/trtserve-bench --engine engines/tiny-llava-fp32 --protocol native,triton,openai \
+		--concurrency $(BENCH_LEVELS) --requests $(BENCH_REQUESTS) --warmup 4 --input-len 64 --output-len 32 \
+		--images-per-request 1 --image-size 224 --baseline hf --note "$(BENCH_NOTE)" \
+		--out $(BENCH_OUT)/bench_tiny-llava_cpu
 	$(VENV)/bin/trtserve-build --model smollm2-135m --output engines/smollm2-135m-fp32
 	$(VENV)/bin/trtserve-bench --engine engines/smollm2-135m-fp32 --protocol native,triton,openai \
 		--concurrency $(BENCH_LEVELS) --requests $(BENCH_REQUESTS) --warmup 4 --input-len 128 --output-len 64 \
 		--baseline hf --note "$(BENCH_NOTE)" --out $(BENCH_OUT)/bench_smollm2-135m_cpu
 	$(VENV)/bin/trtserve-bench plot $(BENCH_OUT)/bench_small-qwen2_cpu.json $(BENCH_OUT)/bench_tiny-qwen2-vl_cpu.json \
+		$(BENCH_OUT)/bench_tiny-llava_cpu.json \
 		$(BENCH_OUT)/bench_smollm2-135m_cpu.json \
 		$(BENCH_OUT)/bench_tiny-qwen2_cpu.json $(BENCH_OUT)/bench_small-qwen2-spread_cpu.json \
 		--title "trtserve-bench, 2-core CPU" --out $(BENCH_OUT)/bench_cpu.png
