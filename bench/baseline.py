@@ -170,8 +170,8 @@ class HFBaseline:
                 record = RequestRecord(timing.start_s, timing.end_s, timing.first_token_s,
                                        prompt_tokens=len(prompt), output_tokens=len(output_ids),
                                        output_ids=output_ids)
-                if self.images is not None:       # a next turn resends the history as text, as the server's does
-                    record.output_text = self.tokenizer.decode(output_ids)
+                if self.images is not None:   # a next turn resends history as text; the server skips special tokens
+                    record.output_text = self.tokenizer.decode(output_ids, skip_special_tokens=True)
                 run.records.append(record)
                 histories[i] = (request, record)
                 if on_record is not None:
