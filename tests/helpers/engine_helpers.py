@@ -1,6 +1,11 @@
 """Helpers shared by the engine tests (text and vision-language): greedy parameters, a driver that
-admits requests at given steps, and the check that every KV block came back."""
+admits requests at given steps, the logits recorder, and the check that every KV block came back."""
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
 
 from runtime.core.engine_core import EngineCore, EngineRequest
 from runtime.sampling_params import SamplingParams
@@ -23,6 +28,24 @@ def run_arrivals(core: EngineCore, arrivals: list[tuple[int, EngineRequest]]) ->
         step += 1
         assert step < 10_000
     return tokens
+
+
+@contextmanager
+def recording_logits(core: EngineCore) -> Iterator[list[torch.Tensor]]:
+    """The logits rows of every step run inside the block, recorded from the executor (restored after)."""
+    rows: list[torch.Tensor] = []
+    execute = core.executor.execute
+
+    def recording(output):
+        logits = execute(output)
+        rows.extend(logits)
+        return logits
+
+    core.executor.execute = recording
+    try:
+        yield rows
+    finally:
+        core.executor.execute = execute
 
 
 def assert_all_blocks_free(core: EngineCore) -> None:

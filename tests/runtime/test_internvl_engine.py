@@ -22,7 +22,7 @@ from runtime.core.engine_core import EngineCore, EngineRequest, collect_text
 from runtime.multimodal.image_io import ImageLimits
 from runtime.multimodal.processor import MultimodalProcessor
 from tests.conftest import hf_dir_of, load_hf
-from tests.helpers.engine_helpers import assert_all_blocks_free, greedy, run_arrivals
+from tests.helpers.engine_helpers import assert_all_blocks_free, greedy, recording_logits, run_arrivals
 from tests.helpers.internvl_helpers import hf_internvl_processor, hf_prompt
 from tests.helpers.vl_helpers import noise_frames, noise_image
 
@@ -81,16 +81,8 @@ def text_ids(processor: MultimodalProcessor, messages: list[dict]) -> list[int]:
 
 def engine_run(core: EngineCore, ids: list[int], mm, max_tokens: int = NEW_TOKENS) -> tuple[list[int], torch.Tensor]:
     """Greedy tokens and the logits of every sampled position (recorded from the executor)."""
-    rows: list[torch.Tensor] = []
-    execute = core.executor.execute
-
-    def recording(output):
-        logits = execute(output)
-        rows.extend(logits)
-        return logits
-
-    core.executor.execute = recording
-    out = core.generate_all([EngineRequest("r", ids, greedy(max_tokens), multimodal=mm)])["r"]
+    with recording_logits(core) as rows:
+        out = core.generate_all([EngineRequest("r", ids, greedy(max_tokens), multimodal=mm)])["r"]
     return collect_text(out)[1], torch.stack(rows)
 
 

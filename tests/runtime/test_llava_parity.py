@@ -21,8 +21,8 @@ from engine_format.engine_dir import LoadedEngine, load_engine
 from runtime.core.engine_core import EngineCore, EngineRequest, collect_text
 from runtime.multimodal.image_io import ImageLimits
 from runtime.multimodal.processor import MultimodalProcessor
-from runtime.sampling_params import SamplingParams
 from tests.conftest import hf_dir_of, load_hf
+from tests.helpers.engine_helpers import greedy, recording_logits
 from tests.helpers.vl_helpers import noise_image
 
 ATOL = 1e-4
@@ -87,20 +87,9 @@ def _hf_run(hf, processor, messages: list[dict]) -> tuple[list[int], list[int], 
 def _engine_run(core: EngineCore, requests: dict[str, tuple[list[int], object]]
                 ) -> dict[str, tuple[list[int], torch.Tensor]]:
     """Greedy tokens of the requests run together (in-flight), and the logits rows when one request runs."""
-    rows: list[torch.Tensor] = []
-    execute = core.executor.execute
-
-    def recording(output):
-        logits = execute(output)
-        rows.extend(logits)
-        return logits
-
-    core.executor.execute = recording
-    try:
-        params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
-        outs = core.generate_all([EngineRequest(rid, ids, params, multimodal=mm) for rid, (ids, mm) in requests.items()])
-    finally:
-        core.executor.execute = execute
+    with recording_logits(core) as rows:
+        outs = core.generate_all([EngineRequest(rid, ids, greedy(NEW_TOKENS), multimodal=mm)
+                                  for rid, (ids, mm) in requests.items()])
     return {rid: (collect_text(out)[1], torch.stack(rows) if len(requests) == 1 else torch.empty(0))
             for rid, out in outs.items()}
 
@@ -154,7 +143,7 @@ def test_prefix_and_encoder_caches_are_keyed_by_image_content(llava) -> None:
         {"type": "text", "text": "Describe this picture in detail."}]}])
     span = mm_a.spans[0]
     assert ids_c == ids_a and mm_c.spans[0].content_hash != span.content_hash and span.length >= block
-    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    params = greedy(4)
     out_a = core.generate_all([EngineRequest("cache-a", ids_a, params, multimodal=mm_a)])["cache-a"]
     encoded = core.stats().encoder.num_encoded_visuals
     out_b = core.generate_all([EngineRequest("cache-b", ids_b, params, multimodal=mm_b)])["cache-b"]

@@ -15,8 +15,8 @@ from runtime.core.engine_core import EngineCore, EngineRequest, collect_text
 from engine_format.engine_dir import load_engine
 from runtime.multimodal.image_io import ImageLimits
 from runtime.multimodal.processor import MultimodalProcessor
-from runtime.sampling_params import SamplingParams
 from tests.conftest import load_hf
+from tests.helpers.engine_helpers import greedy, recording_logits
 from tests.helpers.vl_helpers import (
     VL_PRESETS,
     hf_generate,
@@ -60,17 +60,8 @@ def vl(request, build_tiny):
 def _engine_run(core: EngineCore, ids: list[int], mm, max_tokens: int = NEW_TOKENS
                 ) -> tuple[list[int], torch.Tensor]:
     """Greedy tokens, and the logits of every sampled position (recorded from the executor)."""
-    rows: list[torch.Tensor] = []
-    execute = core.executor.execute
-
-    def recording(output):
-        logits = execute(output)
-        rows.extend(logits)
-        return logits
-
-    core.executor.execute = recording
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-    out = core.generate_all([EngineRequest("r", ids, params, multimodal=mm)])["r"]
+    with recording_logits(core) as rows:
+        out = core.generate_all([EngineRequest("r", ids, greedy(max_tokens), multimodal=mm)])["r"]
     return collect_text(out)[1], torch.stack(rows)
 
 
