@@ -4,7 +4,8 @@ What it is for: the `BuildFamily` protocol through which the generic build
 stages (source resolution, LLM conversion, the vision convert / export /
 validate stages, random checkpoints for `tiny-*` presets) do everything that
 depends on the family's Hugging Face checkpoint: config fields, tensor names of
-both hub layouts, the reference tower, the preprocessor and tokenizer files.
+both hub layouts, the reference tower, the preprocessor and tokenizer files;
+and the LLM layouts shared by the families whose LLM sits inside a wrapper model.
 Not for: any family's mapping (builder/families/<family>.py), the registry
 (builder/families/__init__.py) or the engine-directory schema (engine_format/families/).
 """
@@ -17,6 +18,7 @@ from typing import Any, Protocol
 
 import torch
 
+from builder.convert import ConversionError
 from engine_format.vision_config import VisionConfig
 
 
@@ -29,6 +31,20 @@ class LLMKeys:
 
     prefix: str            # of the decoder tensors: "model.", "model.language_model.", "language_model.model."
     lm_head: str           # the output projection: "lm_head.weight", "language_model.lm_head.weight"
+
+
+# the LLM inside a wrapper model (InternVL, LLaVA): transformers' current layout, then its older one
+WRAPPED_LLM_LAYOUTS = (LLMKeys("model.language_model.", "lm_head.weight"),
+                       LLMKeys("language_model.model.", "language_model.lm_head.weight"))
+
+
+def wrapped_llm_keys(hf_names: Collection[str], family: str) -> LLMKeys:
+    """The first of WRAPPED_LLM_LAYOUTS that some tensor name starts with; ConversionError naming both."""
+    for keys in WRAPPED_LLM_LAYOUTS:
+        if any(name.startswith(keys.prefix) for name in hf_names):
+            return keys
+    raise ConversionError(f"HF checkpoint holds no {family} language model tensors "
+                          f"({' or '.join(k.prefix + '*' for k in WRAPPED_LLM_LAYOUTS)})")
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from builder.convert import ConversionError
-from builder.families.base import HFTower, LLMKeys, OfflineTokens
+from builder.families.base import HFTower, LLMKeys, OfflineTokens, wrapped_llm_keys
 from engine_format.families.internvl import InternVLVisionConfig
 from engine_format.llm_config import SHORT_DTYPES
 
@@ -56,8 +56,6 @@ CHAT_TEMPLATE = (
 OPENGVLAB = "internvl_chat"
 LLM_TYPES = {"Qwen2ForCausalLM": "qwen2", "LlamaForCausalLM": "llama"}
 ARCHITECTURE_OF = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}
-LLM_LAYOUTS = (LLMKeys("model.language_model.", "lm_head.weight"),
-               LLMKeys("language_model.model.", "language_model.lm_head.weight"))
 # OpenGVLab vision names -> engine names, applied in order (transformers' conversion script's renames).
 _OPENGVLAB_VISION = (
     (r"^vision_model\.", "vision_tower."), (r"\.layers\.", ".layer."), (r"class_embedding$", "cls_token"),
@@ -95,11 +93,7 @@ class InternVLBuildFamily:
         return {**text, "tie_word_embeddings": bool(hf.get("tie_word_embeddings", text.get("tie_word_embeddings")))}
 
     def llm_keys(self, hf_names: Collection[str]) -> LLMKeys:
-        for keys in LLM_LAYOUTS:
-            if any(name.startswith(keys.prefix) for name in hf_names):
-                return keys
-        raise ConversionError("HF checkpoint holds no InternVL language model tensors "
-                              f"({' or '.join(k.prefix + '*' for k in LLM_LAYOUTS)})")
+        return wrapped_llm_keys(hf_names, "InternVL")
 
     def vision_config_json(self, hf_dir: Path, dtype: str, preset_preprocessing: dict[str, Any] | None
                            ) -> dict[str, Any]:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from builder.convert import ConversionError
-from builder.families.base import GridSets, HFTower, LLMKeys, OfflineTokens
+from builder.families.base import GridSets, HFTower, LLMKeys, OfflineTokens, wrapped_llm_keys
 from engine_format.families.llava import PREPROCESSING_KEYS, LlavaVisionConfig, tensor_shapes
 
 PREPROCESSOR_FILE = "preprocessor_config.json"
@@ -33,8 +33,6 @@ IMAGE_TOKEN = "<image>"
 TOWER_PREFIXES = ("model.vision_tower.", "vision_tower.")
 PROJECTOR_PREFIXES = ("model.multi_modal_projector.", "multi_modal_projector.")
 NEWLINE_NAMES = ("model.image_newline", "image_newline")
-LLM_LAYOUTS = (LLMKeys("model.language_model.", "lm_head.weight"),
-               LLMKeys("language_model.model.", "language_model.lm_head.weight"))
 # Image sizes (height, width in crop sides) of the parity feeds, one tuple per encoder call: several images
 # per call, and at the tiny presets' and the real geometry NeXT grids of every pinpoint shape, some unpadded.
 VALIDATION_SIZES = (((1.43, 1.07),), ((1.79, 3.21), (1.18, 2.5)), ((4.29, 1.43), (1.0, 1.0), (0.82, 3.46)))
@@ -97,11 +95,7 @@ class LlavaBuildFamily:
         return {**resolved.text_config.to_dict(), "tie_word_embeddings": bool(resolved.tie_word_embeddings)}
 
     def llm_keys(self, hf_names: Collection[str]) -> LLMKeys:
-        for keys in LLM_LAYOUTS:
-            if any(name.startswith(keys.prefix) for name in hf_names):
-                return keys
-        raise ConversionError("HF checkpoint holds no LLaVA language model tensors "
-                              f"({' or '.join(k.prefix + '*' for k in LLM_LAYOUTS)})")
+        return wrapped_llm_keys(hf_names, "LLaVA")
 
     def vision_config_json(self, hf_dir: Path, dtype: str, preset_preprocessing: dict[str, Any] | None
                            ) -> dict[str, Any]:
