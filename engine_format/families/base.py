@@ -86,6 +86,22 @@ def object_field(data: dict[str, Any], key: str, file: str) -> dict[str, Any]:
     return value
 
 
+def vision_header(data: dict[str, Any], file: str, model_types: tuple[str, ...]
+                  ) -> tuple[str, str, dict[str, Any], Callable[..., Any]]:
+    """What a family's `vision/config.json` starts with: its model_type (one of model_types), the dtype, the
+    `vision` object and a getter of its fields, `(key, kind=int)`, whose errors name `vision.<key>`."""
+    model_type = data.get("model_type")
+    if model_type not in model_types:
+        raise EngineLoadError(file, f"must be one of {model_types}, got {model_type!r}", "model_type")
+    dtype = check_dtype(data, file)
+    vision = object_field(data, "vision", file)
+
+    def field(key: str, kind: type = int) -> Any:
+        return get_field(vision, key, kind, file, "vision.")
+
+    return model_type, dtype, vision, field
+
+
 def check_positive(values: dict[str, int], file: str, where: str = "") -> None:
     for key, value in values.items():
         if value < 1:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from engine_format.errors import EngineLoadError
-from engine_format.families.base import VisionSchema, check_dtype, get_field, object_field
+from engine_format.families.base import VisionSchema, get_field, object_field, vision_header
 
 MODEL_TYPES = ("llava", "llava_next")
 LLM_ARCHITECTURES = ("LlamaForCausalLM",)
@@ -73,12 +73,7 @@ class LlavaVisionConfig:
 
 
 def parse(data: dict[str, Any], file: str) -> LlavaVisionConfig:
-    model_type = data.get("model_type")
-    if model_type not in MODEL_TYPES:
-        raise EngineLoadError(file, f"must be one of {MODEL_TYPES}, got {model_type!r}", "model_type")
-    dtype = check_dtype(data, file)
-    vision = object_field(data, "vision", file)
-    v = lambda key, kind=int: get_field(vision, key, kind, file, "vision.")   # noqa: E731
+    model_type, dtype, vision, v = vision_header(data, file, MODEL_TYPES)
     depth, layer = v("num_hidden_layers"), v("vision_feature_layer")
     num_layers = depth + 1 + layer if layer < 0 else layer
     if not 0 <= num_layers <= depth:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from engine_format.errors import EngineLoadError
-from engine_format.families.base import VisionSchema, check_dtype, get_field, int_list, object_field
+from engine_format.families.base import VisionSchema, get_field, int_list, vision_header
 
 MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
 LLM_ARCHITECTURES = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
@@ -81,12 +81,7 @@ class QwenVisionConfig:
 
     @classmethod
     def from_json(cls, data: dict[str, Any], file: str) -> "QwenVisionConfig":
-        model_type = data.get("model_type")
-        if model_type not in MODEL_TYPES:
-            raise EngineLoadError(file, f"must be one of {MODEL_TYPES}, got {model_type!r}", "model_type")
-        dtype = check_dtype(data, file)
-        vision = object_field(data, "vision", file)
-        v = lambda key, kind=int: get_field(vision, key, kind, file, "vision.")   # noqa: E731
+        model_type, dtype, vision, v = vision_header(data, file, MODEL_TYPES)
         is_25 = model_type == "qwen2_5_vl"
         embed_dim = v("hidden_size") if is_25 else v("embed_dim")
         fields: dict[str, Any] = dict(
