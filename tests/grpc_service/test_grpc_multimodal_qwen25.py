@@ -7,11 +7,7 @@ greedy tokens through each API must equal `EngineCore` + `MultimodalProcessor` i
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from pathlib import Path
-
 import numpy as np
-import pytest
 
 from grpc_service.client import (
     NativeClient,
@@ -26,40 +22,12 @@ from tests.helpers.grpc_fixtures import (
     IMAGE_BLOCK,
     VIDEO_BLOCK,
     VL_GREEDY,
-    VL_SERVER_ARGS,
-    ServerProcess,
     VLReference,
+    vl_server_fixtures,
 )
 
 
-@pytest.fixture(scope="module")
-def engine_dir(build_tiny: Callable[..., Path]) -> Path:
-    return build_tiny("tiny-qwen2.5-vl")
-
-
-@pytest.fixture(scope="module")
-def server(engine_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    process = ServerProcess.start(["--engine", str(engine_dir), *VL_SERVER_ARGS],
-                                  tmp_path_factory.mktemp("grpc-vl25-logs"))
-    yield process
-    process.stop()
-
-
-@pytest.fixture(scope="module")
-def client(server: ServerProcess) -> Iterator[NativeClient]:
-    with NativeClient(server.target, timeout_s=120) as native:
-        yield native
-
-
-@pytest.fixture(scope="module")
-def triton(server: ServerProcess) -> Iterator[TritonClient]:
-    with TritonClient(server.target, timeout_s=120) as kserve:
-        yield kserve
-
-
-@pytest.fixture(scope="module")
-def reference(engine_dir: Path) -> VLReference:
-    return VLReference(engine_dir)
+engine_dir, server, client, triton, reference = vl_server_fixtures("tiny-qwen2.5-vl")
 
 
 # ------------------------------------------------------------------------------------------- native API

@@ -1,12 +1,15 @@
 """Helpers for the gRPC tests: the server launcher (shared with the demo) and reference generations from
 `EngineCore` run in-process on the same engine (with `MultimodalProcessor` for vision-language engines),
-which the server's greedy output must reproduce."""
+which the server's greedy output must reproduce, and the fixtures of a module serving one tiny VL preset."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from grpc_service.client import NativeClient, Sampling
+import pytest
+
+from grpc_service.client import NativeClient, Sampling, TritonClient
 from grpc_service.launcher import ServerProcess, metric_value
 from grpc_service.proto import trtserve_pb2 as pb
 from runtime.config import EngineConfig
@@ -16,7 +19,7 @@ from runtime.multimodal.processor import MultimodalInputs, MultimodalProcessor
 from runtime.sampling_params import SamplingParams
 
 __all__ = ["IMAGE_BLOCK", "VIDEO_BLOCK", "VL_GREEDY", "VL_MAX_IMAGES", "VL_MAX_PIXELS", "VL_MAX_TOKENS",
-           "VL_SERVER_ARGS", "Reference", "ServerProcess", "VLReference", "metric_value"]
+           "VL_SERVER_ARGS", "Reference", "ServerProcess", "VLReference", "metric_value", "vl_server_fixtures"]
 
 # the vision-language servers of the tests: few tokens, small limits that the bad-image tests run into
 VL_MAX_TOKENS = 12
@@ -73,6 +76,39 @@ class VLReference:
     def chat(self, *parts: dict) -> tuple[list[int], MultimodalInputs]:
         """One user message of runtime content parts ({"type": "text" | "image" | "video", ...})."""
         return self.processor.process_chat([{"role": "user", "content": list(parts)}], True)
+
+
+def vl_server_fixtures(preset: str) -> tuple[object, object, object, object, object]:
+    """The module-scoped fixtures of a test module that serves one tiny vision-language preset with the VL
+    limits; bind them under their own names at module level, where pytest looks for them:
+    `engine_dir, server, client, triton, reference = vl_server_fixtures("tiny-...")`."""
+
+    @pytest.fixture(scope="module")
+    def engine_dir(build_tiny: Callable[..., Path]) -> Path:
+        return build_tiny(preset)
+
+    @pytest.fixture(scope="module")
+    def server(engine_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+        process = ServerProcess.start(["--engine", str(engine_dir), *VL_SERVER_ARGS],
+                                      tmp_path_factory.mktemp(f"grpc-{preset}-logs"))
+        yield process
+        process.stop()
+
+    @pytest.fixture(scope="module")
+    def client(server: ServerProcess) -> Iterator[NativeClient]:
+        with NativeClient(server.target, timeout_s=120) as native:
+            yield native
+
+    @pytest.fixture(scope="module")
+    def triton(server: ServerProcess) -> Iterator[TritonClient]:
+        with TritonClient(server.target, timeout_s=120) as kserve:
+            yield kserve
+
+    @pytest.fixture(scope="module")
+    def reference(engine_dir: Path) -> VLReference:
+        return VLReference(engine_dir)
+
+    return engine_dir, server, client, triton, reference
 
 
 def wait_idle(client: NativeClient, timeout_s: float = 10.0) -> pb.EngineStatus:
