@@ -158,11 +158,16 @@ def test_ctrl_c_writes_partial_results(grpc_server: ServerProcess, tmp_path: Pat
     before = counters.snapshot()
     assert before is not None
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and _generated(counters) < before.generated_tokens + 20 * 48:
-        time.sleep(0.2)           # interrupt once 20 requests are done: inside the first level
-    process.send_signal(signal.SIGINT)
-    stdout, stderr = process.communicate(timeout=60)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and _generated(counters) < before.generated_tokens + 20 * 48:
+            time.sleep(0.2)           # interrupt once 20 requests are done: inside the first level
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=60)
+    finally:                          # the server is the session's: never leave a benchmark sending to it
+        if process.poll() is None:
+            process.kill()
+            process.wait()
     assert process.returncode == 130, stderr
     assert "interrupted" in stderr
     report = json.loads(out.with_suffix(".json").read_text())
