@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -19,46 +18,13 @@ from PIL import Image
 from bench.cli import main as bench_main
 from grpc_service.client import NativeClient, TritonClient, chat_message, image_proto
 from tests.helpers import media
-from tests.helpers.grpc_fixtures import VL_GREEDY, VL_SERVER_ARGS, ServerProcess, VLReference, assert_idle
-from tests.helpers.image_battery import (
-    ACCEPTED,
-    REFUSED,
-    assert_refused_by_ensemble,
-    assert_refused_by_openai,
-    assert_refused_natively,
-)
+from tests.helpers.grpc_fixtures import VL_GREEDY, ServerProcess, VLReference, assert_idle, vl_server_fixtures
+from tests.helpers.image_battery import ACCEPTED, REFUSED, assert_refused_by_every_api
 
 IMAGE_BLOCK = "<image>\n"
 
 
-@pytest.fixture(scope="module")
-def engine_dir(build_tiny: Callable[..., Path]) -> Path:
-    return build_tiny("tiny-llava-next")
-
-
-@pytest.fixture(scope="module")
-def server(engine_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    process = ServerProcess.start(["--engine", str(engine_dir), *VL_SERVER_ARGS],
-                                  tmp_path_factory.mktemp("grpc-llava-logs"))
-    yield process
-    process.stop()
-
-
-@pytest.fixture(scope="module")
-def client(server: ServerProcess) -> Iterator[NativeClient]:
-    with NativeClient(server.target, timeout_s=120) as native:
-        yield native
-
-
-@pytest.fixture(scope="module")
-def triton(server: ServerProcess) -> Iterator[TritonClient]:
-    with TritonClient(server.target, timeout_s=120) as kserve:
-        yield kserve
-
-
-@pytest.fixture(scope="module")
-def reference(engine_dir: Path) -> VLReference:
-    return VLReference(engine_dir)
+engine_dir, server, client, triton, reference = vl_server_fixtures("tiny-llava-next")
 
 
 def test_native_chat_and_text_prompt_match_the_runtime(client: NativeClient, reference: VLReference) -> None:
@@ -92,32 +58,16 @@ def test_ensemble_image_bytes_and_url_inputs_match_the_runtime(triton: TritonCli
 
 def test_openai_image_url_matches_the_runtime(server: ServerProcess, client: NativeClient,
                                               reference: VLReference) -> None:
-    from tests.helpers.openai_helpers import assert_no_extra_fields, openai_client
+    from tests.helpers.openai_helpers import assert_image_url_matches_the_runtime
 
     png = media.gradient_png(100, 60, seed=5)
-    prompt = reference.chat({"type": "image", "image": png}, {"type": "text", "text": "Describe."})
-    expected = reference.greedy(prompt)
-    response = openai_client(server).chat.completions.create(
-        model=client.models()[0].name, max_tokens=VL_GREEDY.max_tokens, temperature=0,
-        messages=[{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(png).decode()}},
-            {"type": "text", "text": "Describe."}]}])
-    assert_no_extra_fields(response)
-    assert response.choices[0].message.content == expected[0]
-    assert (response.usage.completion_tokens, response.usage.prompt_tokens) == (len(expected[1]), len(prompt[0]))
+    assert_image_url_matches_the_runtime(server, client.models()[0].name, reference, png)
 
 
 @pytest.mark.parametrize("name", sorted(REFUSED))
 def test_bad_images_are_refused_by_every_api(server: ServerProcess, client: NativeClient, triton: TritonClient,
                                              name: str) -> None:
-    from tests.helpers.openai_helpers import openai_client
-
-    data = REFUSED[name]()
-    assert_refused_natively(client, data, name)
-    assert_refused_by_ensemble(triton, data)
-    assert_refused_by_openai(openai_client(server), client.models()[0].name, data)
-    assert_idle(client)
-    assert client.generate("Still serving?", VL_GREEDY).finish_reason in ("stop", "length")
+    assert_refused_by_every_api(server, client, triton, name)
 
 
 def test_unusual_but_valid_images_are_served(client: NativeClient, reference: VLReference) -> None:

@@ -17,7 +17,7 @@ import numpy as np
 
 from grpc_service.client import NativeClient, TritonClient, chat_message, image_proto
 from tests.helpers import media
-from tests.helpers.grpc_fixtures import VL_GREEDY
+from tests.helpers.grpc_fixtures import VL_GREEDY, ServerProcess, assert_idle
 
 INTERNALS = ("Traceback", "PIL", "Errno", "cannot identify", "UnidentifiedImageError", "zlib", "struct")
 REFUSED: dict[str, Callable[[], bytes]] = {
@@ -81,3 +81,15 @@ def assert_refused_by_openai(oa: object, model: str, data: bytes, mime: str = "i
         assert not any(word in str(exc.body) for word in INTERNALS), exc.body
         return
     raise AssertionError("the OpenAI API served a bad image")
+
+
+def assert_refused_by_every_api(server: ServerProcess, client: NativeClient, triton: TritonClient, name: str) -> None:
+    """REFUSED[name] refused natively, by the ensemble and by the OpenAI API; the server idle and serving after."""
+    from tests.helpers.openai_helpers import openai_client
+
+    data = REFUSED[name]()
+    assert_refused_natively(client, data, name)
+    assert_refused_by_ensemble(triton, data)
+    assert_refused_by_openai(openai_client(server), client.models()[0].name, data)
+    assert_idle(client)
+    assert client.generate("Still serving?", VL_GREEDY).finish_reason in ("stop", "length")

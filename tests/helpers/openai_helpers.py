@@ -1,13 +1,15 @@
-"""Helpers for the OpenAI-compatible HTTP tests: a client for a test server, and a check that a response
-parsed by the `openai` package's models carries no field those published types do not define."""
+"""Helpers for the OpenAI-compatible HTTP tests: a client for a test server, a check that a response
+parsed by the `openai` package's models carries no field those published types do not define, and the
+image-URL case every vision-language family's server test runs."""
 from __future__ import annotations
 
+import base64
 from typing import Any
 
 import openai
 from pydantic import BaseModel
 
-from tests.helpers.grpc_fixtures import ServerProcess
+from tests.helpers.grpc_fixtures import VL_GREEDY, ServerProcess, VLReference
 
 
 def openai_client(server: ServerProcess, timeout_s: float = 120.0) -> openai.OpenAI:
@@ -28,3 +30,19 @@ def assert_no_extra_fields(value: Any, path: str = "response") -> None:
     elif isinstance(value, dict):
         for key, item in value.items():
             assert_no_extra_fields(item, f"{path}[{key!r}]")
+
+
+def assert_image_url_matches_the_runtime(server: ServerProcess, model: str, reference: VLReference,
+                                         png: bytes) -> None:
+    """One image (a PNG data URL) + "Describe." through the OpenAI API: the runtime's greedy text and token
+    counts, and no field outside OpenAI's types."""
+    prompt = reference.chat({"type": "image", "image": png}, {"type": "text", "text": "Describe."})
+    expected = reference.greedy(prompt)
+    response = openai_client(server).chat.completions.create(
+        model=model, max_tokens=VL_GREEDY.max_tokens, temperature=0,
+        messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(png).decode()}},
+            {"type": "text", "text": "Describe."}]}])
+    assert_no_extra_fields(response)
+    assert response.choices[0].message.content == expected[0]
+    assert (response.usage.completion_tokens, response.usage.prompt_tokens) == (len(expected[1]), len(prompt[0]))
