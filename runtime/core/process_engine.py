@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import itertools
 import logging
 import os
@@ -75,9 +76,18 @@ class CoreStartError(RuntimeError):
 @dataclass(slots=True)
 class _Stream:
     loop: asyncio.AbstractEventLoop
-    text: OutputText                 # touched by the receiver thread only
+    make_text: Callable[[], OutputText]
     queue: asyncio.Queue[_Item] = field(default_factory=asyncio.Queue)
     segment: SharedMemory | None = None    # the request's image tensors until the core has copied them
+    made_text: OutputText | None = None
+
+    @property
+    def text(self) -> OutputText:
+        """Made at the first output (receiver thread only): the core has admitted the prompt by then, so ids
+        the tokenizer cannot decode were refused at admission, naming the field, before anything decodes them."""
+        if self.made_text is None:
+            self.made_text = self.make_text()
+        return self.made_text
 
 
 class _StatsOnly:
@@ -155,8 +165,8 @@ class ProcessEngine:
         """
         if not self.is_running:
             raise EngineDeadError(self._dead_message())
-        stream = _Stream(asyncio.get_running_loop(), OutputText.of(
-            self._tokenizer, request.prompt_token_ids, request.sampling_params, self._eos_token_ids))
+        stream = _Stream(asyncio.get_running_loop(), functools.partial(
+            OutputText.of, self._tokenizer, request.prompt_token_ids, request.sampling_params, self._eos_token_ids))
         with self._lock:
             if request.request_id in self._streams:
                 raise FieldError("request_id", f"{request.request_id!r} is already in flight")
