@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from builder.families import build_family_for
+from builder.families.base import PREPROCESSOR_FILE
 from builder.presets import ARCHITECTURES, ModelPreset, is_preset, load_preset
 from builder.tokenizer import extended_tokenizer_dir, offline_tokenizer_dir, special_token_ids
 
@@ -201,7 +202,7 @@ def make_random_checkpoint(preset: ModelPreset, tokenizer_dir: Path, cache_dir: 
     AutoTokenizer.from_pretrained(str(tokenizer_dir)).save_pretrained(str(tmp_dir))
     family = build_family_for(preset.family)
     if preset.preprocessing is not None and family is not None:
-        (tmp_dir / "preprocessor_config.json").write_text(
+        (tmp_dir / PREPROCESSOR_FILE).write_text(
             json.dumps(family.hf_preprocessor_config(preset.preprocessing), indent=2) + "\n")
     tmp_dir.replace(out_dir)
     return out_dir

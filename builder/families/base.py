@@ -5,12 +5,14 @@ stages (source resolution, LLM conversion, the vision convert / export /
 validate stages, random checkpoints for `tiny-*` presets) do everything that
 depends on the family's Hugging Face checkpoint: config fields, tensor names of
 both hub layouts, the reference tower, the preprocessor and tokenizer files;
-and the LLM layouts shared by the families whose LLM sits inside a wrapper model.
+the LLM layouts shared by the families whose LLM sits inside a wrapper model, and
+the rule that picks a family's preprocessing parameters (checkpoint file, else preset).
 Not for: any family's mapping (builder/families/<family>.py), the registry
 (builder/families/__init__.py) or the engine-directory schema (engine_format/families/).
 """
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +24,7 @@ from builder.convert import ConversionError
 from engine_format.vision_config import VisionConfig
 
 
+PREPROCESSOR_FILE = "preprocessor_config.json"
 GridSets = tuple[tuple[tuple[int, ...], ...], ...]     # validation feeds: grid sets, one per encoder call
 
 
@@ -45,6 +48,18 @@ def wrapped_llm_keys(hf_names: Collection[str], family: str) -> LLMKeys:
             return keys
     raise ConversionError(f"HF checkpoint holds no {family} language model tensors "
                           f"({' or '.join(k.prefix + '*' for k in WRAPPED_LLM_LAYOUTS)})")
+
+
+def preprocessing_params(hf_dir: Path, preset: dict[str, Any] | None,
+                         from_file: Callable[[Path, dict[str, Any]], dict[str, Any]]) -> dict[str, Any]:
+    """A family's `preprocessing` block: the checkpoint's preprocessor_config.json wins (`from_file` maps its
+    path and raw JSON to the family's fields), else a copy of the preset's block; ConversionError when neither."""
+    path = hf_dir / PREPROCESSOR_FILE
+    if path.is_file():
+        return from_file(path, json.loads(path.read_text()))
+    if preset is None:
+        raise ConversionError(f"{hf_dir}: no {PREPROCESSOR_FILE} and no preset preprocessing parameters")
+    return dict(preset)
 
 
 @dataclass(frozen=True, slots=True)

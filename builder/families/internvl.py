@@ -27,11 +27,11 @@ import numpy as np
 import torch
 
 from builder.convert import ConversionError
-from builder.families.base import HFTower, LLMKeys, OfflineTokens, wrapped_llm_keys
+from builder.families.base import (PREPROCESSOR_FILE, HFTower, LLMKeys, OfflineTokens, preprocessing_params,
+                                   wrapped_llm_keys)
 from engine_format.families.internvl import InternVLVisionConfig
 from engine_format.llm_config import SHORT_DTYPES
 
-PREPROCESSOR_FILE = "preprocessor_config.json"
 PREPROCESSING_KEYS = ("tile_size", "patch_size", "min_tiles", "max_tiles", "use_thumbnail", "image_mean",
                       "image_std", "rescale_factor")
 IMG_START, IMG_END, IMG_CONTEXT, VIDEO = "<img>", "</img>", "<IMG_CONTEXT>", "<video>"
@@ -306,12 +306,11 @@ def _token_ids(hf_dir: Path) -> dict[str, int]:
 
 def _preprocessing(hf_dir: Path, preset: dict[str, Any] | None, size: int, patch: int) -> dict[str, Any]:
     """Tiling parameters: the checkpoint's preprocessor_config.json wins, else the preset's block."""
-    path = hf_dir / PREPROCESSOR_FILE
-    if not path.is_file():
-        if preset is None:
-            raise ConversionError(f"{hf_dir}: no {PREPROCESSOR_FILE} and no preset preprocessing parameters")
-        return dict(preset)
-    raw = json.loads(path.read_text())
+    return preprocessing_params(hf_dir, preset, lambda path, raw: _tiling(hf_dir, path, raw, size, patch))
+
+
+def _tiling(hf_dir: Path, path: Path, raw: dict[str, Any], size: int, patch: int) -> dict[str, Any]:
+    """Tiling parameters from the checkpoint's preprocessor_config.json (`raw`, read from `path`) and config.json."""
     hf_size = raw.get("size") or {}
     side = hf_size.get("height", size) if isinstance(hf_size, dict) else int(hf_size)
     if raw.get("image_processor_type", "").startswith("GotOcr2"):     # transformers' InternVL processor

@@ -25,10 +25,9 @@ import numpy as np
 import torch
 
 from builder.convert import ConversionError
-from builder.families.base import GridSets, HFTower, LLMKeys, OfflineTokens, wrapped_llm_keys
+from builder.families.base import GridSets, HFTower, LLMKeys, OfflineTokens, preprocessing_params, wrapped_llm_keys
 from engine_format.families.llava import PREPROCESSING_KEYS, LlavaVisionConfig, tensor_shapes
 
-PREPROCESSOR_FILE = "preprocessor_config.json"
 IMAGE_TOKEN = "<image>"
 TOWER_PREFIXES = ("model.vision_tower.", "vision_tower.")
 PROJECTOR_PREFIXES = ("model.multi_modal_projector.", "multi_modal_projector.")
@@ -124,27 +123,8 @@ class LlavaBuildFamily:
             vision["image_grid_pinpoints"] = [list(p) for p in hf.image_grid_pinpoints]
         return {"model_type": hf.model_type, "dtype": SHORT_DTYPES[dtype], "vision": vision,
                 "out_hidden_size": hf.text_config.hidden_size, "image_token_id": hf.image_token_id,
-                "preprocessing": self._preprocessing(hf_dir, preset_preprocessing, vision)}
-
-    def _preprocessing(self, hf_dir: Path, preset: dict[str, Any] | None, vision: dict[str, Any]) -> dict[str, Any]:
-        """The checkpoint's preprocessor_config.json wins, else the preset's block."""
-        path = hf_dir / PREPROCESSOR_FILE
-        if not path.is_file():
-            if preset is None:
-                raise ConversionError(f"{hf_dir}: no {PREPROCESSOR_FILE} and no preset preprocessing parameters")
-            return dict(preset)
-        raw = json.loads(path.read_text())
-        size, crop = (raw.get("size") or {}).get("shortest_edge"), raw.get("crop_size") or {}
-        side = vision["image_size"]
-        if size != side or crop.get("height", side) != side or crop.get("width", side) != side:
-            raise ConversionError(f"{path}: size.shortest_edge {size} / crop_size {crop} must equal the tower's "
-                                  f"image_size {side} (the only geometry LLaVA checkpoints use)")
-        if raw.get("resample", 3) != 3 or not raw.get("do_resize", True) or not raw.get("do_normalize", True):
-            raise ConversionError(f"{path}: only bicubic (resample 3) resize and normalisation are supported")
-        return {"image_size": side, "image_mean": raw["image_mean"], "image_std": raw["image_std"],
-                "rescale_factor": raw.get("rescale_factor", 1 / 255), "do_pad": bool(raw.get("do_pad", False))
-                and raw.get("image_processor_type") == "LlavaImageProcessor",
-                "image_grid_pinpoints": vision.get("image_grid_pinpoints", [])}
+                "preprocessing": preprocessing_params(hf_dir, preset_preprocessing,
+                                                      lambda path, raw: _preprocessing(path, raw, vision))}
 
     def vision_tensors(self, hf: Mapping[str, torch.Tensor], cfg: LlavaVisionConfig) -> dict[str, torch.Tensor]:
         wanted = tensor_shapes(cfg)
@@ -193,6 +173,21 @@ class LlavaBuildFamily:
         s = cfg.image_size
         return HFTower(inputs=(("pixel_values", np.float32, (-1, cfg.num_channels, s, s)),
                                ("grid_thw", np.int64, (-1, 7 if cfg.is_next else 3))), forward=forward)
+
+
+def _preprocessing(path: Path, raw: dict[str, Any], vision: dict[str, Any]) -> dict[str, Any]:
+    """Preprocessing parameters from the checkpoint's preprocessor_config.json (`raw`, read from `path`)."""
+    size, crop = (raw.get("size") or {}).get("shortest_edge"), raw.get("crop_size") or {}
+    side = vision["image_size"]
+    if size != side or crop.get("height", side) != side or crop.get("width", side) != side:
+        raise ConversionError(f"{path}: size.shortest_edge {size} / crop_size {crop} must equal the tower's "
+                              f"image_size {side} (the only geometry LLaVA checkpoints use)")
+    if raw.get("resample", 3) != 3 or not raw.get("do_resize", True) or not raw.get("do_normalize", True):
+        raise ConversionError(f"{path}: only bicubic (resample 3) resize and normalisation are supported")
+    return {"image_size": side, "image_mean": raw["image_mean"], "image_std": raw["image_std"],
+            "rescale_factor": raw.get("rescale_factor", 1 / 255), "do_pad": bool(raw.get("do_pad", False))
+            and raw.get("image_processor_type") == "LlavaImageProcessor",
+            "image_grid_pinpoints": vision.get("image_grid_pinpoints", [])}
 
 
 def engine_name(key: str) -> str | None:

@@ -12,7 +12,6 @@ Not for: the generic build stages (builder/vision_*.py) or the schema
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
@@ -21,13 +20,12 @@ import numpy as np
 import torch
 
 from builder.convert import ConversionError, text_config
-from builder.families.base import HFTower, LLMKeys, OfflineTokens
+from builder.families.base import HFTower, LLMKeys, OfflineTokens, preprocessing_params
 from engine_format.families.qwen2_vl import LLM_ARCHITECTURES, MODEL_TYPES, TOKEN_ID_KEYS, QwenVisionConfig
 from engine_format.llm_config import SHORT_DTYPES
 
 VISION_PREFIXES = ("model.visual.", "visual.")     # transformers 5 in-memory names, hub checkpoints
 LLM_PREFIXES = ("model.language_model.", "model.")  # transformers 5 in-memory names, hub checkpoints
-PREPROCESSOR_FILE = "preprocessor_config.json"
 PREPROCESSING_KEYS = ("patch_size", "temporal_patch_size", "merge_size", "min_pixels", "max_pixels",
                       "image_mean", "image_std", "rescale_factor")
 SPECIAL_TOKENS = {"image_token_id": "<|image_pad|>", "video_token_id": "<|video_pad|>",
@@ -116,21 +114,15 @@ def vision_config_json(hf_dir: Path, dtype: str, preset_preprocessing: dict[str,
         "model_type": hf.model_type, "dtype": SHORT_DTYPES[dtype], "vision": vision, "out_hidden_size": out_hidden,
         **{key: getattr(hf, key) for key in TOKEN_ID_KEYS},
         "spatial_merge_size": v.spatial_merge_size,
-        "preprocessing": preprocessing_params(hf_dir, preset_preprocessing),
+        "preprocessing": preprocessing_params(hf_dir, preset_preprocessing, _preprocessing),
     }
     if hf.model_type == "qwen2_5_vl":
         data["tokens_per_second"] = v.tokens_per_second
     return data
 
 
-def preprocessing_params(hf_dir: Path, preset_preprocessing: dict[str, Any] | None) -> dict[str, Any]:
-    """Image-processor parameters: the checkpoint's preprocessor_config.json wins, else the preset's."""
-    path = hf_dir / PREPROCESSOR_FILE
-    if not path.is_file():
-        if preset_preprocessing is None:
-            raise ConversionError(f"{hf_dir}: no {PREPROCESSOR_FILE} and no preset preprocessing parameters")
-        return dict(preset_preprocessing)
-    raw = json.loads(path.read_text())
+def _preprocessing(path: Path, raw: dict[str, Any]) -> dict[str, Any]:
+    """Image-processor parameters from the checkpoint's preprocessor_config.json (`raw`, read from `path`)."""
     size = raw.get("size") or {}
     out = {"min_pixels": raw.get("min_pixels") or size.get("shortest_edge"),
            "max_pixels": raw.get("max_pixels") or size.get("longest_edge"),

@@ -1,9 +1,16 @@
-"""The real-shape VL presets carry the published Qwen2-VL-2B / Qwen2.5-VL-3B numbers (no build, no weights)."""
+"""The real-shape VL presets carry the published Qwen2-VL-2B / Qwen2.5-VL-3B numbers (no build, no weights);
+every VL family's preprocessing block comes from the checkpoint's file, else the preset."""
 from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
 
 import pytest
 
-from builder.convert import llm_config_from_hf
+from builder.convert import ConversionError, llm_config_from_hf
+from builder.families.base import preprocessing_params
 from builder.presets import PresetError, load_preset, preset_from_dict
 from engine_format.llm_config import LLMConfig
 
@@ -69,3 +76,19 @@ def test_vl_preset_needs_preprocessing() -> None:
         preset_from_dict({**base, "preprocessing": {"patch_size": 14}}, "x.yaml")
     with pytest.raises(PresetError, match="only for the families"):
         preset_from_dict({**base, "family": "qwen2", "preprocessing": dict(PREPROCESSOR)}, "x.yaml")
+
+
+def test_checkpoint_preprocessor_file_wins_over_the_preset(tmp_path: Path) -> None:
+    """The rule all three builder families call (builder/families/base.preprocessing_params)."""
+    def unread(path: Path, raw: dict[str, Any]) -> dict[str, Any]:
+        raise AssertionError(f"{path} does not exist and must not be read")
+
+    with pytest.raises(ConversionError, match=re.escape(
+            f"{tmp_path}: no preprocessor_config.json and no preset preprocessing parameters")):
+        preprocessing_params(tmp_path, None, unread)
+    preset = dict(PREPROCESSOR)
+    from_preset = preprocessing_params(tmp_path, preset, unread)
+    assert from_preset == preset and from_preset is not preset
+    path = tmp_path / "preprocessor_config.json"
+    path.write_text(json.dumps({"patch_size": 16}))
+    assert preprocessing_params(tmp_path, preset, lambda p, raw: {"file": p, **raw}) == {"file": path, "patch_size": 16}
