@@ -111,6 +111,20 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def cache_layout(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor) -> tuple[int, int]:
+    """(block_size, num_kv_heads) of caches [num_blocks, block_size, num_kv_heads, head_size] that q [T, H, D]
+    fits (same head size, H a multiple of the KV heads, q's last dim contiguous, contiguous caches): what both
+    kernels index by; ValueError otherwise."""
+    num_heads, head_size = q.shape[1:]
+    _, block_size, num_kv_heads, cache_head_size = key_cache.shape
+    if cache_head_size != head_size or num_heads % num_kv_heads or q.stride(-1) != 1:
+        raise ValueError(f"q: {num_heads} heads of size {head_size} (contiguous last dim) do not fit a cache of "
+                         f"{num_kv_heads} heads of size {cache_head_size}")
+    if not (key_cache.is_contiguous() and value_cache.is_contiguous()):
+        raise ValueError("key_cache / value_cache: must be contiguous")
+    return block_size, num_kv_heads
+
+
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -126,12 +140,7 @@ def paged_attention_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache
     may be longer. `num_splits`: None picks from the static shapes (choose_num_splits); tests force it.
     """
     num_seqs, num_heads, head_size = q.shape
-    _, block_size, num_kv_heads, cache_head_size = key_cache.shape
-    if cache_head_size != head_size or num_heads % num_kv_heads or q.stride(-1) != 1:
-        raise ValueError(f"q: {num_heads} heads of size {head_size} (contiguous last dim) do not fit a cache of "
-                         f"{num_kv_heads} heads of size {cache_head_size}")
-    if not (key_cache.is_contiguous() and value_cache.is_contiguous()):
-        raise ValueError("key_cache / value_cache: must be contiguous")
+    block_size, num_kv_heads = cache_layout(q, key_cache, value_cache)
     out = torch.empty((num_seqs, num_heads, head_size), dtype=q.dtype, device=q.device)
     if num_seqs == 0:
         return out

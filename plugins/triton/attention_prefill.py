@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from plugins.triton.attention_decode import dot_precision
+from plugins.triton.attention_decode import cache_layout, dot_precision
 
 
 @triton.jit
@@ -88,12 +88,7 @@ def paged_attention_prefill(q: torch.Tensor, key_cache: torch.Tensor, value_cach
     `max_query_len` (host) sizes the grid; returns [T, H, D].
     """
     num_tokens, num_heads, head_size = q.shape
-    _, block_size, num_kv_heads, cache_head_size = key_cache.shape
-    if cache_head_size != head_size or num_heads % num_kv_heads or q.stride(-1) != 1:
-        raise ValueError(f"q: {num_heads} heads of size {head_size} (contiguous last dim) do not fit a cache of "
-                         f"{num_kv_heads} heads of size {cache_head_size}")
-    if not (key_cache.is_contiguous() and value_cache.is_contiguous()):
-        raise ValueError("key_cache / value_cache: must be contiguous")
+    block_size, num_kv_heads = cache_layout(q, key_cache, value_cache)
     out = torch.empty((num_tokens, num_heads, head_size), dtype=q.dtype, device=q.device)
     num_seqs = block_tables.shape[0]
     if num_tokens == 0 or num_seqs == 0:

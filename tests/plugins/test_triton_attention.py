@@ -15,6 +15,7 @@ import torch
 from plugins.reference.paged_attention import paged_attention
 from plugins.registry import triton_ops
 from plugins.triton.attention_decode import choose_num_splits, paged_attention_decode
+from plugins.triton.attention_prefill import paged_attention_prefill
 from tests.helpers.paged_cases import PagedCase, make_case
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -87,3 +88,17 @@ def test_split_count_depends_on_static_shapes_only() -> None:
     assert choose_num_splits(num_seqs=1, num_kv_heads=2, max_context=16384, num_sms=132) == 64
     assert choose_num_splits(num_seqs=64, num_kv_heads=2, max_context=16384, num_sms=132) == 3
     assert choose_num_splits(num_seqs=1, num_kv_heads=2, max_context=100, num_sms=132) == 1
+
+
+def test_both_kernels_refuse_caches_q_does_not_fit() -> None:
+    """Checked before any launch: a head size or KV-head count q does not fit, a non-contiguous cache."""
+    case = make_case([5, 3], [1, 1], 2, 2, 64, 4, torch.float32, DEVICE, seed=5)
+    tables, seq_lens, starts = case.block_tables, case.metadata().seq_lens_tensor, case.metadata().query_start_loc
+    odd_heads, short_heads = case.q[:, :3], case.q[..., :32]
+    strided = case.key_cache.transpose(1, 2).contiguous().transpose(1, 2)
+    for q, key_cache, match in ((odd_heads, case.key_cache, "do not fit"), (short_heads, case.key_cache, "do not fit"),
+                                (case.q, strided, "must be contiguous")):
+        with pytest.raises(ValueError, match=match):
+            paged_attention_decode(q, key_cache, case.value_cache, tables, seq_lens, case.scale)
+        with pytest.raises(ValueError, match=match):
+            paged_attention_prefill(q, key_cache, case.value_cache, tables, seq_lens, starts, 1, case.scale)
