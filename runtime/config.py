@@ -23,6 +23,7 @@ GUARANTEED_NO_EVICT = "guaranteed_no_evict"
 CAPACITY_POLICIES = (MAX_UTILIZATION, GUARANTEED_NO_EVICT)
 VISION_BACKENDS = ("auto", "onnxruntime", "pytorch")
 OP_BACKENDS = ("auto", "reference", "cpu", "triton")      # plugins/registry.py's backends
+OVERLAP_MODES = ("auto", "on", "off")                     # runtime/core/overlap.py: schedule step N+1 while N runs
 ENV_PREFIX = "TRTSERVE_"
 
 
@@ -49,6 +50,7 @@ class EngineConfig:
     op_backend: str = "auto"                   # auto (Triton on CUDA, cpu on CPU) | reference | cpu | triton
     enable_cuda_graphs: bool = True            # CUDA: decode steps replay graphs captured at start-up
     max_cuda_graph_batch_size: int = 256       # largest decode batch captured (larger ones run eagerly)
+    overlap: str = "auto"                      # auto | on | off: schedule and build step N+1 while step N runs
 
     def validate(self) -> EngineConfig:
         if self.capacity_policy not in CAPACITY_POLICIES:
@@ -70,6 +72,8 @@ class EngineConfig:
                 raise EngineConfigError(name, f"must be >= 1, got {value}")
         if self.encoder_cache_tokens < 0:
             raise EngineConfigError("encoder_cache_tokens", f"must be >= 0, got {self.encoder_cache_tokens}")
+        if self.overlap not in OVERLAP_MODES:
+            raise EngineConfigError("overlap", f"must be one of {OVERLAP_MODES}, got {self.overlap!r}")
         if self.vision_backend not in VISION_BACKENDS:
             raise EngineConfigError("vision_backend", f"must be one of {VISION_BACKENDS}, got {self.vision_backend!r}")
         return self

@@ -1,15 +1,15 @@
 """Command-line flags for the GPU-path engine settings, shared by trtserve-serve and trtserve-generate.
 
 What it is for: one definition of --kv-cache-max-bytes, --gpu-memory-fraction,
---no-cuda-graphs and --op-backend (EngineConfig fields; unset flags leave the
-defaults and TRTSERVE_* environment values in force).
+--no-cuda-graphs, --op-backend and --overlap (EngineConfig fields; unset flags leave
+the defaults and TRTSERVE_* environment values in force).
 Not for: the other flags of either tool.
 """
 from __future__ import annotations
 
 import argparse
 
-from runtime.config import OP_BACKENDS
+from runtime.config import OP_BACKENDS, OVERLAP_MODES
 
 
 def add_engine_gpu_arguments(parser: argparse.ArgumentParser) -> None:
@@ -21,3 +21,6 @@ def add_engine_gpu_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run decode steps eagerly on CUDA instead of replaying captured graphs")
     parser.add_argument("--op-backend", choices=OP_BACKENDS,
                         help="custom ops: auto (Triton kernels on CUDA), reference, triton")
+    parser.add_argument("--overlap", choices=OVERLAP_MODES,
+                        help="schedule and build step N+1 while step N runs: auto (on for CUDA; CPU: "
+                             "runtime/core/overlap.py says why), on, off")

@@ -112,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         sampling_from_args(args).validate()
         config = EngineConfig.from_env(device=args.device, kv_cache_max_bytes=args.kv_cache_max_bytes,
                                        gpu_memory_fraction=args.gpu_memory_fraction, op_backend=args.op_backend,
-                                       enable_cuda_graphs=False if args.no_cuda_graphs else None)
+                                       enable_cuda_graphs=False if args.no_cuda_graphs else None,
+                                       overlap=args.overlap)
         core = EngineCore.from_dir(args.engine, config)
         print(layout_report(core.executor.layout), file=sys.stderr)
     except (EngineLoadError, SamplingParamsError, ValueError) as exc:

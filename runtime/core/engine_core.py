@@ -3,12 +3,15 @@
 What it is for: the engine's door (`add_request`: one admission check, then one
 `Request` record per request) and its loop (`step`), over the scheduler, the KV
 cache manager, the executor and the sampler, turning each step into
-`RequestOutput` deltas. Synchronous and single-threaded: `AsyncEngine` runs it
-on its one engine thread. With `text_output=False` (the engine-core process) it
+`RequestOutput` deltas. Only one thread (`AsyncEngine`'s engine thread, the
+core process's loop) calls it. With `EngineConfig.overlap` on, the forward and
+sampling of each step run on a worker thread while `step` updates the previous
+step and schedules and builds the next (runtime/core/overlap.py): `step` then
+returns the outputs of the step before the one it launched. With `text_output=False` (the engine-core process) it
 detokenizes nothing and applies only the token stop rules: its outputs carry
 token ids and empty text, and the front end makes the text and matches stop
 strings (runtime/core/output_text.py).
-Not for: threads, asyncio or wire formats.
+Not for: asyncio or wire formats.
 """
 from __future__ import annotations
 
@@ -23,6 +26,8 @@ from runtime.config import EngineConfig
 from runtime.core.admission import AdmissionLimits, check_request
 from runtime.core.kv_cache import KVCacheManager, KVCacheStats
 from runtime.core.output_text import OutputText
+from runtime.core.overlap import (InFlightStep, OverlapWorker, needs_synchronous_step, overlap_enabled,
+                                  run_step, updated_event)
 from runtime.core.request import EngineRequest, Request, RequestStatus
 from runtime.core.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from runtime.executor.executor import PyTorchExecutor
@@ -81,6 +86,9 @@ class EngineCore:
         self._num_generated_tokens = 0
         self._num_computed_prompt_tokens = 0
         self._num_preemptions = 0
+        # overlap: the worker thread and the step it runs whose tokens are not yet taken
+        self._worker = OverlapWorker() if overlap_enabled(self.config.overlap, layout.device) else None
+        self._in_flight: InFlightStep | None = None
 
     @classmethod
     def from_dir(cls, path: str | Path, config: EngineConfig | None = None, text_output: bool = True) -> EngineCore:
@@ -113,24 +121,65 @@ class EngineCore:
         return _output(request, _output_text(request).flush(), (), (), RequestStatus.FINISHED_ABORTED)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished
+        return self.scheduler.has_unfinished or self._in_flight is not None
+
+    @property
+    def overlap(self) -> bool:
+        """Whether steps run overlapped (EngineConfig.overlap resolved for the device)."""
+        return self._worker is not None
 
     # ----------------------------------------------------------------- step
 
     def step(self) -> list[RequestOutput]:
-        """Schedule, execute, sample, update; one output per request that got a token or failed."""
+        """Schedule, execute, sample, update; one output per request that got a token or failed.
+
+        Overlapped: launch this step, then update the previous one; the outputs are the previous step's.
+        """
         plan = self.scheduler.schedule()
         self._num_preemptions += len(plan.preempted_request_ids)
+        previous, self._in_flight = self._in_flight, None
         if plan.is_empty:
-            return []
+            return self._take(previous)
         self._num_steps += 1
+        if self._worker is None:        # overlap off: the plain synchronous step
+            try:
+                logits = self.executor.execute(plan)
+                sampled = self.sampler.sample(logits, plan.sampling_requests)
+            except Exception:  # a failing step fails its requests, not the engine
+                LOG.exception("step failed; failing its %d requests", len(plan.scheduled))
+                return self._fail(plan)
+            return self._update(plan, sampled)
         try:
-            logits = self.executor.execute(plan)
-            sampled = self.sampler.sample(logits, plan.sampling_requests)
-        except Exception:  # a failing step fails its requests, not the engine
+            batch = self.executor.prepare(plan, previous.sampling_rows if previous is not None else None)
+        except Exception:
+            LOG.exception("building a step failed; failing its %d requests", len(plan.scheduled))
+            return self._take(previous) + self._fail(plan)
+        if not needs_synchronous_step(plan):
+            self._in_flight = self._worker.submit(self.executor, self.sampler, batch,
+                                                  self.scheduler.commit_ahead(plan), previous)
+            return self._take(previous)
+        outputs = self._take(previous)          # synchronous fallback: the previous step first, then this one
+        try:
+            result = run_step(self.executor, self.sampler, batch, plan.sampling_requests,
+                              previous.result if previous is not None else None, updated_event())
+        except Exception:
             LOG.exception("step failed; failing its %d requests", len(plan.scheduled))
-            return self._fail(plan)
-        return self._update(plan, sampled)
+            return outputs + self._fail(plan)
+        return outputs + self._update(plan, result.sampled)
+
+    def _take(self, step: InFlightStep | None) -> list[RequestOutput]:
+        """Wait for a step in flight and update it; then the step after it may sample."""
+        if step is None:
+            return []
+        try:
+            try:
+                result = step.result.result()
+            except Exception:  # a failing step fails its requests, not the engine
+                LOG.exception("step failed; failing its %d requests", len(step.plan.scheduled))
+                return self._fail(step.plan)
+            return self._update(step.plan, result.sampled)
+        finally:
+            step.updated.set()
 
     def _update(self, plan: SchedulerOutput, sampled: SamplerOutput) -> list[RequestOutput]:
         """Advance the scheduled requests and turn each new token into an output delta."""

@@ -82,6 +82,9 @@ class Request:
     arrival_time: float = field(default_factory=time.monotonic)
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
+    # Tokens a step in flight will sample (overlap, runtime/core/overlap.py): counted as known by the scheduler,
+    # not yet in output_token_ids; 0 or 1.
+    num_pending_tokens: int = 0
     num_cached_tokens: int = 0          # prompt tokens served from the prefix cache
     num_preemptions: int = 0
     status: RequestStatus = RequestStatus.WAITING

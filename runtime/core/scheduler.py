@@ -10,6 +10,14 @@ block; `guaranteed_no_evict` admits only what it can carry to `max_tokens` and
 never preempts. It queues only requests the engine's door
 (runtime/core/admission.py) found servable: each fits the whole KV cache alone.
 
+Overlap (runtime/core/overlap.py): `commit_ahead` counts a step's tokens as
+computed and its sampled tokens as pending (`Request.num_pending_tokens`) while
+it runs, so the next `schedule()` gives a request whose token is still in
+flight a one-token decode chunk whose input is a placeholder
+(`ScheduledRequest.num_placeholder_tokens`), filled on the device from the
+running step's sampled tokens; `update_from_output` of that step then appends
+the token. A request whose pending tokens reach max_tokens is not scheduled.
+
 Not for: tensors (the model runner turns a SchedulerOutput into a batch), stop
 conditions (EOS, stop strings, max_tokens are judged elsewhere, which then calls
 `finish_request`), or threads (only the engine thread calls it).
@@ -18,7 +26,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from runtime.config import CAPACITY_POLICIES, GUARANTEED_NO_EVICT, MAX_UTILIZATION
 from runtime.core.kv_cache import KVCacheManager
@@ -66,9 +74,12 @@ class ScheduledRequest:
     num_new_tokens: int
     num_computed_tokens: int          # before this step
     block_ids: list[int]
-    # request.num_tokens when scheduled (-1: read from the request on construction),
-    # so `samples` keeps its meaning after update_from_output appends a token.
+    # request.num_tokens (plus its pending tokens) when scheduled (-1: read from the request on
+    # construction), so `samples` keeps its meaning after update_from_output appends a token.
     num_known_tokens: int = -1
+    # Trailing tokens of the chunk sampled by the step in flight (overlap): not yet known on the host,
+    # the executor takes them from that step's sampled-token tensor.
+    num_placeholder_tokens: int = 0
 
     def __post_init__(self) -> None:
         if self.num_known_tokens < 0:
@@ -87,8 +98,10 @@ class ScheduledRequest:
 
     @property
     def token_ids(self) -> list[int]:
+        """The chunk's tokens known on the host: all but the trailing `num_placeholder_tokens`."""
         # Slice prompt and output separately: building all_token_ids each step is O(sequence).
-        start, end = self.num_computed_tokens, self.num_computed_tokens + self.num_new_tokens
+        start = self.num_computed_tokens
+        end = start + self.num_new_tokens - self.num_placeholder_tokens
         prompt = self.request.prompt_token_ids
         if start >= len(prompt):
             return self.request.output_token_ids[start - len(prompt):end - len(prompt)]
@@ -103,6 +116,8 @@ class SchedulerOutput:
     # Requests finished (or aborted) since the previous schedule(): the model
     # runner drops any per-request state it keeps for them.
     finished_request_ids: list[str] = field(default_factory=list)
+    # commit_ahead(): its tokens already count as computed and its sampled tokens as pending
+    scheduled_ahead: bool = False
 
     @property
     def is_empty(self) -> bool:
@@ -181,7 +196,12 @@ class Scheduler:
         index = 0
         while index < len(self._running) and token_budget > 0:
             request = self._running[index]
-            num_new = min(request.num_tokens - request.num_computed_tokens, token_budget)
+            num_pending = request.num_pending_tokens
+            if num_pending and request.num_output_tokens + num_pending >= request.sampling_params.max_tokens:
+                index += 1                    # its step in flight samples its last token
+                continue
+            num_known = request.num_tokens + num_pending
+            num_new = min(num_known - request.num_computed_tokens, token_budget)
             if num_new <= 0:
                 index += 1
                 continue
@@ -191,7 +211,9 @@ class Scheduler:
                     break                     # it was the newest; nothing runs after it
                 index += 1                    # guaranteed_no_evict: cannot happen, skip defensively
                 continue
-            scheduled.append(ScheduledRequest(request, num_new, request.num_computed_tokens, block_ids))
+            num_placeholders = max(0, request.num_computed_tokens + num_new - request.num_tokens)
+            scheduled.append(ScheduledRequest(request, num_new, request.num_computed_tokens, block_ids,
+                                              num_known, num_placeholders))
             token_budget -= num_new
             index += 1
 
@@ -235,6 +257,7 @@ class Scheduler:
         num_reserved = self._num_reserved_blocks()
         while self._waiting and token_budget > 0 and len(self._running) < self._config.max_batch_size:
             request = self._waiting[0]
+            assert not request.num_pending_tokens, "a step in flight is updated before the next schedule"
             computed_blocks, num_hit_tokens = self._kv.get_computed_blocks(request)
             num_new = request.num_tokens - num_hit_tokens
             if num_new > token_budget:
@@ -271,6 +294,15 @@ class Scheduler:
 
     # --------------------------------------------------------------- update
 
+    def commit_ahead(self, output: SchedulerOutput) -> SchedulerOutput:
+        """Count the step's tokens as computed and its sampled tokens as pending before it has run (overlap);
+        returns the output marked so that `update_from_output` only caches blocks and appends tokens."""
+        for item in output.scheduled:
+            item.request.num_computed_tokens = item.num_computed_tokens + item.num_new_tokens
+            if item.samples:
+                item.request.num_pending_tokens += 1
+        return replace(output, scheduled_ahead=True)
+
     def update_from_output(self, output: SchedulerOutput, sampled_token_ids: dict[str, int]) -> list[Request]:
         """Advance computed tokens, cache full blocks, append sampled tokens.
 
@@ -289,9 +321,14 @@ class Scheduler:
         sampled: list[Request] = []
         for item in live:
             request = item.request
-            request.num_computed_tokens = item.num_computed_tokens + item.num_new_tokens
-            self._kv.cache_full_blocks(request, request.num_computed_tokens)
+            end = item.num_computed_tokens + item.num_new_tokens
+            if not output.scheduled_ahead:
+                request.num_computed_tokens = end
+            if request.status is RequestStatus.RUNNING:     # not preempted while the step ran ahead
+                self._kv.cache_full_blocks(request, end)
             if item.samples:
+                if output.scheduled_ahead:
+                    request.num_pending_tokens -= 1
                 request.append_output_token(sampled_token_ids[request.request_id])
                 sampled.append(request)
         return sampled

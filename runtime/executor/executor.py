@@ -6,12 +6,15 @@ warm-up on CUDA, runtime/executor/memory_profile.py and kv_sizing.py). On CUDA, 
 steps replay graphs captured at start-up (runtime/executor/cuda_graphs.py); the rest run eagerly.
 On a VL engine each chunk also gets its M-RoPE positions (M-RoPE families) and the
 vision embeddings of the placeholder rows it computes (runtime/vision/encoder_cache.py),
-whatever the family.
+whatever the family. A step is `prepare` (the batch, on the host: the engine thread) then `run` (the
+forward: on the overlap worker thread, runtime/core/overlap.py, where chunks whose input token the previous
+step is still sampling get it from that step's sampled-token tensor); `execute` is both.
 Not for: choosing tokens (runtime/executor/sampler.py) or which requests run.
 """
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
 import torch
 
@@ -46,7 +49,10 @@ class PyTorchExecutor:
         self.kv = KVStorage(engine.llm_config, pool.num_blocks, block_size, self.model.dtype, device)
         max_blocks = -(-engine.build.max_seq_len // block_size)
         self.split_context = max_blocks * block_size     # decode split-K plans for this, eager and graphs alike
-        self.host_buffers = HostBuffers(config.max_num_tokens or engine.build.max_num_tokens)   # reused each step
+        num_tokens = config.max_num_tokens or engine.build.max_num_tokens
+        # reused each step, two in turn: a step in flight keeps its buffers while the next one is built
+        self.host_buffers = (HostBuffers(num_tokens), HostBuffers(num_tokens))
+        self._num_prepared = 0
         self.graphs: CudaGraphRunner | None = None
         if _use_cuda_graphs(engine, config, device, self.model):
             graph_batch = min(config.max_cuda_graph_batch_size, config.max_batch_size or engine.build.max_batch_size)
@@ -62,11 +68,25 @@ class PyTorchExecutor:
 
     def execute(self, output: SchedulerOutput) -> torch.Tensor:
         """Logits [number of sampling requests, vocab], rows in scheduling order."""
+        return self.run(self.prepare(output))
+
+    def prepare(self, output: SchedulerOutput, placeholder_sources: Mapping[str, int] | None = None) -> ForwardBatch:
+        """The step's batch (vision embeddings included). `placeholder_sources`: request id -> row of the
+        previous step's sampled tokens, for each chunk with a placeholder token. The batch stays valid until
+        the second `prepare` after this one (on CPU its tensors are views of reused host buffers)."""
         scheduled = output.scheduled
         embeds = self._vision_embeds(output)
-        chunks = [_sequence_chunk(s, e) for s, e in zip(scheduled, embeds)]
-        batch = ForwardBatch.build(chunks, self.layout.tokens_per_block, self.layout.device, self.split_context,
-                                   self.host_buffers)
+        sources = placeholder_sources or {}
+        chunks = [_sequence_chunk(s, e, sources) for s, e in zip(scheduled, embeds)]
+        buffers = self.host_buffers[self._num_prepared % 2]
+        self._num_prepared += 1
+        return ForwardBatch.build(chunks, self.layout.tokens_per_block, self.layout.device, self.split_context,
+                                  buffers)
+
+    def run(self, batch: ForwardBatch, previous_token_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of a prepared batch; `previous_token_ids` (the previous step's sampled tokens, on this
+        device) fill its placeholder rows first."""
+        batch.fill_placeholders(previous_token_ids)
         if self.graphs is not None and self.graphs.can_run(batch):
             return self.graphs.run(batch)
         return self.model.forward(batch, self.kv)
@@ -85,10 +105,12 @@ class PyTorchExecutor:
         return self.vision.embeds_for(ranges)
 
 
-def _sequence_chunk(s: ScheduledRequest, embeds: tuple[tuple[int, torch.Tensor], ...]) -> SequenceChunk:
+def _sequence_chunk(s: ScheduledRequest, embeds: tuple[tuple[int, torch.Tensor], ...],
+                    placeholder_sources: Mapping[str, int]) -> SequenceChunk:
     """The chunk with its positions: M-RoPE rows only where it computes prompt tokens of a multimodal
     request of an M-RoPE family; elsewhere (decode, text, 1-D RoPE families) every axis is p + delta,
-    so 1-D positions carry it."""
+    so 1-D positions carry it. A placeholder token (at most one: the decode input the step in flight
+    samples) is built as 0 and filled on the device."""
     start, end = s.num_computed_tokens, s.num_computed_tokens + s.num_new_tokens
     mm = s.request.multimodal
     delta, rows = 0, None
@@ -96,7 +118,11 @@ def _sequence_chunk(s: ScheduledRequest, embeds: tuple[tuple[int, torch.Tensor],
         delta = mm.mrope_delta
         if start < mm.mrope_positions.shape[1]:
             rows = positions_for_range(mm.mrope_positions, delta, start, end)
-    return SequenceChunk(s.token_ids, start, s.block_ids, s.samples, rows, embeds, delta)
+    if not s.num_placeholder_tokens:
+        return SequenceChunk(s.token_ids, start, s.block_ids, s.samples, rows, embeds, delta)
+    assert s.num_placeholder_tokens == 1 and s.num_new_tokens == 1, "a placeholder is a one-token decode"
+    return SequenceChunk([0], start, s.block_ids, s.samples, rows, embeds, delta,
+                         placeholder_sources[s.request.request_id])
 
 
 def _chunk_range(s: ScheduledRequest) -> ChunkRange | None:

@@ -6,7 +6,9 @@ token ids, positions (1-D, or [3, T] M-RoPE positions when a chunk carries
 them), slot mapping, block tables, sequence / query lengths, which positions need logits, and the rows
 whose token embedding is replaced by a vision embedding, packed with numpy into preallocated host arrays
 (`HostBuffers`; decode rows as scalars) rather than Python lists per token. On CUDA the host tensors go up
-through pinned memory without blocking the host.
+through pinned memory without blocking the host. With overlap (runtime/core/overlap.py) a decode row's
+input token may be a placeholder: the previous step sampled it and it is not on the host yet;
+`fill_placeholders` writes it from that step's sampled-token tensor, on the device, just before the forward.
 Not for: deciding what to run (runtime/core/scheduler.py) or running it (runtime/executor/model.py).
 """
 from __future__ import annotations
@@ -32,6 +34,9 @@ class SequenceChunk:
     # (row within the chunk, [n, hidden] embeddings) replacing the token embeddings of rows [row, row + n)
     embeds: tuple[tuple[int, torch.Tensor], ...] = ()
     position_delta: int = 0     # M-RoPE decode delta of a multimodal request past its prompt
+    # >= 0: the chunk's last token is a placeholder for row `placeholder_source` of the previous step's
+    # sampled tokens (its value in token_ids is ignored)
+    placeholder_source: int = -1
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,10 +51,21 @@ class ForwardBatch:
     attention: AttentionMetadata  # the same lengths and block tables as device tensors, for the attention op
     embed_rows: torch.Tensor | None = None   # [R] int64 indices into T whose embedding is replaced
     embeds: torch.Tensor | None = None       # [R, hidden] float32, the replacements in embed_rows order
+    placeholder_rows: torch.Tensor | None = None      # [P] int64 indices into T whose token is a placeholder
+    placeholder_sources: torch.Tensor | None = None   # [P] int64 rows of the previous step's sampled tokens
 
     @property
     def num_tokens(self) -> int:
         return int(self.token_ids.shape[0])
+
+    def fill_placeholders(self, previous_token_ids: torch.Tensor | None) -> None:
+        """Write the previous step's sampled tokens ([num sampling rows] int64, on the batch's device) into
+        the placeholder rows, in place; None (that step failed): they stay as built, and the rows' requests
+        have been failed, so their outputs are dropped."""
+        if self.placeholder_rows is None or previous_token_ids is None:
+            return
+        self.token_ids.index_copy_(0, self.placeholder_rows,
+                                   previous_token_ids.index_select(0, self.placeholder_sources))
 
     @classmethod
     def build(cls, chunks: list[SequenceChunk], block_size: int, device: torch.device,
@@ -66,6 +82,8 @@ class ForwardBatch:
         mrope_rows: list[tuple[int, np.ndarray]] = []     # (first row in T, [3, n] positions)
         embed_rows: list[int] = []
         embeds: list[torch.Tensor] = []
+        placeholder_rows: list[int] = []
+        placeholder_sources: list[int] = []
         logits_indices: list[int] = []
         seq_lens: list[int] = []
         query_lens: list[int] = []
@@ -98,6 +116,9 @@ class ForwardBatch:
                 positions[cursor:cursor + n] = where + chunk.position_delta
                 slots[cursor:cursor + n] = table[i, where // block_size] * block_size + where % block_size
             cursor += n
+            if chunk.placeholder_source >= 0:
+                placeholder_rows.append(cursor - 1)
+                placeholder_sources.append(chunk.placeholder_source)
             if chunk.needs_logits:
                 logits_indices.append(cursor - 1)
             seq_lens.append(end)
@@ -112,7 +133,9 @@ class ForwardBatch:
         return cls(as_tensor(token_ids), to_device(_positions(positions, mrope_rows), device), as_tensor(slots),
                    attention.block_tables, as_tensor(logits_indices), seq_lens, query_lens, attention,
                    as_tensor(embed_rows) if embeds else None,
-                   torch.cat([e.to(device) for e in embeds]) if embeds else None)
+                   torch.cat([e.to(device) for e in embeds]) if embeds else None,
+                   as_tensor(placeholder_rows) if placeholder_rows else None,
+                   as_tensor(placeholder_sources) if placeholder_rows else None)
 
 
 class HostBuffers:

@@ -1,4 +1,4 @@
-"""trtserve-serve's GPU-path flags reach EngineConfig (the cap itself is tested in
+"""trtserve-serve's GPU-path flags and --overlap reach EngineConfig (the cap itself is tested in
 tests/runtime/executor/test_kv_sizing.py)."""
 from __future__ import annotations
 
@@ -13,3 +13,15 @@ def test_flags_fill_the_engine_config() -> None:
     assert engine.enable_cuda_graphs is False and engine.op_backend == "reference"
     _, default = configs_from_args(parse_args(["--engine", "e"]))
     assert default.kv_cache_max_bytes is None and default.enable_cuda_graphs and default.op_backend == "auto"
+
+
+def test_overlap_flag_reaches_the_core_process_config() -> None:
+    """--overlap fills EngineConfig.overlap, which the core process gets in its JSON config (ProcessEngine)."""
+    import msgspec
+
+    from runtime.config import EngineConfig
+
+    _, engine = configs_from_args(parse_args(["--engine", "e", "--overlap", "on"]))
+    assert engine.overlap == "on"
+    assert msgspec.json.decode(msgspec.json.encode(engine), type=EngineConfig).overlap == "on"
+    assert configs_from_args(parse_args(["--engine", "e"]))[1].overlap == "auto"

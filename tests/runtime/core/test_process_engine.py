@@ -1,7 +1,7 @@
 """The engine core in its own process (runtime/core/process_engine.py, core_process.py, ipc.py).
 
-Against the in-process EngineCore on the same engine: greedy tokens and text of a batch in flight
-together are identical; a refusal at the engine's door crosses the boundary as a FieldError naming
+Against the in-process EngineCore on the same engine (overlap off; the core process runs with overlap
+on): greedy tokens and text of a batch in flight together are identical; a refusal at the engine's door crosses the boundary as a FieldError naming
 its field; a consumer that stops reading does not hold the others back, and when it reads again it
 gets its pending deltas merged (same tokens and text). The core sends token ids only and the front
 end makes the text: stop strings (one spanning tokens, one never met, min_tokens), stop token ids and
@@ -54,7 +54,8 @@ def in_process(engine_dir) -> EngineCore:
 
 @pytest.fixture(scope="module")
 def split(engine_dir):
-    engine = ProcessEngine(engine_dir, EngineConfig(device="cpu"))
+    # overlap on in the core (runtime/core/overlap.py): the in-process core it is compared with runs without
+    engine = ProcessEngine(engine_dir, EngineConfig(device="cpu", overlap="on"))
     yield engine
     engine.shutdown()
 
