@@ -162,7 +162,7 @@ class Sweep:
         self.baseline = baseline
         self.client = NativeClient(target.address, timeout_s=60.0) if target.tokenizer_dir is None else None
         self.tokenizer: Tokenizer = (LocalTokenizer(target.tokenizer_dir) if self.client is None else
-                                     RemoteTokenizer(self.client, target.card.name, target.card.vocab_size))
+                                     RemoteTokenizer(self.client, target.card))
         self.builder = WorkloadBuilder(config.workload, self.tokenizer)
         self.counters = ServerCounters(config.metrics_url, target.card.name) if config.metrics_url else None
         self._sessions: dict[tuple[str, int], list[Session]] = {}

@@ -23,10 +23,12 @@ from grpc_service.client import NativeClient
 from grpc_service.proto import trtserve_pb2 as pb
 
 MAX_ROUNDS = 64
-NUM_RESERVED_IDS = 16        # the top ids of the tiny tokenizers are special tokens; random prompts avoid them
 
 
 class Tokenizer(Protocol):
+    # Ids [0, vocab_size) decode to text: the tokenizer's base vocabulary, without its added (special) tokens.
+    # Not the model's vocab_size, which can be far larger (padded rows; a random-weight qwen2.5-0.5b build has
+    # 151,936 rows over a 2,048-id tokenizer): the ids above the tokenizer's decode to nothing.
     vocab_size: int
 
     def encode(self, text: str) -> list[int]: ...
@@ -39,10 +41,11 @@ class Tokenizer(Protocol):
 class RemoteTokenizer:
     """The engine's tokenizer through the native API (no special tokens added, as the ensemble does)."""
 
-    def __init__(self, client: NativeClient, model: str, vocab_size: int) -> None:
+    def __init__(self, client: NativeClient, card: pb.ModelCard) -> None:
         self.client = client
-        self.model = model
-        self.vocab_size = vocab_size
+        self.model = card.name
+        # A server from before ModelCard.tokenizer_vocab_size sends 0 there: fall back to the model's size.
+        self.vocab_size = card.tokenizer_vocab_size or card.vocab_size
         self._image_tokens: dict[str, int] = {}
 
     def encode(self, text: str) -> list[int]:
@@ -74,7 +77,7 @@ class LocalTokenizer:
         from transformers import AutoTokenizer
 
         self._tokenizer = AutoTokenizer.from_pretrained(path)
-        self.vocab_size = len(self._tokenizer)
+        self.vocab_size = int(self._tokenizer.vocab_size)       # HF: the base vocabulary, no added tokens
 
     def encode(self, text: str) -> list[int]:
         return [int(t) for t in self._tokenizer(text, add_special_tokens=False)["input_ids"]]
@@ -102,7 +105,7 @@ def exact_prompt(tokenizer: Tokenizer, num_tokens: int, rng: random.Random,
     """Text that tokenizes to `num_tokens` ids after `prefix` (whose ids it keeps), from random ids."""
     head_text = prefix.text if prefix else ""
     head_ids = list(prefix.token_ids) if prefix else []
-    high = max(tokenizer.vocab_size - NUM_RESERVED_IDS, 2)
+    high = max(tokenizer.vocab_size, 2)
     tail = [rng.randrange(high) for _ in range(num_tokens)]
     for round_index in range(MAX_ROUNDS):
         text = head_text + tokenizer.decode(tail)
@@ -118,4 +121,4 @@ def exact_prompt(tokenizer: Tokenizer, num_tokens: int, rng: random.Random,
         keep = max(min(len(tail), num_tokens) - 1 - round_index, 0)
         tail = tail[:keep] + [rng.randrange(high) for _ in range(num_tokens - keep)]
     raise PromptLengthError(f"no text of exactly {num_tokens} tokens found in {MAX_ROUNDS} rounds "
-                            f"(prefix {len(head_ids)} tokens)")
+                            f"(prefix {len(head_ids)} tokens, ids drawn below {high})")

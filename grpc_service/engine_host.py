@@ -154,6 +154,9 @@ class ServedModel:
                                   loaded.build.max_seq_len, loaded.build.tokens_per_block, loaded.eos_token_ids,
                                   loaded.pad_token_id)
         self.tokenizer = AutoTokenizer.from_pretrained(str(loaded.tokenizer_dir))
+        # The ids that decode to text (the base vocabulary, no added tokens); the model's vocab_size may be
+        # larger (padded rows, or a random-weight build over a small tokenizer).
+        self.tokenizer_vocab_size = min(int(self.tokenizer.vocab_size), loaded.llm_config.vocab_size)
         self.grammars = started.grammars or GrammarCache(self.tokenizer, loaded.llm_config.vocab_size,
                                                          loaded.eos_token_ids)
         self._tokenizer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"tokenizer-{self.name}")

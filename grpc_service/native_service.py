@@ -264,7 +264,7 @@ def model_card(model: ServedModel) -> pb.ModelCard:
                         max_batch_size=limits.max_batch_size, max_input_len=limits.max_input_len,
                         max_seq_len=limits.max_seq_len, tokens_per_block=limits.tokens_per_block,
                         has_chat_template=model.has_chat_template, supports_images=model.supports_images,
-                        eos_token_ids=list(limits.eos_token_ids))
+                        eos_token_ids=list(limits.eos_token_ids), tokenizer_vocab_size=model.tokenizer_vocab_size)
     if model.visual is not None:
         image_limits = model.visual.limits
         card.max_images_per_request = image_limits.max_images_per_request

@@ -233,7 +233,7 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelCard(_message.Message):
-    __slots__ = ("name", "ready", "vocab_size", "max_batch_size", "max_input_len", "max_seq_len", "tokens_per_block", "has_chat_template", "supports_images", "eos_token_ids", "max_images_per_request", "max_image_pixels", "max_image_bytes")
+    __slots__ = ("name", "ready", "vocab_size", "max_batch_size", "max_input_len", "max_seq_len", "tokens_per_block", "has_chat_template", "supports_images", "eos_token_ids", "max_images_per_request", "max_image_pixels", "max_image_bytes", "tokenizer_vocab_size")
     NAME_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -247,6 +247,7 @@ class ModelCard(_message.Message):
     MAX_IMAGES_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
     MAX_IMAGE_PIXELS_FIELD_NUMBER: _ClassVar[int]
     MAX_IMAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TOKENIZER_VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     name: str
     ready: bool
     vocab_size: int
@@ -260,7 +261,8 @@ class ModelCard(_message.Message):
     max_images_per_request: int
     max_image_pixels: int
     max_image_bytes: int
-    def __init__(self, name: _Optional[str] = ..., ready: _Optional[bool] = ..., vocab_size: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_input_len: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., tokens_per_block: _Optional[int] = ..., has_chat_template: _Optional[bool] = ..., supports_images: _Optional[bool] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., max_images_per_request: _Optional[int] = ..., max_image_pixels: _Optional[int] = ..., max_image_bytes: _Optional[int] = ...) -> None: ...
+    tokenizer_vocab_size: int
+    def __init__(self, name: _Optional[str] = ..., ready: _Optional[bool] = ..., vocab_size: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_input_len: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., tokens_per_block: _Optional[int] = ..., has_chat_template: _Optional[bool] = ..., supports_images: _Optional[bool] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., max_images_per_request: _Optional[int] = ..., max_image_pixels: _Optional[int] = ..., max_image_bytes: _Optional[int] = ..., tokenizer_vocab_size: _Optional[int] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models",)
