@@ -18,6 +18,13 @@ each level runs `--waves` waves of `batch` requests together (32 prompt tokens,
 strings, which the server's front end does), so "detokenization" is then only the
 token stop rules and the output records.
 
+`--overlap off,on --repeats 3` runs each level with overlap scheduling off and on
+(runtime/core/overlap.py), alternating, on one core per mode: with overlap on the
+forward and sampling run on the worker thread beside the engine thread, so the
+parts overlap in time: forward and scheduling+sampling are still each call's own
+time, batch building is `PyTorchExecutor.prepare`, and detokenization is not
+separable (nan); compare tok/s.
+
 Timers wrap the engine's own objects from the outside (the engine carries no
 timing code); their overhead (one perf_counter pair per call) is included.
 `--baseline hf` also runs HF `generate` on the same weights in static batches of
@@ -89,14 +96,18 @@ def instrument(core: EngineCore) -> Clock:
         "update_from_output", core.scheduler.update_from_output)
     core.sampler.sample = clock.wrap("sample", core.sampler.sample)  # type: ignore[method-assign]
     core.executor.execute = clock.wrap("execute", core.executor.execute)  # type: ignore[method-assign]
+    core.executor.prepare = clock.wrap("prepare", core.executor.prepare)  # type: ignore[method-assign]
     core.executor.model.forward = clock.wrap("forward", core.executor.model.forward)  # type: ignore[method-assign]
     core.step = clock.wrap("step", core.step)  # type: ignore[method-assign]
     return clock
 
 
-def split(clock: Clock) -> dict[str, float]:
+def split(clock: Clock, overlap: bool = False) -> dict[str, float]:
     """Seconds per part (PARTS), from the wrapped calls."""
     scheduling = clock.get("schedule") + clock.get("sample") + clock.get("update_from_output")
+    if overlap:                 # the forward and sampling run beside the rest (module docstring)
+        return {"forward": clock.get("forward"), "batch_building": clock.get("prepare"),
+                "scheduling_sampling": scheduling, "detokenization": float("nan")}
     rest = clock.get("step") - clock.get("execute") - scheduling
     return {"forward": clock.get("forward"), "batch_building": clock.get("execute") - clock.get("forward"),
             "scheduling_sampling": scheduling, "detokenization": rest}
@@ -114,7 +125,7 @@ def run_level(core: EngineCore, clock: Clock, prompts: list[list[int]], batch: i
         for outputs in core.generate_all(requests).values():
             produced += sum(len(o.token_ids) for o in outputs)
     seconds = time.perf_counter() - start
-    per_token = {part: s / produced * 1e6 for part, s in split(clock).items()}
+    per_token = {part: s / produced * 1e6 for part, s in split(clock, core.overlap).items()}
     per_token["host_total"] = sum(v for k, v in per_token.items() if k != "forward")
     return LevelResult(batch, produced, seconds, per_token)
 
@@ -140,7 +151,8 @@ def run_hf(engine_dir: Path, prompts: list[list[int]], batch: int, output_len: i
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny-qwen2")
-    parser.add_argument("--engine-dir", type=Path, default=None)
+    parser.add_argument("--engine-dir", type=Path, default=None,
+                        help="an engine to run as it is (default: --model built into engines/<model>-fp32)")
     parser.add_argument("--batch", default="1,16,max", help="batch sizes; 'max' is the build's max_batch_size")
     parser.add_argument("--input-len", type=int, default=32)
     parser.add_argument("--output-len", type=int, default=128)
@@ -150,34 +162,45 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--token-ids-only", action="store_true",
                         help="the step as the engine-core process runs it: no text (the front end makes it)")
+    parser.add_argument("--overlap", default="off",
+                        help="EngineConfig.overlap: off, on, or a list (off,on) run alternately, one core each")
+    parser.add_argument("--repeats", type=int, default=1, help="runs of every level and overlap mode")
     args = parser.parse_args()
-    engine_dir = args.engine_dir or Path("engines") / f"{args.model}-fp32"
-    build_engine(BuildRequest(model=args.model, output=engine_dir, dtype="fp32", validate=False))
-    core = EngineCore.from_dir(engine_dir, EngineConfig(device="cpu", op_backend=args.op_backend),
-                               text_output=not args.token_ids_only)
+    engine_dir = args.engine_dir
+    if engine_dir is None:      # a given engine is served as it is (building --model there would overwrite it)
+        engine_dir = Path("engines") / f"{args.model}-fp32"
+        build_engine(BuildRequest(model=args.model, output=engine_dir, dtype="fp32", validate=False))
+    modes = args.overlap.split(",")
+    cores = {mode: EngineCore.from_dir(engine_dir, EngineConfig(device="cpu", op_backend=args.op_backend,
+                                                                overlap=mode), text_output=not args.token_ids_only)
+             for mode in modes}
+    core = cores[modes[0]]
     max_batch = core.scheduler_config.max_batch_size
     levels = list(dict.fromkeys(max_batch if b == "max" else int(b) for b in args.batch.split(",")))
     rng = random.Random(0)
     prompts = [[rng.randrange(core.vocab_size - 16) for _ in range(args.input_len)] for _ in range(4 * max(levels))]
-    clock = instrument(core)
-    run_level(core, clock, prompts, 2, 8, 1)                                         # warm-up (kernel compile)
-    header = f"{'batch':>5}{'tok/s':>10}{'hf tok/s':>10}{'ratio':>7}" + "".join(f"{p:>21}" for p in PARTS)
-    print(f"{args.model}, {args.input_len} in / {args.output_len} out, op backend {core.executor.model.ops.name}; "
-          "us of wall time per generated token:")
+    clocks = {mode: instrument(c) for mode, c in cores.items()}
+    for mode, c in cores.items():
+        run_level(c, clocks[mode], prompts, 2, 8, 1)                                 # warm-up (kernel compile)
+    header = (f"{'overlap':>8}{'batch':>6}{'tok/s':>10}{'hf tok/s':>10}{'ratio':>7}"
+              + "".join(f"{p:>21}" for p in PARTS))
+    print(f"{engine_dir.name}, {args.input_len} in / {args.output_len} out, "
+          f"op backend {core.executor.model.ops.name}; us of wall time per generated token:")
     print(header + f"{'host (all but fwd)':>20}")
     rows = []
-    for batch in levels:
-        result = run_level(core, clock, prompts, batch, args.output_len, args.waves)
+    for batch, _, mode in ((b, r, m) for b in levels for r in range(args.repeats) for m in modes):
+        result = run_level(cores[mode], clocks[mode], prompts, batch, args.output_len, args.waves)
         hf = (run_hf(engine_dir, prompts, batch, args.output_len, args.waves, core.engine.pad_token_id or 0)
               if args.baseline == "hf" else float("nan"))
         us = result.us_per_token
-        print(f"{batch:>5}{result.tok_s:>10.0f}{hf:>10.0f}{result.tok_s / hf:>7.2f}"
+        print(f"{mode:>8}{batch:>6}{result.tok_s:>10.0f}{hf:>10.0f}{result.tok_s / hf:>7.2f}"
               + "".join(f"{us[p]:>21.1f}" for p in PARTS) + f"{us['host_total']:>20.1f}", flush=True)
-        rows.append({**asdict(result), "tok_s": result.tok_s, "hf_tok_s": hf})
+        rows.append({**asdict(result), "overlap": mode, "tok_s": result.tok_s, "hf_tok_s": hf})
     if args.json:
         meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "torch": torch.__version__,
                 "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
-                "model": args.model, "input_len": args.input_len, "output_len": args.output_len,
+                "model": args.model, "engine": str(engine_dir), "input_len": args.input_len,
+                "output_len": args.output_len,
                 "waves": args.waves, "op_backend": core.executor.model.ops.name, "text_output": core.text_output}
         args.json.write_text(json.dumps({"meta": meta, "levels": rows}, indent=2) + "\n")
 
