@@ -1,5 +1,6 @@
 """Helpers shared by the engine tests (text and vision-language): greedy parameters, a driver that
-admits requests at given steps, the logits recorder, and the check that every KV block came back."""
+admits requests at given steps, one request's tokens alone on a fresh core, the logits recorder, and the
+check that every KV block came back."""
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -7,7 +8,9 @@ from contextlib import contextmanager
 
 import torch
 
-from runtime.core.engine_core import EngineCore, EngineRequest
+from engine_format.engine_dir import LoadedEngine
+from runtime.config import EngineConfig
+from runtime.core.engine_core import EngineCore, EngineRequest, collect_text
 from runtime.sampling_params import SamplingParams
 
 
@@ -28,6 +31,12 @@ def run_arrivals(core: EngineCore, arrivals: list[tuple[int, EngineRequest]]) ->
         step += 1
         assert step < 10_000
     return tokens
+
+
+def tokens_alone(engine: LoadedEngine, request: EngineRequest) -> list[int]:
+    """The tokens of `request` run alone on a fresh engine core without prefix caching."""
+    core = EngineCore(engine, EngineConfig(enable_prefix_caching=False))
+    return collect_text(core.generate_all([request])[request.request_id])[1]
 
 
 @contextmanager

@@ -1,4 +1,5 @@
-"""Helpers for the Qwen2-VL / Qwen2.5-VL engine tests: synthetic images, and HF inputs built the HF way."""
+"""Helpers for the vision-language engine tests: synthetic images, a user turn from its parts, the runtime's
+processor for an engine; and for Qwen2-VL / Qwen2.5-VL, HF inputs built the HF way."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -9,6 +10,8 @@ from PIL import Image
 
 from engine_format.engine_dir import LoadedEngine
 from runtime.families.qwen2_vl import IMAGE_PAD, VIDEO_PAD
+from runtime.multimodal.image_io import ImageLimits
+from runtime.multimodal.processor import MultimodalProcessor
 from runtime.families.qwen2_vl.preprocess import PreprocessConfig, preprocess_video
 from tests.conftest import hf_dir_of
 
@@ -24,6 +27,26 @@ def noise_image(seed: int, width: int, height: int) -> Image.Image:
 
 def noise_frames(seed: int, num: int, width: int, height: int) -> list[Image.Image]:
     return [noise_image(seed * 100 + i, width, height) for i in range(num)]
+
+
+def user_turn(*parts: object) -> list[dict]:
+    """Chat messages of one user turn: a str is text, a list of frames a video at 2 fps, anything else an image."""
+    content: list[dict] = []
+    for part in parts:
+        if isinstance(part, str):
+            content.append({"type": "text", "text": part})
+        elif isinstance(part, list):
+            content.append({"type": "video", "video": part, "fps": 2.0})
+        else:
+            content.append({"type": "image", "image": part})
+    return [{"role": "user", "content": content}]
+
+
+def vl_processor(engine: LoadedEngine) -> MultimodalProcessor:
+    """The runtime's processor for `engine`: its own tokenizer, the default image limits."""
+    from transformers import AutoTokenizer
+
+    return MultimodalProcessor(engine, AutoTokenizer.from_pretrained(str(engine.tokenizer_dir)), ImageLimits())
 
 
 @dataclass

@@ -19,12 +19,11 @@ import torch
 from engine_format.engine_dir import load_engine
 from runtime.config import EngineConfig
 from runtime.core.engine_core import EngineCore, EngineRequest, collect_text
-from runtime.multimodal.image_io import ImageLimits
 from runtime.multimodal.processor import MultimodalProcessor
 from tests.conftest import hf_dir_of, load_hf
-from tests.helpers.engine_helpers import assert_all_blocks_free, greedy, recording_logits, run_arrivals
+from tests.helpers.engine_helpers import assert_all_blocks_free, greedy, recording_logits, run_arrivals, tokens_alone
 from tests.helpers.internvl_helpers import hf_internvl_processor, hf_prompt
-from tests.helpers.vl_helpers import noise_frames, noise_image
+from tests.helpers.vl_helpers import noise_frames, noise_image, user_turn, vl_processor
 
 ATOL = 1e-4
 NEW_TOKENS = 12
@@ -43,9 +42,7 @@ def hf(engine):
 
 @pytest.fixture(scope="module")
 def processor(engine) -> MultimodalProcessor:
-    from transformers import AutoTokenizer
-
-    return MultimodalProcessor(engine, AutoTokenizer.from_pretrained(str(engine.tokenizer_dir)), ImageLimits())
+    return vl_processor(engine)
 
 
 @pytest.fixture(scope="module")
@@ -53,24 +50,12 @@ def hf_processor(engine):
     return hf_internvl_processor(hf_dir_of(engine.root), engine.vision.config.tokens_per_tile)
 
 
-def user(*parts: object) -> list[dict]:
-    content = []
-    for part in parts:
-        if isinstance(part, str):
-            content.append({"type": "text", "text": part})
-        elif isinstance(part, list):
-            content.append({"type": "video", "video": part, "fps": 2.0})
-        else:
-            content.append({"type": "image", "image": part})
-    return [{"role": "user", "content": content}]
-
-
 CASES = {
-    "one_image": lambda: user(noise_image(1, 150, 100), "Describe this image."),
-    "two_images_different_sizes": lambda: user("Compare ", noise_image(2, 200, 60), " with ",
-                                               noise_image(3, 50, 170), "."),
+    "one_image": lambda: user_turn(noise_image(1, 150, 100), "Describe this image."),
+    "two_images_different_sizes": lambda: user_turn("Compare ", noise_image(2, 200, 60), " with ",
+                                                    noise_image(3, 50, 170), "."),
     "text_only": lambda: [{"role": "user", "content": "The capital of France is"}],
-    "wide_image_many_tiles": lambda: user(noise_image(4, 1000, 60), "Read the banner."),
+    "wide_image_many_tiles": lambda: user_turn(noise_image(4, 1000, 60), "Read the banner."),
 }
 
 
@@ -118,7 +103,7 @@ def test_greedy_tokens_and_logits_equal_hf(engine, hf, processor, hf_processor, 
 
 def test_video_frames_equal_hf(engine, hf, processor, hf_processor) -> None:
     frames = noise_frames(5, 3, 90, 60)
-    messages = user(frames, "What happens?")
+    messages = user_turn(frames, "What happens?")
     ids, mm = processor.process_chat(messages)
     assert [v.kind for v in mm.visuals] == ["video"] * 3 and len(mm.spans) == 3
     tiles = np.concatenate([v.pixel_values for v in mm.visuals])
@@ -134,12 +119,12 @@ def test_video_frames_equal_hf(engine, hf, processor, hf_processor) -> None:
                          ids=["default", "chunked-prefill"])
 def test_different_image_sizes_in_flight_equal_alone(engine, processor, config: EngineConfig) -> None:
     shared = noise_image(10, 120, 200)
-    specs = [("tall", user(shared, "Describe it."), 8, 0),
+    specs = [("tall", user_turn(shared, "Describe it."), 8, 0),
              ("text", [{"role": "user", "content": "Count: 1 2 3"}], 9, 0),
-             ("wide", user("Banner: ", noise_image(11, 900, 70)), 7, 1),
-             ("two", user(noise_image(12, 60, 60), " and ", noise_image(13, 300, 100)), 6, 1),
-             ("tall-again", user(shared, "What is it?"), 8, 2),
-             ("video", user(noise_frames(14, 2, 70, 50), "Go."), 5, 3)]
+             ("wide", user_turn("Banner: ", noise_image(11, 900, 70)), 7, 1),
+             ("two", user_turn(noise_image(12, 60, 60), " and ", noise_image(13, 300, 100)), 6, 1),
+             ("tall-again", user_turn(shared, "What is it?"), 8, 2),
+             ("video", user_turn(noise_frames(14, 2, 70, 50), "Go."), 5, 3)]
     prompts = {key: (processor.process_chat(m) if key != "text" else
                      (text_ids(processor, m), None))
                for key, m, _, _ in specs}
@@ -147,10 +132,8 @@ def test_different_image_sizes_in_flight_equal_alone(engine, processor, config: 
     got = run_arrivals(core, [(at, EngineRequest(key, list(prompts[key][0]), greedy(n), multimodal=prompts[key][1]))
                               for key, _, n, at in specs])
     for key, _, n, _ in specs:
-        alone = EngineCore(engine, EngineConfig(enable_prefix_caching=False))
         ids, mm = prompts[key]
-        out = alone.generate_all([EngineRequest(key, list(ids), greedy(n), multimodal=mm)])[key]
-        assert got[key] == collect_text(out)[1], key
+        assert got[key] == tokens_alone(engine, EngineRequest(key, list(ids), greedy(n), multimodal=mm)), key
     # the shared image is encoded once (encoder cache or prefix cache), every other visual once
     assert core.stats().encoder.num_encoded_visuals == len({v.content_hash for _, mm in prompts.values() if mm
                                                             for v in mm.visuals}) == 6
@@ -171,9 +154,9 @@ def test_validation_report_holds_the_tower_parity(engine) -> None:
 
 def test_prefix_cache_reuses_an_image_by_content(engine, processor) -> None:
     image = noise_image(30, 200, 120)
-    ids_a, mm_a = processor.process_chat(user(image, "Describe this picture in detail."))
-    ids_b, mm_b = processor.process_chat(user(image, "What colour dominates?"))
-    ids_c, mm_c = processor.process_chat(user(noise_image(31, 200, 120), "Describe this picture in detail."))
+    ids_a, mm_a = processor.process_chat(user_turn(image, "Describe this picture in detail."))
+    ids_b, mm_b = processor.process_chat(user_turn(image, "What colour dominates?"))
+    ids_c, mm_c = processor.process_chat(user_turn(noise_image(31, 200, 120), "Describe this picture in detail."))
     assert ids_c == ids_a and mm_c.spans[0].content_hash != mm_a.spans[0].content_hash
     span = mm_a.spans[0]
     core = EngineCore(engine)

@@ -24,12 +24,8 @@ from runtime.multimodal.image_io import ImageLimits
 from runtime.families.qwen2_vl import IMAGE_PAD, VISION_END, VISION_START
 from runtime.multimodal.processor import MultimodalProcessor
 from runtime.sampling_params import SamplingParams
-from tests.helpers.engine_helpers import (
-    assert_all_blocks_free,
-    greedy,
-    run_arrivals,
-)
-from tests.helpers.vl_helpers import VL_PRESETS, noise_frames, noise_image
+from tests.helpers.engine_helpers import assert_all_blocks_free, greedy, run_arrivals, tokens_alone
+from tests.helpers.vl_helpers import VL_PRESETS, noise_frames, noise_image, user_turn, vl_processor
 
 BLOCK = 16
 
@@ -41,9 +37,7 @@ def engine(request, build_tiny):
 
 @pytest.fixture(scope="module")
 def processor(engine):
-    from transformers import AutoTokenizer
-
-    return MultimodalProcessor(engine, AutoTokenizer.from_pretrained(str(engine.tokenizer_dir)), ImageLimits())
+    return vl_processor(engine)
 
 
 @pytest.fixture(scope="module")
@@ -54,24 +48,14 @@ def alone(engine):
     def run(key: str, ids: list[int], mm, max_tokens: int) -> list[int]:
         content = (tuple(ids), tuple(v.content_hash for v in mm.visuals) if mm else (), max_tokens)
         if content not in cache:
-            core = EngineCore(engine, EngineConfig(enable_prefix_caching=False))
-            out = core.generate_all([EngineRequest(key, ids, greedy(max_tokens), multimodal=mm)])[key]
-            cache[content] = collect_text(out)[1]
+            cache[content] = tokens_alone(engine, EngineRequest(key, ids, greedy(max_tokens), multimodal=mm))
         return cache[content]
 
     return run
 
 
 def chat(processor, *parts) -> tuple[list[int], object]:
-    content = []
-    for part in parts:
-        if isinstance(part, str):
-            content.append({"type": "text", "text": part})
-        elif isinstance(part, list):
-            content.append({"type": "video", "video": part, "fps": 2.0})
-        else:
-            content.append({"type": "image", "image": part})
-    return processor.process_chat([{"role": "user", "content": content}])
+    return processor.process_chat(user_turn(*parts))
 
 
 def request_mix(processor, tokenizer):
