@@ -5,10 +5,12 @@ the image processor transformers pairs with InternVL) for chat messages, built o
 source checkpoint. transformers' InternVL video processor needs torchvision (not installable here), so the
 processor is built without one (its class check is skipped for that one missing part) and videos are
 expanded by the processor's own `replace_video_token` over frames preprocessed as single tiles.
+Also the -hf tower's tensors under OpenGVLab's original names (the layout tests' third hub layout).
 Not for: running models (tests/runtime/test_internvl_engine.py does).
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,22 +100,30 @@ def write_opengvlab_checkpoint(hf_dir: Path, out: Path) -> Path:
         "feature_extractor_type": "CLIPFeatureExtractor", "image_mean": pre["image_mean"],
         "image_std": pre["image_std"], "resample": 3, "size": vision["image_size"]}))
     state = {k: t for k, t in sd.items() if k.startswith("language_model.")}
-    state["vision_model.embeddings.class_embedding"] = sd["vision_tower.embeddings.cls_token"]
-    state["vision_model.embeddings.position_embedding"] = sd["vision_tower.embeddings.position_embeddings"]
-    for kind in ("weight", "bias"):
-        state[f"vision_model.embeddings.patch_embedding.{kind}"] = \
-            sd[f"vision_tower.embeddings.patch_embeddings.projection.{kind}"]
-        for ours, hf in (("0", "layer_norm"), ("1", "linear_1"), ("3", "linear_2")):
-            state[f"mlp1.{ours}.{kind}"] = sd[f"multi_modal_projector.{hf}.{kind}"]
-    for i in range(v["num_hidden_layers"]):
-        src, dst = f"vision_tower.encoder.layer.{i}.", f"vision_model.encoder.layers.{i}."
-        state[dst + "ls1"], state[dst + "ls2"] = sd[src + "lambda_1"], sd[src + "lambda_2"]
-        for kind in ("weight", "bias"):
-            state[f"{dst}attn.qkv.{kind}"] = torch.cat([sd[f"{src}attention.{p}_proj.{kind}"] for p in "qkv"])
-            state[f"{dst}attn.proj.{kind}"] = sd[f"{src}attention.projection_layer.{kind}"]
-            state[f"{dst}norm1.{kind}"] = sd[f"{src}layernorm_before.{kind}"]
-            state[f"{dst}norm2.{kind}"] = sd[f"{src}layernorm_after.{kind}"]
-            for fc in ("fc1", "fc2"):
-                state[f"{dst}mlp.{fc}.{kind}"] = sd[f"{src}mlp.{fc}.{kind}"]
+    state.update(opengvlab_tower_state(sd, "", v["num_hidden_layers"]))
     save_file({k: t.contiguous() for k, t in state.items()}, str(out / "model.safetensors"))
+    return out
+
+
+def opengvlab_tower_state(sd: Mapping[str, torch.Tensor], prefix: str, num_layers: int) -> dict[str, torch.Tensor]:
+    """The tower and projector of a transformers state dict (their names under `prefix`: "" as save_pretrained
+    writes them, "model." in memory) under OpenGVLab's names, written out by hand (qkv fused on the output dim)."""
+    tower, projector = f"{prefix}vision_tower.", f"{prefix}multi_modal_projector."
+    out = {"vision_model.embeddings.class_embedding": sd[tower + "embeddings.cls_token"],
+           "vision_model.embeddings.position_embedding": sd[tower + "embeddings.position_embeddings"]}
+    for kind in ("weight", "bias"):
+        out[f"vision_model.embeddings.patch_embedding.{kind}"] = \
+            sd[f"{tower}embeddings.patch_embeddings.projection.{kind}"]
+        for ours, hf in (("0", "layer_norm"), ("1", "linear_1"), ("3", "linear_2")):
+            out[f"mlp1.{ours}.{kind}"] = sd[f"{projector}{hf}.{kind}"]
+    for i in range(num_layers):
+        src, dst = f"{tower}encoder.layer.{i}.", f"vision_model.encoder.layers.{i}."
+        out[dst + "ls1"], out[dst + "ls2"] = sd[src + "lambda_1"], sd[src + "lambda_2"]
+        for kind in ("weight", "bias"):
+            out[f"{dst}attn.qkv.{kind}"] = torch.cat([sd[f"{src}attention.{p}_proj.{kind}"] for p in "qkv"])
+            out[f"{dst}attn.proj.{kind}"] = sd[f"{src}attention.projection_layer.{kind}"]
+            out[f"{dst}norm1.{kind}"] = sd[f"{src}layernorm_before.{kind}"]
+            out[f"{dst}norm2.{kind}"] = sd[f"{src}layernorm_after.{kind}"]
+            for fc in ("fc1", "fc2"):
+                out[f"{dst}mlp.{fc}.{kind}"] = sd[f"{src}mlp.{fc}.{kind}"]
     return out

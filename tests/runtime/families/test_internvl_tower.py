@@ -17,6 +17,7 @@ from engine_format.families.internvl import InternVLVisionConfig, internvl_tenso
 from runtime.errors import FieldError
 from runtime.families.internvl import InternVLFamily
 from runtime.multimodal.image_processing import ProcessedVisual
+from tests.helpers.internvl_helpers import opengvlab_tower_state
 
 VISION = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=112,
               patch_size=14, attention_bias=True, layer_norm_eps=1e-6)
@@ -58,23 +59,7 @@ def hf_layout_state(model) -> dict[str, torch.Tensor]:
 def opengvlab_state(model) -> dict[str, torch.Tensor]:
     """The tower and projector under OpenGVLab's names, written out by hand (qkv fused on the output dim)."""
     sd = model.state_dict()
-    out = {"vision_model.embeddings.class_embedding": sd["model.vision_tower.embeddings.cls_token"],
-           "vision_model.embeddings.position_embedding": sd["model.vision_tower.embeddings.position_embeddings"]}
-    for kind in ("weight", "bias"):
-        out[f"vision_model.embeddings.patch_embedding.{kind}"] = \
-            sd[f"model.vision_tower.embeddings.patch_embeddings.projection.{kind}"]
-        for ours, hf in (("0", "layer_norm"), ("1", "linear_1"), ("3", "linear_2")):
-            out[f"mlp1.{ours}.{kind}"] = sd[f"model.multi_modal_projector.{hf}.{kind}"]
-    for i in range(VISION["num_hidden_layers"]):
-        src, dst = f"model.vision_tower.encoder.layer.{i}.", f"vision_model.encoder.layers.{i}."
-        out[dst + "ls1"], out[dst + "ls2"] = sd[src + "lambda_1"], sd[src + "lambda_2"]
-        for kind in ("weight", "bias"):
-            out[f"{dst}attn.qkv.{kind}"] = torch.cat([sd[f"{src}attention.{p}_proj.{kind}"] for p in "qkv"])
-            out[f"{dst}attn.proj.{kind}"] = sd[f"{src}attention.projection_layer.{kind}"]
-            out[f"{dst}norm1.{kind}"] = sd[f"{src}layernorm_before.{kind}"]
-            out[f"{dst}norm2.{kind}"] = sd[f"{src}layernorm_after.{kind}"]
-            for fc in ("fc1", "fc2"):
-                out[f"{dst}mlp.{fc}.{kind}"] = sd[f"{src}mlp.{fc}.{kind}"]
+    out = opengvlab_tower_state(sd, "model.", VISION["num_hidden_layers"])
     out["language_model.model.embed_tokens.weight"] = sd["model.language_model.embed_tokens.weight"]
     return out
 
