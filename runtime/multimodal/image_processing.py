@@ -3,11 +3,15 @@
 What it is for: `ProcessedVisual` (one image, video or frame after a family's
 preprocessing: pixel rows in the family's layout, its grid, the number of LLM
 rows it becomes and a content hash for prefix caching), `content_hash` (the one
-hashing rule), and `to_rgb`, HF's `convert_to_rgb`: images with an alpha band or
+hashing rule), `to_rgb`, HF's `convert_to_rgb`: images with an alpha band or
 a `transparency` key are composited onto white, everything else goes through
 Pillow's `convert("RGB")`. One deliberate difference: 16-bit / 32-bit integer
 greyscale (`I;16*`, `I`) is scaled from 0..65535 to 0..255 (HF clips, which
-turns almost every real 16-bit image white). Pillow and numpy only; no torch.
+turns almost every real 16-bit image white). Also the steps around it that every
+family takes the same way: `rgb_image` (to_rgb with a FieldError naming the
+request field), `check_image_size` (both sides >= 1, aspect ratio within HF's
+limit) and `normalise` (HF's rescale and normalisation, bit for bit). Pillow and
+numpy only; no torch.
 Not for: a family's resize / tiling / patch order (runtime/families/<family>/),
 decoding bytes or request limits (runtime/multimodal/image_io.py).
 """
@@ -18,6 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
+
+from runtime.errors import FieldError
 
 MAX_ASPECT_RATIO = 200            # HF smart_resize refuses images longer than this to one side
 _SIXTEEN_BIT_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N"})
@@ -67,6 +73,32 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if image.mode == "RGB":
         return image
     return image.convert("RGB")
+
+
+def rgb_image(image: Image.Image, field: str) -> Image.Image:
+    """`to_rgb`; a FieldError naming `field` for a pixel mode Pillow cannot convert."""
+    try:
+        return to_rgb(image)
+    except ValueError as exc:
+        raise FieldError(field, f"pixel mode {image.mode!r} cannot be converted to RGB") from exc
+
+
+def check_image_size(height: int, width: int, field: str) -> None:
+    """Both sides >= 1 pixel and the aspect ratio within MAX_ASPECT_RATIO; a FieldError naming `field`."""
+    if height < 1 or width < 1:
+        raise FieldError(field, f"image is {width}x{height}; both sides must be >= 1 pixel")
+    ratio = max(height, width) / min(height, width)
+    if ratio > MAX_ASPECT_RATIO:
+        raise FieldError(field, f"image is {width}x{height}: aspect ratio {ratio:.1f} is above the limit of "
+                                f"{MAX_ASPECT_RATIO}")
+
+
+def normalise(pixels: np.ndarray, rescale_factor: float, image_mean: tuple[float, float, float],
+              image_std: tuple[float, float, float]) -> np.ndarray:
+    """uint8 pixels [..., C] -> float32 as HF computes them: rescale in float64, cast to float32, then
+    (x - mean) / std in float32 (the order that makes the result bit-identical)."""
+    scaled = (np.asarray(pixels, dtype=np.float64) * rescale_factor).astype(np.float32)
+    return (scaled - np.asarray(image_mean, dtype=np.float32)) / np.asarray(image_std, dtype=np.float32)
 
 
 def content_hash(kind: str, grid_thw: tuple[int, ...], second_per_grid_t: float,

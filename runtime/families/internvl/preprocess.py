@@ -30,9 +30,9 @@ import numpy as np
 from PIL import Image
 
 from runtime.errors import FieldError
-from runtime.multimodal.image_processing import ProcessedVisual, content_hash, to_rgb
+from runtime.families.preprocess_checks import FIELD, check_keys, float_triple, positive_float, positive_int
+from runtime.multimodal.image_processing import ProcessedVisual, content_hash, normalise, rgb_image
 
-_CONFIG_FIELD = "preprocessing"
 _INT_KEYS = ("tile_size", "patch_size", "min_tiles", "max_tiles")
 _ALL_KEYS = frozenset(_INT_KEYS + ("use_thumbnail", "image_mean", "image_std", "rescale_factor"))
 MERGE_SIZE = 2          # pixel-shuffle 0.5 = a 2x2 merge of patch features
@@ -63,34 +63,20 @@ class TilingConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, object]) -> TilingConfig:
         """Validate and build; a FieldError names `preprocessing.<key>` and the rule."""
-        if not isinstance(d, Mapping):
-            raise FieldError(_CONFIG_FIELD, f"must be an object, got {type(d).__name__}")
-        unknown = sorted(str(k) for k in d if k not in _ALL_KEYS)
-        missing = sorted(k for k in _ALL_KEYS if k not in d)
-        if unknown or missing:
-            key, rule = (unknown[0], "unknown key") if unknown else (missing[0], "missing")
-            raise FieldError(f"{_CONFIG_FIELD}.{key}", rule)
-        ints = {}
-        for key in _INT_KEYS:
-            value = d[key]
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise FieldError(f"{_CONFIG_FIELD}.{key}", f"must be an integer >= 1, got {value!r}")
-            ints[key] = value
+        d = check_keys(d, _ALL_KEYS, _ALL_KEYS)
+        ints = {key: positive_int(key, d[key]) for key in _INT_KEYS}
         if ints["tile_size"] % (ints["patch_size"] * MERGE_SIZE):
-            raise FieldError(f"{_CONFIG_FIELD}.tile_size", f"must be a multiple of 2 * patch_size "
-                                                           f"({2 * ints['patch_size']}), got {ints['tile_size']}")
+            raise FieldError(f"{FIELD}.tile_size", f"must be a multiple of 2 * patch_size "
+                                                   f"({2 * ints['patch_size']}), got {ints['tile_size']}")
         if not ints["min_tiles"] <= ints["max_tiles"] <= MAX_TILES_LIMIT:
-            raise FieldError(f"{_CONFIG_FIELD}.max_tiles", f"must lie in [min_tiles ({ints['min_tiles']}), "
-                                                           f"{MAX_TILES_LIMIT}], got {ints['max_tiles']}")
+            raise FieldError(f"{FIELD}.max_tiles", f"must lie in [min_tiles ({ints['min_tiles']}), "
+                                                   f"{MAX_TILES_LIMIT}], got {ints['max_tiles']}")
         if not isinstance(d["use_thumbnail"], bool):
-            raise FieldError(f"{_CONFIG_FIELD}.use_thumbnail", f"must be true or false, got {d['use_thumbnail']!r}")
-        triples = {k: _triple(k, d[k]) for k in ("image_mean", "image_std")}
-        if not all(v > 0 for v in triples["image_std"]):
-            raise FieldError(f"{_CONFIG_FIELD}.image_std", "every entry must be > 0")
-        rescale = d["rescale_factor"]
-        if isinstance(rescale, bool) or not isinstance(rescale, (int, float)) or not 0 < rescale < float("inf"):
-            raise FieldError(f"{_CONFIG_FIELD}.rescale_factor", f"must be a finite number > 0, got {rescale!r}")
-        return cls(use_thumbnail=d["use_thumbnail"], rescale_factor=float(rescale), **triples, **ints)
+            raise FieldError(f"{FIELD}.use_thumbnail", f"must be true or false, got {d['use_thumbnail']!r}")
+        mean = float_triple("image_mean", d["image_mean"], positive=False)
+        std = float_triple("image_std", d["image_std"], positive=True)
+        rescale = positive_float("rescale_factor", d["rescale_factor"])
+        return cls(use_thumbnail=d["use_thumbnail"], rescale_factor=rescale, image_mean=mean, image_std=std, **ints)
 
 
 def tile_grid(height: int, width: int, cfg: TilingConfig) -> tuple[int, int]:
@@ -117,7 +103,7 @@ def num_tiles(height: int, width: int, cfg: TilingConfig) -> int:
 
 def preprocess_tiled_image(image: Image.Image, cfg: TilingConfig, *, field: str = "image") -> ProcessedVisual:
     """One image -> its tiles' patch rows, grid (num_tiles, tile / patch, tile / patch)."""
-    rgb = _rgb(image, field)
+    rgb = rgb_image(image, field)
     width, height = rgb.size
     if width < 1 or height < 1:
         raise FieldError(field, f"image is {width}x{height}; both sides must be >= 1 pixel")
@@ -137,31 +123,14 @@ def preprocess_frames(frames: Sequence[Image.Image], cfg: TilingConfig, *,
     if len(frames) == 0:
         raise FieldError(field, "video has no frames")
     side = cfg.tile_size
-    return tuple(_make_visual("video", [np.asarray(_rgb(frame, f"{field}[{i}]").resize(
+    return tuple(_make_visual("video", [np.asarray(rgb_image(frame, f"{field}[{i}]").resize(
         (side, side), Image.Resampling.BICUBIC))], cfg) for i, frame in enumerate(frames))
-
-
-def _rgb(image: Image.Image, field: str) -> Image.Image:
-    try:
-        return to_rgb(image)
-    except ValueError as exc:
-        raise FieldError(field, f"pixel mode {image.mode!r} cannot be converted to RGB") from exc
 
 
 def _make_visual(kind: str, tiles: list[np.ndarray], cfg: TilingConfig) -> ProcessedVisual:
     """uint8 tiles [side, side, 3] -> normalised float32 [T, 3, side, side]."""
-    stacked = np.stack(tiles)                                              # [T, S, S, C] uint8
-    # HF: uint8 -> float64 * scale -> float32, then (x - mean) / std in float32.
-    pixels = (stacked.astype(np.float64) * cfg.rescale_factor).astype(np.float32)
-    pixels = (pixels - np.asarray(cfg.image_mean, np.float32)) / np.asarray(cfg.image_std, np.float32)
+    pixels = normalise(np.stack(tiles), cfg.rescale_factor, cfg.image_mean, cfg.image_std)   # [T, S, S, C]
     pixel_values = np.ascontiguousarray(pixels.transpose(0, 3, 1, 2), dtype=np.float32)
     grid = (len(tiles), cfg.patches_per_side, cfg.patches_per_side)
     return ProcessedVisual(kind=kind, pixel_values=pixel_values, grid_thw=grid, second_per_grid_t=0.0,
                            content_hash=content_hash(kind, grid, 0.0, pixel_values), merge_size=MERGE_SIZE)
-
-
-def _triple(key: str, value: object) -> tuple[float, float, float]:
-    if (not isinstance(value, (list, tuple)) or len(value) != 3
-            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
-        raise FieldError(f"{_CONFIG_FIELD}.{key}", f"must be a list of 3 numbers, got {value!r}")
-    return tuple(float(v) for v in value)  # type: ignore[return-value]

@@ -27,10 +27,11 @@ from PIL import Image
 
 from runtime.errors import FieldError
 from runtime.families.llava.geometry import select_best_resolution
-from runtime.multimodal.image_processing import MAX_ASPECT_RATIO, to_rgb
+from runtime.families.preprocess_checks import FIELD, check_keys, float_triple, positive_float, positive_int
+from runtime.multimodal.image_processing import check_image_size, normalise, rgb_image
 
-_FIELD = "preprocessing"
-_KEYS = frozenset(("image_size", "image_mean", "image_std", "rescale_factor", "do_pad", "image_grid_pinpoints"))
+_REQUIRED_KEYS = frozenset(("image_size", "image_mean", "image_std", "rescale_factor"))
+_KEYS = _REQUIRED_KEYS | {"do_pad", "image_grid_pinpoints"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,25 +50,13 @@ class LlavaPreprocessConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, object]) -> LlavaPreprocessConfig:
-        if not isinstance(d, Mapping):
-            raise FieldError(_FIELD, f"must be an object, got {type(d).__name__}")
-        unknown = sorted(str(k) for k in d if k not in _KEYS)
-        if unknown:
-            raise FieldError(f"{_FIELD}.{unknown[0]}", "unknown key")
-        for key in ("image_size", "image_mean", "image_std", "rescale_factor"):
-            if key not in d:
-                raise FieldError(f"{_FIELD}.{key}", "missing")
-        size = d["image_size"]
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            raise FieldError(f"{_FIELD}.image_size", f"must be an integer >= 1, got {size!r}")
-        mean, std = _triple("image_mean", d["image_mean"]), _triple("image_std", d["image_std"])
-        if min(std) <= 0:
-            raise FieldError(f"{_FIELD}.image_std", f"every entry must be > 0, got {list(std)}")
-        rescale = d["rescale_factor"]
-        if isinstance(rescale, bool) or not isinstance(rescale, (int, float)) or not 0 < rescale < math.inf:
-            raise FieldError(f"{_FIELD}.rescale_factor", f"must be a finite number > 0, got {rescale!r}")
+        d = check_keys(d, _KEYS, _REQUIRED_KEYS)
+        size = positive_int("image_size", d["image_size"])
+        mean = float_triple("image_mean", d["image_mean"], positive=False)
+        std = float_triple("image_std", d["image_std"], positive=True)
+        rescale = positive_float("rescale_factor", d["rescale_factor"])
         pinpoints = _pinpoints(d.get("image_grid_pinpoints") or (), size)
-        return cls(size, mean, std, float(rescale), bool(d.get("do_pad", False)), pinpoints)
+        return cls(size, mean, std, rescale, bool(d.get("do_pad", False)), pinpoints)
 
     def to_dict(self) -> dict[str, object]:
         return {"image_size": self.image_size, "image_mean": list(self.image_mean), "image_std": list(self.image_std),
@@ -77,26 +66,15 @@ class LlavaPreprocessConfig:
 
 def preprocess_llava(image: Image.Image, cfg: LlavaPreprocessConfig, field: str = "image") -> np.ndarray:
     """One image -> float32 crops [num_crops, 3, S, S], equal to HF's processor of the family."""
-    try:
-        rgb = to_rgb(image)
-    except ValueError as exc:
-        raise FieldError(field, f"pixel mode {image.mode!r} cannot be converted to RGB") from exc
+    rgb = rgb_image(image, field)
     width, height = rgb.size
-    check_aspect(height, width, field)
+    check_image_size(height, width, field)
     if cfg.image_grid_pinpoints:
         crops = _anyres_crops(rgb, cfg)
     else:
         crops = [_clip_crop(rgb, cfg)]
-    return np.stack([_normalise(c, cfg) for c in crops]).transpose(0, 3, 1, 2).copy()
-
-
-def check_aspect(height: int, width: int, field: str) -> None:
-    if height < 1 or width < 1:
-        raise FieldError(field, f"image is {width}x{height}; both sides must be >= 1 pixel")
-    ratio = max(height, width) / min(height, width)
-    if ratio > MAX_ASPECT_RATIO:
-        raise FieldError(field, f"image is {width}x{height}: aspect ratio {ratio:.1f} is above the limit of "
-                                f"{MAX_ASPECT_RATIO}")
+    return np.stack([normalise(c, cfg.rescale_factor, cfg.image_mean, cfg.image_std)
+                     for c in crops]).transpose(0, 3, 1, 2).copy()
 
 
 def _clip_crop(rgb: Image.Image, cfg: LlavaPreprocessConfig) -> np.ndarray:
@@ -135,21 +113,8 @@ def _anyres_crops(rgb: Image.Image, cfg: LlavaPreprocessConfig) -> list[np.ndarr
     return [base, *crops]
 
 
-def _normalise(pixels: np.ndarray, cfg: LlavaPreprocessConfig) -> np.ndarray:
-    """uint8 [S, S, 3] -> float32: rescale in float64, cast, then (x - mean) / std in float32 (HF)."""
-    scaled = (pixels.astype(np.float64) * cfg.rescale_factor).astype(np.float32)
-    return (scaled - np.asarray(cfg.image_mean, dtype=np.float32)) / np.asarray(cfg.image_std, dtype=np.float32)
-
-
-def _triple(key: str, value: object) -> tuple[float, float, float]:
-    if not (isinstance(value, (list, tuple)) and len(value) == 3
-            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)):
-        raise FieldError(f"{_FIELD}.{key}", f"must be a list of 3 finite numbers, got {value!r}")
-    return tuple(float(v) for v in value)  # type: ignore[return-value]
-
-
 def _pinpoints(value: object, size: int) -> tuple[tuple[int, int], ...]:
-    field = f"{_FIELD}.image_grid_pinpoints"
+    field = f"{FIELD}.image_grid_pinpoints"
     if not isinstance(value, (list, tuple)):
         raise FieldError(field, f"must be a list of [height, width] pairs, got {value!r}")
     out = []

@@ -6,7 +6,8 @@ order) plus `grid_thw`, the per-visual metadata and a content hash for prefix
 caching. Pillow and numpy only; no torch.
 Not for: decoding bytes or enforcing request limits (see `runtime/multimodal/image_io.py`),
 tokenisation or M-RoPE positions (see `runtime/multimodal/processor.py`, `runtime/multimodal/mrope.py`).
-Colour conversion is the shared `to_rgb` (runtime/multimodal/image_processing.py).
+Colour conversion, the size check and the normalisation are the shared steps of
+runtime/multimodal/image_processing.py.
 
 Equality with HF (`Qwen2VLImageProcessorPil`, transformers 5.x) is exact, bit for
 bit: the same `smart_resize`, a Pillow bicubic resize of the uint8 RGB image,
@@ -26,9 +27,10 @@ import numpy as np
 from PIL import Image
 
 from runtime.errors import FieldError
-from runtime.multimodal.image_processing import MAX_ASPECT_RATIO, ProcessedVisual, content_hash, to_rgb
+from runtime.families.preprocess_checks import FIELD, check_keys, float_triple, positive_float, positive_int
+from runtime.multimodal.image_processing import (ProcessedVisual, check_image_size, content_hash, normalise,
+                                                 rgb_image)
 
-_CONFIG_FIELD = "preprocessing"
 _INT_KEYS = ("patch_size", "temporal_patch_size", "merge_size", "min_pixels", "max_pixels")
 _TRIPLE_KEYS = ("image_mean", "image_std")
 _ALL_KEYS = frozenset(_INT_KEYS + _TRIPLE_KEYS + ("rescale_factor",))
@@ -55,23 +57,14 @@ class PreprocessConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, object]) -> PreprocessConfig:
         """Validate and build; a FieldError names `preprocessing.<key>` and the rule."""
-        if not isinstance(d, Mapping):
-            raise FieldError(_CONFIG_FIELD, f"must be an object, got {type(d).__name__}")
-        unknown = sorted(str(k) for k in d if k not in _ALL_KEYS)
-        if unknown:
-            raise FieldError(f"{_CONFIG_FIELD}.{unknown[0]}", "unknown key")
-        missing = sorted(k for k in _ALL_KEYS if k not in d)
-        if missing:
-            raise FieldError(f"{_CONFIG_FIELD}.{missing[0]}", "missing")
-        ints = {k: _positive_int(k, d[k]) for k in _INT_KEYS}
+        d = check_keys(d, _ALL_KEYS, _ALL_KEYS)
+        ints = {k: positive_int(k, d[k]) for k in _INT_KEYS}
         if ints["max_pixels"] < ints["min_pixels"]:
-            raise FieldError(f"{_CONFIG_FIELD}.max_pixels",
+            raise FieldError(f"{FIELD}.max_pixels",
                              f"must be >= min_pixels ({ints['min_pixels']}), got {ints['max_pixels']}")
-        mean = _float_triple("image_mean", d["image_mean"], positive=False)
-        std = _float_triple("image_std", d["image_std"], positive=True)
-        rescale = _finite_float("rescale_factor", d["rescale_factor"])
-        if not rescale > 0:
-            raise FieldError(f"{_CONFIG_FIELD}.rescale_factor", f"must be > 0, got {rescale}")
+        mean = float_triple("image_mean", d["image_mean"], positive=False)
+        std = float_triple("image_std", d["image_std"], positive=True)
+        rescale = positive_float("rescale_factor", d["rescale_factor"])
         return cls(image_mean=mean, image_std=std, rescale_factor=rescale, **ints)
 
 
@@ -81,12 +74,7 @@ def smart_resize(height: int, width: int, cfg: PreprocessConfig,
 
     Raises FieldError where HF raises (aspect ratio above 200) and for empty images.
     """
-    if height < 1 or width < 1:
-        raise FieldError(field, f"image is {width}x{height}; both sides must be >= 1 pixel")
-    ratio = max(height, width) / min(height, width)
-    if ratio > MAX_ASPECT_RATIO:
-        raise FieldError(field, f"image is {width}x{height}: aspect ratio {ratio:.1f} is above "
-                                f"the limit of {MAX_ASPECT_RATIO}")
+    check_image_size(height, width, field)
     factor = cfg.factor
     h_bar = round(height / factor) * factor
     w_bar = round(width / factor) * factor
@@ -134,18 +122,11 @@ def preprocess_video(frames: Sequence[Image.Image], cfg: PreprocessConfig, fps: 
 
 def _normalised_frame(image: Image.Image, cfg: PreprocessConfig, field: str) -> np.ndarray:
     """Resize (bicubic), rescale and normalise one frame -> float32 [H, W, C]."""
-    try:
-        rgb = to_rgb(image)
-    except ValueError as exc:
-        raise FieldError(field, f"pixel mode {image.mode!r} cannot be converted to RGB") from exc
+    rgb = rgb_image(image, field)
     width, height = rgb.size
     new_height, new_width = smart_resize(height, width, cfg, field)
     resized = rgb.resize((new_width, new_height), Image.Resampling.BICUBIC)
-    # HF: uint8 -> float64 * scale -> float32, then (x - mean) / std in float32.
-    pixels = (np.asarray(resized, dtype=np.float64) * cfg.rescale_factor).astype(np.float32)
-    mean = np.asarray(cfg.image_mean, dtype=np.float32)
-    std = np.asarray(cfg.image_std, dtype=np.float32)
-    return (pixels - mean) / std
+    return normalise(np.asarray(resized), cfg.rescale_factor, cfg.image_mean, cfg.image_std)
 
 
 def _make_visual(kind: str, frames: np.ndarray, cfg: PreprocessConfig,
@@ -164,24 +145,3 @@ def _make_visual(kind: str, frames: np.ndarray, cfg: PreprocessConfig,
                            second_per_grid_t=second_per_grid_t,
                            content_hash=content_hash(kind, grid_thw, second_per_grid_t, pixel_values),
                            merge_size=m)
-
-
-def _positive_int(key: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise FieldError(f"{_CONFIG_FIELD}.{key}", f"must be an integer >= 1, got {value!r}")
-    return value
-
-
-def _finite_float(key: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise FieldError(f"{_CONFIG_FIELD}.{key}", f"must be a finite number, got {value!r}")
-    return float(value)
-
-
-def _float_triple(key: str, value: object, positive: bool) -> tuple[float, float, float]:
-    if not isinstance(value, (list, tuple)) or len(value) != 3:
-        raise FieldError(f"{_CONFIG_FIELD}.{key}", f"must be a list of 3 numbers, got {value!r}")
-    numbers = tuple(_finite_float(f"{key}[{i}]", v) for i, v in enumerate(value))
-    if positive and not all(v > 0 for v in numbers):
-        raise FieldError(f"{_CONFIG_FIELD}.{key}", f"every entry must be > 0, got {list(numbers)}")
-    return numbers  # type: ignore[return-value]

@@ -113,7 +113,8 @@ def test_content_hash_follows_pixels(small: TilingConfig) -> None:
 @pytest.mark.parametrize("key,value,match", [
     ("max_tiles", 0, "max_tiles"), ("max_tiles", 100, "max_tiles"), ("tile_size", 450, "tile_size"),
     ("use_thumbnail", 1, "use_thumbnail"), ("image_std", [0.2, 0.0, 0.2], "image_std"),
-    ("rescale_factor", float("nan"), "rescale_factor"), ("bogus", 1, "bogus")])
+    ("rescale_factor", float("nan"), "rescale_factor"), ("bogus", 1, "bogus"),
+    ("image_mean", [0.5, float("nan"), 0.5], r"image_mean\[1\]")])
 def test_bad_config_names_the_key(key: str, value: object, match: str) -> None:
     with pytest.raises(FieldError, match=match):
         TilingConfig.from_dict(config_dict(**{key: value}))

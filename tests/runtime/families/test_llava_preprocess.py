@@ -71,6 +71,8 @@ def test_real_shape_next_grid_matches_hf() -> None:
 @pytest.mark.parametrize("bad, field", [
     ({"image_size": 0}, "preprocessing.image_size"),
     ({"image_std": [1, 0, 1]}, "preprocessing.image_std"),
+    ({"image_mean": [0.5, float("inf"), 0.5]}, "preprocessing.image_mean[1]"),
+    ({"rescale_factor": float("nan")}, "preprocessing.rescale_factor"),
     ({"image_grid_pinpoints": [[28, 50]]}, "preprocessing.image_grid_pinpoints[0]"),
     ({"resample": 3}, "preprocessing.resample"),
 ])
