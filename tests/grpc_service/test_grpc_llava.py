@@ -7,19 +7,17 @@ bad-image battery (tests/helpers/image_battery.py) is refused, naming the field,
 """
 from __future__ import annotations
 
-import base64
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from bench.cli import main as bench_main
 from grpc_service.client import NativeClient, TritonClient, chat_message, image_proto
 from tests.helpers import media
 from tests.helpers.grpc_fixtures import VL_GREEDY, ServerProcess, VLReference, assert_idle, vl_server_fixtures
-from tests.helpers.image_battery import ACCEPTED, REFUSED, assert_refused_by_every_api
+from tests.helpers.image_battery import (ACCEPTED, REFUSED, assert_ensemble_images_match_the_runtime,
+                                         assert_refused_by_every_api)
 
 IMAGE_BLOCK = "<image>\n"
 
@@ -46,14 +44,7 @@ def test_native_chat_and_text_prompt_match_the_runtime(client: NativeClient, ref
 
 def test_ensemble_image_bytes_and_url_inputs_match_the_runtime(triton: TritonClient,
                                                                reference: VLReference) -> None:
-    pixels = np.asarray(media.gradient(70, 33, seed=3))
-    text = f"{IMAGE_BLOCK}Describe it."
-    expected_text, _ = reference.greedy(reference.processor.process_text(text, [Image.fromarray(pixels)]))
-    assert triton.generate(text, VL_GREEDY, images=[pixels]) == expected_text
-    png = media.gradient_png(56, 84, seed=4)
-    expected_text, _ = reference.greedy(reference.processor.process_text(text, [png]))
-    data_url = "data:image/png;base64," + base64.b64encode(png).decode()
-    assert triton.generate(text, VL_GREEDY, image_urls=[data_url]) == expected_text
+    assert_ensemble_images_match_the_runtime(triton, reference, IMAGE_BLOCK, 70, 33)
 
 
 def test_openai_image_url_matches_the_runtime(server: ServerProcess, client: NativeClient,

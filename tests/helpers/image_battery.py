@@ -4,8 +4,9 @@ What it is for: one list of images a server must refuse with a clear INVALID_ARG
 (truncated, corrupt, decompression-bomb header, 100000x1, above the pixel limit) and one it must serve
 (1x1, CMYK, 16-bit, palette, animated), the words no refusal may leak, and the checks through the native
 API (chat part and text prompt's `images`), the KServe ensemble and the OpenAI API, shared by the
-Qwen2-VL, InternVL and LLaVA server tests.
-Not for: starting servers or the expected answers (tests/helpers/grpc_fixtures.py).
+Qwen2-VL, InternVL and LLaVA server tests; and the ensemble's good-image case (pixels and a data URL)
+that the InternVL and LLaVA server tests run against the in-process reference.
+Not for: starting servers or computing the expected answers (tests/helpers/grpc_fixtures.py).
 """
 from __future__ import annotations
 
@@ -15,9 +16,11 @@ from collections.abc import Callable
 import grpc
 import numpy as np
 
+from PIL import Image
+
 from grpc_service.client import NativeClient, TritonClient, chat_message, image_proto
 from tests.helpers import media
-from tests.helpers.grpc_fixtures import VL_GREEDY, ServerProcess, assert_idle
+from tests.helpers.grpc_fixtures import VL_GREEDY, ServerProcess, VLReference, assert_idle
 
 INTERNALS = ("Traceback", "PIL", "Errno", "cannot identify", "UnidentifiedImageError", "zlib", "struct")
 REFUSED: dict[str, Callable[[], bytes]] = {
@@ -93,3 +96,17 @@ def assert_refused_by_every_api(server: ServerProcess, client: NativeClient, tri
     assert_refused_by_openai(openai_client(server), client.models()[0].name, data)
     assert_idle(client)
     assert client.generate("Still serving?", VL_GREEDY).finish_reason in ("stop", "length")
+
+
+def assert_ensemble_images_match_the_runtime(triton: TritonClient, reference: VLReference, image_block: str,
+                                             width: int, height: int) -> None:
+    """`image_block` + "Describe it." through the KServe ensemble, once with decoded pixels (`image_bytes_input`,
+    a width x height gradient) and once with a PNG data URL (`image_url_input`): the runtime's greedy text."""
+    pixels = np.asarray(media.gradient(width, height, seed=3))
+    text = f"{image_block}Describe it."
+    expected_text, _ = reference.greedy(reference.processor.process_text(text, [Image.fromarray(pixels)]))
+    assert triton.generate(text, VL_GREEDY, images=[pixels]) == expected_text
+    png = media.gradient_png(56, 84, seed=4)
+    expected_text, _ = reference.greedy(reference.processor.process_text(text, [png]))
+    data_url = "data:image/png;base64," + base64.b64encode(png).decode()
+    assert triton.generate(text, VL_GREEDY, image_urls=[data_url]) == expected_text
