@@ -16,13 +16,13 @@ of GGUF blocks (weights always leave here dequantized).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from builder.source import SourceError
+from engine_format.engine_dir import sha256_file
 
 GGUF_MAGIC = b"GGUF"
 GGUF_CHECKPOINT_VERSION = 1        # bump when the written checkpoint changes for the same file
@@ -170,20 +170,12 @@ def _unpermute_rotary_rows(weight: Any, num_heads: int) -> Any:
             .swapaxes(1, 2).reshape(weight.shape))
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def gguf_checkpoint(path: Path, cache_dir: Path) -> GGUFCheckpoint:
     """The HF checkpoint directory of a GGUF file, written on first use (atomically) and cached."""
     path = path.expanduser().resolve()
     reader = open_gguf(path)
     arch = gguf_architecture(reader, path)
-    sha = file_sha256(path)
+    sha = sha256_file(path)
     out_dir = cache_dir / "gguf-checkpoints" / f"{path.stem}-v{GGUF_CHECKPOINT_VERSION}-{sha[:16]}"
     if not (out_dir / "model.safetensors").is_file():
         _write_checkpoint(reader, arch, path, out_dir)

@@ -18,6 +18,7 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -69,6 +70,19 @@ def example_inputs(cfg: VisionConfig, grids: tuple[Grid, ...], seed: int = 0) ->
     return family.encoder_feed(family.random_pixels(grids, torch.Generator().manual_seed(seed)), grids)
 
 
+def save_onnx(model: Any, target: Path, data_file: str | None) -> None:
+    """Write an ONNX model to `target`, its tensors in one file `data_file` beside it when given (a graph over
+    2 GiB needs it), then run ONNX's checker on what was written."""
+    import onnx
+
+    if data_file is not None:
+        onnx.save_model(model, str(target), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data_file, size_threshold=0)
+    else:
+        onnx.save_model(model, str(target))
+    onnx.checker.check_model(str(target))
+
+
 def export_vision_onnx(vision_dir: Path, cfg: VisionConfig, weights: dict[str, torch.Tensor],
                        engine_root: Path, external_data_bytes: int = EXTERNAL_DATA_BYTES) -> ExportedVision:
     """Write vision_dir/encoder.onnx (and encoder.onnx.data for large towers); returns relative paths."""
@@ -92,14 +106,8 @@ def export_vision_onnx(vision_dir: Path, cfg: VisionConfig, weights: dict[str, t
             torch.onnx.export(module, tuple(feed[n] for n in names), str(traced_path), input_names=list(names),
                               output_names=[OUTPUT_NAME], dynamic_axes={n: dynamic[n] for n in (*names, OUTPUT_NAME)},
                               opset_version=OPSET, do_constant_folding=True, dynamo=False)
-        model = onnx.load(str(traced_path), load_external_data=True)
-        target = vision_dir / ONNX_FILE
-        if external:
-            onnx.save_model(model, str(target), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=ONNX_DATA_FILE, size_threshold=0)
-        else:
-            onnx.save_model(model, str(target))
-        onnx.checker.check_model(str(target))
+        save_onnx(onnx.load(str(traced_path), load_external_data=True), vision_dir / ONNX_FILE,
+                  ONNX_DATA_FILE if external else None)
     except Exception as exc:
         raise VisionExportError(f"ONNX export of the {cfg.model_type} vision tower failed: "
                                 f"{exc.__class__.__name__}: {exc}") from exc

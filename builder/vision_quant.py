@@ -125,9 +125,12 @@ def recorded_feeds(engine: LoadedEngine, onnx_path: Path, groups: list[list[Proc
 
 def quantize_vision_onnx(engine: LoadedEngine, images: list[Image.Image]) -> VisionQuantResult:
     """Write vision/encoder.int8.onnx (calibrated on `images`) into the engine directory `engine.root`."""
+    import onnx
     import onnxruntime
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
                                           quantize_static)
+
+    from builder.vision_export import save_onnx
 
     assert engine.vision is not None
     if not images:
@@ -156,7 +159,8 @@ def quantize_vision_onnx(engine: LoadedEngine, images: list[Image.Image]) -> Vis
                             calibrate_method=CalibrationMethod.MinMax, use_external_data_format=external,
                             extra_options={"MatMulConstBOnly": True, "ActivationSymmetric": True,
                                            "WeightSymmetric": True})
-        _save(scratch / INT8_ONNX_FILE, vision_dir / INT8_ONNX_FILE, external)
+        save_onnx(onnx.load(str(scratch / INT8_ONNX_FILE), load_external_data=True), vision_dir / INT8_ONNX_FILE,
+                  INT8_ONNX_DATA_FILE if external else None)
     except QuantizeError:
         raise
     except Exception as exc:
@@ -179,18 +183,6 @@ def quantize_vision_onnx(engine: LoadedEngine, images: list[Image.Image]) -> Vis
                    "on the CPU); the pytorch backend stays float",
     }
     return VisionQuantResult(rel(INT8_ONNX_FILE), rel(INT8_ONNX_DATA_FILE) if external else None, manifest)
-
-
-def _save(source: Path, target: Path, external: bool) -> None:
-    import onnx
-
-    model = onnx.load(str(source), load_external_data=True)
-    if external:
-        onnx.save_model(model, str(target), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=INT8_ONNX_DATA_FILE, size_threshold=0)
-    else:
-        onnx.save_model(model, str(target))
-    onnx.checker.check_model(str(target))
 
 
 def _qdq_counts(path: Path) -> tuple[int, int]:
