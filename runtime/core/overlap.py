@@ -37,8 +37,12 @@ Scheduling is otherwise unchanged, so the batches differ slightly from a synchro
 (tests/runtime/core/test_overlap.py).
 
 `auto`: on for CUDA (the forward is launched asynchronously; the worker waits in its sync
-while the engine thread works). On CPU the forward is synchronous and shares the GIL and
-the cores with the engine thread; see `overlap_enabled` for the measured choice.
+while the engine thread works), off on CPU, where the forward is synchronous and shares the
+GIL and the cores with the engine thread. Measured (benchmarks/host_overhead.py --overlap
+off,on, batch 16, token ids only, alternating runs on the shared 2-core machine at load
+12-16): tiny-qwen2 (per-op Python, GIL-bound) median 0.86x with overlap (6 of 8 pairs
+slower); small-qwen2 median 1.4x, but its host work is about 2 % of its step, so that gain
+is the extra runnable thread's share of a loaded machine, not overlap; a quiet rerun decides.
 Not for: the step's contents (scheduler, executor, sampler) or the engine's outputs.
 """
 from __future__ import annotations
@@ -57,7 +61,7 @@ from runtime.executor.sampler import Sampler, SamplerOutput, TokenLogprobs
 
 
 def overlap_enabled(mode: str, device: torch.device) -> bool:
-    """`EngineConfig.overlap` resolved for the device: auto is on for CUDA and off on CPU."""
+    """`EngineConfig.overlap` resolved for the device: auto is on for CUDA and off on CPU (module docstring)."""
     if mode != "auto":
         return mode == "on"
     return device.type == "cuda"

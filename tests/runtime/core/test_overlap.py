@@ -8,17 +8,20 @@ abort mid-run, prefix reuse by a later request, and a structured-output request 
 synchronous) get the same tokens and finish reasons; then a tiny KV pool that forces preemptions. With
 overlap on, decode inputs really came from the previous step's sampled tokens (placeholders filled on the
 device), the request that stopped on a token had one more token computed and dropped, and every KV block
-is free afterwards. The served path with overlap on is tests/runtime/core/test_process_engine.py.
+is free afterwards; Qwen2-VL requests with images (chunked image prompts, M-RoPE decode) too. `auto` is
+on for CUDA and off on CPU. The served path with overlap on is tests/runtime/core/test_process_engine.py.
 """
 from __future__ import annotations
 
 from collections import Counter
 
 import pytest
+import torch
 
 from engine_format.engine_dir import LoadedEngine, load_engine
 from runtime.config import EngineConfig, EngineConfigError
 from runtime.core.engine_core import EngineCore, EngineRequest
+from runtime.core.overlap import overlap_enabled
 from runtime.executor.forward_batch import ForwardBatch
 from runtime.sampling_params import GuidedDecoding, SamplingParams
 from tests.helpers.engine_helpers import assert_all_blocks_free, greedy
@@ -136,7 +139,30 @@ def test_overlap_with_preemption_in_a_tiny_kv_pool(engine) -> None:
         assert_all_blocks_free(run.core)
 
 
+def test_overlap_on_a_vl_engine_gives_the_synchronous_tokens(build_tiny) -> None:
+    """M-RoPE decode positions and vision embeddings with placeholders: Qwen2-VL requests with images."""
+    from transformers import AutoTokenizer
+
+    from runtime.multimodal.image_io import ImageLimits
+    from runtime.multimodal.processor import MultimodalProcessor
+    from tests.helpers.vl_helpers import noise_image
+
+    vl = load_engine(build_tiny("tiny-qwen2-vl"))
+    processor = MultimodalProcessor(vl, AutoTokenizer.from_pretrained(str(vl.tokenizer_dir)), ImageLimits())
+    inputs = [processor.process_text(f"Describe picture {i}:", [noise_image(i, 56 + 28 * i, 84)]) for i in range(2)]
+    arrivals = [(i, EngineRequest(f"v{i}", ids, greedy(10 + 3 * i), multimodal=mm))
+                for i, (ids, mm) in enumerate(inputs)]
+    arrivals.append((1, EngineRequest("text", [5, 6, 7, 8], greedy(12))))
+    config = {"max_num_tokens": 48}           # image prompts arrive in chunks
+    sync, ahead = Run(vl, "off", **config), Run(vl, "on", **config)
+    expected = sync.drive(arrivals)
+    assert ahead.drive(arrivals) == expected and ahead.num_placeholder_rows > 0
+    assert_all_blocks_free(ahead.core)
+
+
 def test_overlap_setting_is_validated_and_resolved() -> None:
     with pytest.raises(EngineConfigError) as error:
         EngineConfig(overlap="yes").validate()
     assert error.value.field == "overlap" and "auto" in str(error.value)
+    assert overlap_enabled("auto", torch.device("cuda")) and not overlap_enabled("auto", torch.device("cpu"))
+    assert overlap_enabled("on", torch.device("cpu")) and not overlap_enabled("off", torch.device("cuda"))
