@@ -14,9 +14,7 @@ import random
 import pytest
 import torch
 
-from plugins.cpu import rmsnorm as cpu_rmsnorm
 from plugins.cpu.paged_attention import paged_attention, paged_attention_meta
-from plugins.reference import rmsnorm as reference_rmsnorm
 from plugins.reference.paged_attention import paged_attention as reference_attention
 from plugins.registry import get_ops
 from tests.helpers.paged_cases import PagedCase, make_case
@@ -78,18 +76,3 @@ def test_other_dtypes_fall_back_to_the_reference() -> None:
     assert torch.equal(out, reference_attention(case.q, key_cache, value_cache, case.block_tables, case.seq_lens,
                                                 case.query_lens, case.scale))
 
-
-def test_fused_rms_norm_matches_the_reference_in_float32_and_falls_back_elsewhere() -> None:
-    """float32: within 1e-6 (one fused reduction, possibly another summation order); bf16: the reference."""
-    gen = torch.Generator().manual_seed(1)
-    for hidden in (64, 896):
-        x, residual = (torch.randn(7, hidden, generator=gen) for _ in range(2))
-        weight = torch.randn(hidden, generator=gen)
-        torch.testing.assert_close(cpu_rmsnorm.rms_norm(x, weight, 1e-6), reference_rmsnorm.rms_norm(x, weight, 1e-6),
-                                   atol=1e-6, rtol=1e-6)
-        want_normed, want_residual = reference_rmsnorm.add_rms_norm(x, residual.clone(), weight, 1e-6)
-        normed, new_residual = cpu_rmsnorm.add_rms_norm(x, residual, weight, 1e-6)
-        torch.testing.assert_close(normed, want_normed, atol=1e-6, rtol=1e-6)
-        assert torch.equal(new_residual, want_residual)
-    x16, w16 = x.bfloat16(), weight.bfloat16()
-    assert torch.equal(cpu_rmsnorm.rms_norm(x16, w16, 1e-6), reference_rmsnorm.rms_norm(x16, w16, 1e-6))
