@@ -106,3 +106,13 @@ def check_positive(values: dict[str, int], file: str, where: str = "") -> None:
     for key, value in values.items():
         if value < 1:
             raise EngineLoadError(file, f"must be >= 1, got {value}", where + key)
+
+
+def check_mean_std(preprocessing: dict[str, Any], file: str) -> None:
+    """`preprocessing.image_mean` / `image_std`: 3 numbers each, every std entry > 0; EngineLoadError naming it."""
+    for key in ("image_mean", "image_std"):
+        seq = preprocessing.get(key)
+        if not (isinstance(seq, list) and len(seq) == 3 and all(isinstance(x, (int, float)) for x in seq)):
+            raise EngineLoadError(file, f"expected 3 numbers, got {seq!r}", f"preprocessing.{key}")
+    if min(preprocessing["image_std"]) <= 0:
+        raise EngineLoadError(file, "must be positive", "preprocessing.image_std")

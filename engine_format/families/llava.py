@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from engine_format.errors import EngineLoadError
-from engine_format.families.base import VisionSchema, get_field, object_field, vision_header
+from engine_format.families.base import VisionSchema, check_mean_std, get_field, object_field, vision_header
 
 MODEL_TYPES = ("llava", "llava_next")
 LLM_ARCHITECTURES = ("LlamaForCausalLM",)
@@ -131,12 +131,7 @@ def _preprocessing(data: dict[str, Any], file: str) -> dict[str, Any]:
         raise EngineLoadError(file, "unknown key", f"preprocessing.{unknown[0]}")
     get_field(pre, "image_size", int, file, "preprocessing.")
     get_field(pre, "rescale_factor", float, file, "preprocessing.")
-    for key in ("image_mean", "image_std"):
-        seq = pre.get(key)
-        if not (isinstance(seq, list) and len(seq) == 3 and all(isinstance(x, (int, float)) for x in seq)):
-            raise EngineLoadError(file, f"expected 3 numbers, got {seq!r}", f"preprocessing.{key}")
-    if min(pre["image_std"]) <= 0:
-        raise EngineLoadError(file, "must be positive", "preprocessing.image_std")
+    check_mean_std(pre, file)
     return dict(pre)
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from engine_format.errors import EngineLoadError
-from engine_format.families.base import VisionSchema, get_field, int_list, vision_header
+from engine_format.families.base import VisionSchema, check_mean_std, get_field, int_list, vision_header
 
 MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
 LLM_ARCHITECTURES = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
@@ -139,12 +139,7 @@ def _preprocessing(value: Any, file: str) -> dict[str, Any]:
     if value["min_pixels"] > value["max_pixels"]:
         raise EngineLoadError(file, f"min_pixels {value['min_pixels']} exceeds max_pixels {value['max_pixels']}",
                               "preprocessing.min_pixels")
-    for key in ("image_mean", "image_std"):
-        seq = value.get(key)
-        if not (isinstance(seq, list) and len(seq) == 3 and all(isinstance(x, (int, float)) for x in seq)):
-            raise EngineLoadError(file, f"expected 3 numbers, got {seq!r}", f"preprocessing.{key}")
-    if min(value["image_std"]) <= 0:
-        raise EngineLoadError(file, "must be positive", "preprocessing.image_std")
+    check_mean_std(value, file)
     get_field(value, "rescale_factor", float, file, "preprocessing.")
     return dict(value)
 

@@ -8,6 +8,7 @@ from them, and the tensor count that says "7B".
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from builder.families import build_family_for
 from builder.presets import load_preset
 from engine_format.families.llava import parse, tensor_shapes
 from engine_format.checkpoint_layout import expected_tensor_shapes
+from engine_format.errors import EngineLoadError
 
 PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
 TEXT = dict(model_type="llama", vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
@@ -60,6 +62,17 @@ def test_real_shape_llava_preset_numbers(name: str, tmp_path: Path) -> None:
     # the full checkpoint holds the tower's 24th layer and post_layernorm, which the engine does not store
     unused_layer = 4 * (1024 * 1024 + 1024) + 4 * 1024 + 2 * 4096 * 1024 + 4096 + 1024 + 2 * 1024
     assert count(expected_tensor_shapes(llm)) + count(tensor_shapes(vision)) + unused_layer == want["params"]
+
+
+@pytest.mark.parametrize("key,bad", [("image_std", [1, 0, 1]), ("image_mean", [0.5, 0.5]), ("image_std", None)])
+def test_vision_config_refuses_bad_mean_and_std(key: str, bad: object, tmp_path: Path) -> None:
+    """engine_format's LLaVA schema (the check it shares with Qwen2-VL's, families/base.check_mean_std)."""
+    preset = load_preset("llava-1.5-7b")
+    family = build_family_for(preset.family)
+    (tmp_path / "config.json").write_text(json.dumps({**preset.hf_config, "model_type": preset.family}))
+    data = family.vision_config_json(tmp_path, "fp16", preset.preprocessing)
+    with pytest.raises(EngineLoadError, match=re.escape(f"preprocessing.{key}")):
+        parse({**data, "preprocessing": {**data["preprocessing"], key: bad}}, "vision/config.json")
 
 
 def _numel(shape: tuple[int, ...]) -> int:
