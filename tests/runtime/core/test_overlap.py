@@ -8,7 +8,7 @@ abort mid-run, prefix reuse by a later request, and a structured-output request 
 synchronous) get the same tokens and finish reasons; then a tiny KV pool that forces preemptions. With
 overlap on, decode inputs really came from the previous step's sampled tokens (placeholders filled on the
 device), the request that stopped on a token had one more token computed and dropped, and every KV block
-is free afterwards; Qwen2-VL requests with images (chunked image prompts, M-RoPE decode) too. `auto` is
+is free afterwards. A failing step fails only its requests, also for the step launched after it; Qwen2-VL requests with images (chunked image prompts, M-RoPE decode) too. `auto` is
 on for CUDA and off on CPU. The served path with overlap on is tests/runtime/core/test_process_engine.py.
 """
 from __future__ import annotations
@@ -137,6 +137,28 @@ def test_overlap_with_preemption_in_a_tiny_kv_pool(engine) -> None:
     assert ahead.core.stats().num_preemptions > 0 and sync.core.stats().num_preemptions > 0
     for run in (sync, ahead):
         assert_all_blocks_free(run.core)
+
+
+def test_a_failing_step_fails_only_its_requests_with_overlap(engine) -> None:
+    """The step after a failed one (launched before the failure was known) drops the failed request's
+    placeholder row and serves its other requests."""
+    poison = 777
+    arrivals = [(0, EngineRequest("bad", [poison, 1, 2], greedy(6))),
+                (1, EngineRequest("after", [3, 4, 5], greedy(8)))]
+    expected = Run(engine, "off").drive(arrivals[1:])
+    ahead = Run(engine, "on")
+    run = ahead.core.executor.run
+
+    def failing_run(batch: ForwardBatch, previous=None):
+        if bool((batch.token_ids == poison).any()):
+            raise RuntimeError("device fault")
+        return run(batch, previous)
+
+    ahead.core.executor.run = failing_run
+    got = ahead.drive(arrivals)
+    assert got["bad"] == ([], "error") and got["after"] == expected["after"]
+    assert ahead.num_placeholder_rows > 0
+    assert_all_blocks_free(ahead.core)
 
 
 def test_overlap_on_a_vl_engine_gives_the_synchronous_tokens(build_tiny) -> None:
