@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -20,17 +21,19 @@ def test_readme_starts_with_the_two_commands() -> None:
     assert "make demo" in head and "make test" in head
 
 
-def test_make_demo_runs(tmp_path: Path, cache_dir: Path, smollm2_engine_dir: Path) -> None:
-    """With the session's build cache (offline tokenizer, random checkpoints, converted GGUF); the smollm2
-    engine is the session's, built and validated with the demo's settings, so its build step finds it up to
-    date (tiny-qwen2 and tiny-qwen2-vl are built here)."""
-    engine_dir, vl_engine_dir = tmp_path / "demo-engine", tmp_path / "demo-vl-engine"
+def test_make_demo_runs(cache_dir: Path, build_tiny: Callable[..., Path], smollm2_engine_dir: Path) -> None:
+    """With the session's build cache (offline tokenizer, random checkpoints, converted GGUF) and the session's
+    three engines, built and validated with the demo's settings, so each of its build steps runs the CLI and
+    finds its engine up to date (the same input hash as the CLI's; the CLI building tiny-qwen2 from nothing is
+    tests/test_wheel.py's, building VL presets tests/builder's): no engine is built or validated twice."""
+    engine_dir, vl_engine_dir = build_tiny("tiny-qwen2"), build_tiny("tiny-qwen2-vl")
     result = subprocess.run(["make", "-s", "demo", f"DEMO_ENGINE={engine_dir}", f"DEMO_VL_ENGINE={vl_engine_dir}",
                              f"DEMO_LLM_ENGINE={smollm2_engine_dir}", f"CACHE_DIR={cache_dir}"],
                             check=False, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert (engine_dir / "engine.json").is_file() and (vl_engine_dir / "vision" / "config.json").is_file()
-    assert f"{smollm2_engine_dir}: up to date" in result.stdout, result.stdout[-2000:]
+    for built in (engine_dir, smollm2_engine_dir, vl_engine_dir):
+        assert f"{built}: up to date" in result.stdout, result.stdout[-2000:]
     assert re.search(r"finish|->", result.stdout), result.stdout[-2000:]
     image_part = result.stdout.split("a chat request with one image", 1)
     assert len(image_part) == 2 and "[finish: " in image_part[1], result.stdout[-2000:]
