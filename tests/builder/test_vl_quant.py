@@ -3,18 +3,22 @@ cache, int8 Q/DQ vision graph) with a calibration JSONL holding images (a relati
 validates with image prompts, and its greedy tokens with an image through the runtime's EngineCore equal one
 sequence through the quantized model (the server's APIs over EngineCore are tests/grpc_service's); the int8
 vision graph passes its polygraphy tolerance, is the one the runtime's ONNX Runtime backend runs, and a broken
-one fails the check; bad input is refused in one line naming the flag, before any work."""
+one fails the check; that engine and an int8 weight-only one are served through the native API (chat with an
+image) and the KServe ensemble (image pixels) with greedy output equal to the in-process quantized EngineCore;
+bad input is refused in one line naming the flag, before any work."""
 from __future__ import annotations
 
 import base64
 import io
 import json
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from builder.calib_data import read_calib_samples
 from builder.calib_images import generated_image
@@ -25,13 +29,16 @@ from builder.quantize import QuantRequest
 from builder.quantize_validate_vl import encode_rows, make_prompt, mm_greedy
 from builder.vision_quant import INT8_PAIR, INT8_TOLERANCE, validate_vision_int8
 from engine_format.engine_dir import EngineLoadError, load_engine
+from grpc_service.client import NativeClient, TritonClient, chat_message, image_proto
 from runtime.config import EngineConfig
 from runtime.core.engine_core import EngineCore, EngineRequest, collect_text
 from runtime.executor.model import DecoderModel
 from runtime.multimodal.image_io import ImageLimits
 from runtime.multimodal.processor import MultimodalProcessor
 from runtime.vision.vision_encoder import OnnxVisionEncoder, load_vision_encoder
+from tests.helpers import media
 from tests.helpers.engine_helpers import greedy
+from tests.helpers.grpc_fixtures import IMAGE_BLOCK, VL_GREEDY, VL_SERVER_ARGS, ServerProcess, VLReference
 
 PRESET = "tiny-qwen2-vl"
 NUM_IMAGES = 3          # in the calibration JSONL below
@@ -56,7 +63,7 @@ def engine_dir(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Pat
                {"text": "A paged key-value cache splits each sequence into blocks."}]
     calib = root / "calib.jsonl"
     calib.write_text("".join(json.dumps(r) + "\n" for r in records))
-    result = build_engine(BuildRequest(model=PRESET, output=root / "engine", cache_dir=cache_dir,
+    result = build_engine(BuildRequest(model=PRESET, output=root / "w8a8sq", cache_dir=cache_dir,
                                        quant=QuantRequest("w8a8_sq", "int8", calib, 8, False, "int8")),
                           Progress(6, enabled=False))
     assert result.validation is not None and result.validation["passed"], result.validation
@@ -137,6 +144,46 @@ def test_broken_int8_graph_fails_the_polygraphy_check(engine_dir: Path, tmp_path
     path.unlink()              # listed in engine.json but gone: the loader names it
     with pytest.raises(EngineLoadError, match=r"vision/encoder\.int8\.onnx: missing \(listed in engine.json"):
         load_engine(copy, verify_checksums=False)
+
+
+@pytest.fixture(scope="module")
+def int8wo_engine_dir(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Path:
+    """int8 weight-only in bf16 (the mode's fast CPU path), float vision tower, 4 bundled calibration samples.
+    Not validated here (this engine is for serving; the image-prompt validation runs on `engine_dir`)."""
+    return build_engine(BuildRequest(model=PRESET, output=tmp_path_factory.mktemp("vl-int8wo") / "int8wo",
+                                     dtype="bf16", validate=False, cache_dir=cache_dir,
+                                     quant=QuantRequest("int8_wo", None, None, 4)), Progress(6, enabled=False)).output
+
+
+@pytest.fixture(scope="module")
+def quant_server(engine_dir: Path, int8wo_engine_dir: Path,
+                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """One server for both engines (models "w8a8sq" and "int8wo"), the default (onnxruntime) vision backend."""
+    process = ServerProcess.start(["--engine", str(engine_dir), "--engine", str(int8wo_engine_dir),
+                                   *VL_SERVER_ARGS, "--no-warmup"], tmp_path_factory.mktemp("vl-quant-logs"))
+    yield process
+    process.stop()
+
+
+@pytest.mark.parametrize("name", ["w8a8sq", "int8wo"])
+def test_quantized_vl_engine_served_through_both_apis(engine_dir: Path, int8wo_engine_dir: Path,
+                                                      quant_server: ServerProcess, name: str) -> None:
+    """Native chat with an image and the ensemble with image pixels give the greedy output of EngineCore on the
+    same quantized engine in this process (its onnxruntime tower: encoder.int8.onnx for w8a8sq)."""
+    directory = {"w8a8sq": engine_dir, "int8wo": int8wo_engine_dir}[name]
+    assert (load_engine(directory).vision.onnx_int8_path is not None) == (name == "w8a8sq")
+    reference = VLReference(directory)
+    png = media.gradient_png(seed=7)
+    expected_text, expected_ids = reference.greedy(reference.chat({"type": "image", "image": png},
+                                                                  {"type": "text", "text": "Describe it."}))
+    with NativeClient(quant_server.target, timeout_s=120) as native:
+        completion = native.chat([chat_message("user", image_proto(png), "Describe it.")], VL_GREEDY, model=name)
+    assert completion.token_ids == expected_ids and completion.text == expected_text
+    pixels = np.asarray(media.gradient(56, 40, seed=8))
+    text = f"{IMAGE_BLOCK}What is the largest shape?"
+    expected_text, _ = reference.greedy(reference.processor.process_text(text, [Image.fromarray(pixels)]))
+    with TritonClient(quant_server.target, model=f"{name}_ensemble", timeout_s=120) as triton:
+        assert triton.generate(text, VL_GREEDY, images=[pixels]) == expected_text
 
 
 def test_bundled_vl_calibration_set() -> None:
