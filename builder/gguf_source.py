@@ -173,12 +173,17 @@ def _unpermute_rotary_rows(weight: Any, num_heads: int) -> Any:
 def gguf_checkpoint(path: Path, cache_dir: Path) -> GGUFCheckpoint:
     """The HF checkpoint directory of a GGUF file, written on first use (atomically) and cached."""
     path = path.expanduser().resolve()
-    reader = open_gguf(path)
-    arch = gguf_architecture(reader, path)
+    check_gguf_file(path)
     sha = sha256_file(path)
     out_dir = cache_dir / "gguf-checkpoints" / f"{path.stem}-v{GGUF_CHECKPOINT_VERSION}-{sha[:16]}"
-    if not (out_dir / "model.safetensors").is_file():
-        _write_checkpoint(reader, arch, path, out_dir)
+    if (out_dir / "model.safetensors").is_file():
+        # This content was read, checked and converted when the directory was written: parsing the file's
+        # metadata again (tens of thousands of tokenizer entries, seconds in Python) would find the same.
+        architecture = json.loads((out_dir / "config.json").read_text())["architectures"][0]
+        return GGUFCheckpoint(out_dir, path, sha, architecture)
+    reader = open_gguf(path)
+    arch = gguf_architecture(reader, path)
+    _write_checkpoint(reader, arch, path, out_dir)
     return GGUFCheckpoint(out_dir, path, sha, GGUF_ARCHITECTURES[arch])
 
 
