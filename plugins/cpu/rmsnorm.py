@@ -2,9 +2,9 @@
 
 What it is for: the CPU op set's `rms_norm` / `add_rms_norm`. On a decode step the tensors are
 tiny ([batch, hidden]) and every ATen call costs microseconds of dispatch: `F.rms_norm` on CPU
-decomposes into about eight ATen ops (about 37 us for [16, 64] on the 2-core dev machine, against
-6.5 us for this kernel). Each row is one pass for the sum of squares (float64 accumulator) and
-one for the scaled output; `add_rms_norm` also writes `x + residual` into `residual` in place
+decomposes into about eight ATen ops (measured side by side on the loaded 2-core dev machine, one
+thread, best of 10 rounds: [16, 64] 15 us against 2 us for this kernel, [16, 896] 20 us against
+5 us). Each row is one pass for the sum of squares (float64 accumulator) and one for the scaled output; `add_rms_norm` also writes `x + residual` into `residual` in place
 (the op set's contract allows it), rounded to the activation dtype before it is normalised, as
 the reference does. The inverse RMS is rounded to the activation dtype and applied as the
 reference does (normalise, then scale by the weight), so float32 results agree with
@@ -25,8 +25,11 @@ from plugins.reference import rmsnorm as reference
 
 KERNEL_DTYPES = (torch.float32, torch.float64)
 
+# Reassociation lets LLVM vectorise the sum of squares (measured 3x faster at [16, 896] than the serial
+# sum); no nnan / ninf, so a NaN or inf in a row still propagates to its output as in the reference.
 
-@numba.njit(cache=True, nogil=True)
+
+@numba.njit(fastmath={"reassoc", "contract", "arcp", "nsz"}, cache=True, nogil=True)
 def _rms_norm_kernel(x: np.ndarray, weight: np.ndarray, eps: float,
                      out: np.ndarray) -> None:  # pragma: no cover - compiled
     num_rows, hidden = x.shape
@@ -39,7 +42,7 @@ def _rms_norm_kernel(x: np.ndarray, weight: np.ndarray, eps: float,
             out[t, j] = weight[j] * (x[t, j] * inv_rms)
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(fastmath={"reassoc", "contract", "arcp", "nsz"}, cache=True, nogil=True)
 def _add_rms_norm_kernel(x: np.ndarray, residual: np.ndarray, weight: np.ndarray, eps: float,
                          out: np.ndarray) -> None:  # pragma: no cover - compiled
     num_rows, hidden = x.shape

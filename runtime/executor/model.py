@@ -5,7 +5,9 @@ tensors (REFERENCE.md section 3), for any mix of prefill chunks and decode
 tokens. Custom ops come from the plugin registry. Qwen2 differs from Llama
 only by the qkv bias, so one model class serves both; the Qwen2-VL / 2.5-VL
 language model is Qwen2 with M-RoPE ([3, T] positions, `cfg.mrope_section`)
-and vision embeddings in place of placeholder token embeddings.
+and vision embeddings in place of placeholder token embeddings. Per-step host work is kept small
+(issue 13): a float engine runs each layer's gate and up projections as one GEMM, the linears call
+addmm / mm directly, and on CPU RoPE cos / sin come from a per-position table (`RopeTable`).
 Not for: scheduling, sampling, KV block ownership or the vision tower.
 """
 from __future__ import annotations
@@ -13,13 +15,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from plugins.reference.rope import rope_inv_freq
+from plugins.reference.rope import rope_cos_sin, rope_inv_freq
 from plugins.registry import OpSet, get_ops
 from engine_format.checkpoint_layout import layer_prefix, linear_shapes
 from runtime.executor.forward_batch import ForwardBatch
 from runtime.executor.kv_quant import paged_attention_quant, write_kv_cache_quant
 from runtime.executor.kv_storage import KVStorage
-from runtime.executor.quant_linear import build_linears
+from runtime.executor.quant_linear import FloatLinear, LinearFn, build_linears, concat_float_linears
 from engine_format.llm_config import LLMConfig
 
 
@@ -40,6 +42,9 @@ class DecoderModel:
         self.linears = build_linears(cfg, self.w, list(linear_shapes(cfg)), device)
         if cfg.quant_algo is not None:      # the linears hold their re-laid-out tensors: drop the checkpoint's
             self.w = {n: t for n, t in self.w.items() if not n.startswith(tuple(f"{b}." for b in self.linears))}
+        self.gate_up = self._fuse_gate_up()
+        self.lm_head = FloatLinear(self.w["lm_head.weight"], None)
+        self.rope_table = RopeTable(self.inv_freq, self.dtype) if device.type == "cpu" else None
         self.kv_algo = cfg.kv_cache_quant_algo
 
     @torch.inference_mode()
@@ -57,14 +62,18 @@ class DecoderModel:
             p = layer_prefix(i)
             out = self._attention(i, p, x, cos, sin, batch, kv)
             x, residual = ops.add_rms_norm(out, residual, w[f"{p}.post_layernorm.weight"], eps)
-            out = self._mlp(p, x)
+            out = self._mlp(i, p, x)
             if i + 1 < cfg.num_hidden_layers:
                 x, residual = ops.add_rms_norm(out, residual, w[f"{layer_prefix(i + 1)}.input_layernorm.weight"], eps)
-        hidden = out.index_select(0, batch.logits_indices) + residual.index_select(0, batch.logits_indices)
-        hidden = ops.rms_norm(hidden, w["transformer.ln_f.weight"], cfg.norm_epsilon)
-        return F.linear(hidden, w["lm_head.weight"]).float()
+        if batch.logits_indices.shape[0] != batch.num_tokens:    # else every row samples: indices 0..T-1
+            out, residual = out.index_select(0, batch.logits_indices), residual.index_select(0, batch.logits_indices)
+        hidden, _ = ops.add_rms_norm(out, residual, w["transformer.ln_f.weight"], eps)
+        logits = self.lm_head(hidden)
+        return logits if logits.dtype == torch.float32 else logits.float()
 
     def _cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.rope_table is not None and positions.dim() == 1:   # M-RoPE with 1-D positions: every axis alike
+            return self.rope_table.lookup(positions)
         if self.mrope_section is None:
             if positions.dim() != 1:
                 raise ValueError(f"positions: {list(positions.shape)} M-RoPE positions for a 1-D RoPE model")
@@ -93,7 +102,53 @@ class DecoderModel:
                                         batch.seq_lens, batch.query_lens, self.scale, kv_scale, self.kv_algo)
         return self.linears[f"{p}.attention.dense"](out.reshape(-1, self.q_size))
 
-    def _mlp(self, p: str, x: torch.Tensor) -> torch.Tensor:
-        gate = self.linears[f"{p}.mlp.fc"](x)
-        up = self.linears[f"{p}.mlp.gate"](x)
+    def _mlp(self, layer: int, p: str, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up:
+            gate, up = self.gate_up[layer](x).split(self.cfg.intermediate_size, dim=-1)
+        else:
+            gate, up = self.linears[f"{p}.mlp.fc"](x), self.linears[f"{p}.mlp.gate"](x)
         return self.linears[f"{p}.mlp.proj"](self.ops.silu_and_mul(gate, up))
+
+    def _fuse_gate_up(self) -> list[LinearFn]:
+        """Float engines: each layer's gate (`mlp.fc`) and up (`mlp.gate`) projections as one GEMM over
+        [gate; up] weights, their checkpoint tensors dropped; [] where a linear is quantized."""
+        fused: list[LinearFn] = []
+        for i in range(self.cfg.num_hidden_layers):
+            pair = [self.linears[f"{layer_prefix(i)}.mlp.{name}"] for name in ("fc", "gate")]
+            if not all(isinstance(linear, FloatLinear) for linear in pair):
+                return []
+            fused.append(concat_float_linears(pair))     # type: ignore[arg-type]  (checked above)
+        dropped = tuple(f"{layer_prefix(i)}.mlp.{name}" for i in range(self.cfg.num_hidden_layers)
+                        for name in ("fc", "gate"))
+        for base in dropped:
+            del self.linears[base]
+        self.w = {n: t for n, t in self.w.items() if not n.startswith(tuple(f"{base}." for base in dropped))}
+        return fused
+
+
+class RopeTable:
+    """1-D RoPE cos / sin per position, computed once by the reference formula (`rope_cos_sin`, so each
+    row holds exactly the values it gives for that position) and indexed each step, instead of a product,
+    a concatenation, a cos and a sin per step. Starts at `num_positions` rows and doubles when a step
+    reaches past it. For CPU: on CUDA the per-step computation is a few asynchronous kernels, and a
+    position past the table would be a device-side assert rather than the IndexError caught here."""
+
+    def __init__(self, inv_freq: torch.Tensor, dtype: torch.dtype, num_positions: int = 4096) -> None:
+        self.inv_freq, self.dtype = inv_freq, dtype
+        self.cos, self.sin = self._compute(torch.arange(num_positions, device=inv_freq.device))
+
+    def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [T] -> cos / sin [T, head_size] in the activation dtype."""
+        try:
+            return self.cos.index_select(0, positions), self.sin.index_select(0, positions)
+        except IndexError:                 # past the table, or negative: not in any table
+            if int(positions.min()) < 0:
+                return self._compute(positions)
+            rows = self.cos.shape[0]
+            while rows <= int(positions.max()):
+                rows *= 2
+            self.cos, self.sin = self._compute(torch.arange(rows, device=positions.device))
+            return self.cos.index_select(0, positions), self.sin.index_select(0, positions)
+
+    def _compute(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return rope_cos_sin(positions, self.inv_freq, self.dtype)

@@ -18,7 +18,7 @@ Not for: calibration or packing checkpoints (builder/quantize*.py), the KV cache
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -39,11 +39,30 @@ class QuantKernelError(RuntimeError):
 
 @dataclass(slots=True)
 class FloatLinear:
-    weight: torch.Tensor
+    """y = x W^T + b as the one GEMM `F.linear` runs for a 2-D input (addmm / mm on the transposed
+    weight, the same call and so the same result), called directly: no per-call transpose or dispatch layer."""
+
+    weight: torch.Tensor           # [N, K]
     bias: torch.Tensor | None
+    weight_t: torch.Tensor = field(init=False)      # [K, N] view of weight
+
+    def __post_init__(self) -> None:
+        self.weight_t = self.weight.t()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        if x.dim() != 2:
+            return F.linear(x, self.weight, self.bias)
+        return torch.mm(x, self.weight_t) if self.bias is None else torch.addmm(self.bias, x, self.weight_t)
+
+
+def concat_float_linears(linears: list[FloatLinear]) -> FloatLinear:
+    """One linear whose output is the given ones' outputs side by side (weights concatenated on the output
+    dim): one GEMM where the model ran several over the same input (the MLP's gate and up projections)."""
+    weight = torch.cat([linear.weight for linear in linears])
+    if all(linear.bias is None for linear in linears):
+        return FloatLinear(weight, None)
+    return FloatLinear(weight, torch.cat([linear.bias if linear.bias is not None
+                                          else linear.weight.new_zeros(linear.weight.shape[0]) for linear in linears]))
 
 
 @dataclass(slots=True)
