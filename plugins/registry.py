@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 
 from plugins.attention_metadata import AttentionMetadata
-from plugins.reference import activation, paged_attention, rmsnorm, rope
+from plugins.reference import activation, kv_dequant, paged_attention, rmsnorm, rope
 
 OP_BACKENDS = ("auto", "reference", "cpu", "triton")
 
@@ -36,6 +36,9 @@ class OpSet:
     paged_attention_meta: Callable[..., torch.Tensor]              # (q, kc, vc, AttentionMetadata, scale)
     # decode steps through these ops read only device tensors and static shapes: a CUDA graph may capture them
     graph_safe: bool = False
+    # one-byte KV cache: (key_codes, value_codes, AttentionMetadata, byte table) -> (keys, values, block tables)
+    dequantize_kv_context: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = \
+        kv_dequant.dequantize_kv_context
 
 
 def _reference_attention_meta(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
@@ -95,6 +98,7 @@ def cpu_ops() -> OpSet:
     and the reference ops otherwise (rope_cos_sin; silu_and_mul, whose two vectorised ATen ops beat a
     numba loop with a scalar exp: 4 us against 13 us at [16, 160], 63 us against 1.3 ms at [16, 4864]).
     Dtypes a kernel cannot read (bfloat16, float16) go to the reference op inside it."""
+    from plugins.cpu import kv_dequant as cpu_kv_dequant
     from plugins.cpu import paged_attention as cpu_attention
     from plugins.cpu import rmsnorm as cpu_rmsnorm
     from plugins.cpu import rope as cpu_rope
@@ -103,7 +107,8 @@ def cpu_ops() -> OpSet:
                    apply_rope=cpu_rope.apply_rope,
                    write_kv_cache=cpu_attention.write_kv_cache,
                    paged_attention=cpu_attention.paged_attention,
-                   paged_attention_meta=cpu_attention.paged_attention_meta)
+                   paged_attention_meta=cpu_attention.paged_attention_meta,
+                   dequantize_kv_context=cpu_kv_dequant.dequantize_kv_context)
 
 
 def get_ops(device: torch.device, backend: str = "auto") -> OpSet:

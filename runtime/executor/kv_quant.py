@@ -4,17 +4,25 @@ What it is for: the paged pool of an engine whose `llm/config.json` says
 `kv_cache_quant_algo` INT8 or FP8 holds one byte per element (int8, or the
 bytes of float8_e4m3fn) with one static scale per layer, the checkpoint's
 `attention.kv_cache_scaling_factor` (the dequantization scale: value = byte * scale).
-Writes quantize k and v with it; attention dequantizes the blocks that this
-step's block tables reference into a compact float pool and runs the same
-paged-attention op as the float cache. At a fixed memory budget the pool
-holds twice the blocks of a bf16 cache (four times fp32's).
+Writes quantize k and v with it; attention decodes only the blocks that this
+step's sequences read, through a 256-entry table of every byte's dequantized
+value (built once per layer at load: `kv_byte_tables`), into a compact float
+pool, and runs the same paged-attention op as the float cache (the op set's
+`dequantize_kv_context`: plugins/reference/kv_dequant.py, plugins/cpu/kv_dequant.py).
+The table makes decoding exact by construction and avoids the float8
+conversion, which is scalar code on a CPU without fp8. At a fixed memory budget
+the pool holds twice the blocks of a bf16 cache (four times fp32's).
 Not for: block ownership (runtime/core/kv_cache.py) or the attention math itself (plugins/).
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
+from engine_format.checkpoint_layout import layer_prefix
 from engine_format.llm_config import LLMConfig
+from plugins.attention_metadata import AttentionMetadata
 from plugins.registry import OpSet
 
 INT8_MAX = 127.0
@@ -43,6 +51,21 @@ def dequantize_kv(x: torch.Tensor, scale: torch.Tensor, algo: str, dtype: torch.
     return (values.float() * scale).to(dtype)
 
 
+def kv_byte_table(scale: torch.Tensor, algo: str, dtype: torch.dtype) -> torch.Tensor:
+    """[256]: entry b is `dequantize_kv` of the stored byte b (int8 codes are their bytes' two's complement)."""
+    codes = torch.arange(256, dtype=torch.int64, device=scale.device).to(torch.uint8)
+    return dequantize_kv(codes.view(torch.int8) if algo == "INT8" else codes, scale, algo, dtype)
+
+
+def kv_byte_tables(cfg: LLMConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
+    """One byte table per layer from its `attention.kv_cache_scaling_factor`; [] for a float cache."""
+    algo = cfg.kv_cache_quant_algo
+    if algo is None:
+        return []
+    return [kv_byte_table(weights[f"{layer_prefix(i)}.attention.kv_cache_scaling_factor"], algo, dtype)
+            for i in range(cfg.num_hidden_layers)]
+
+
 def write_kv_cache_quant(ops: OpSet, key_cache: torch.Tensor, value_cache: torch.Tensor, k: torch.Tensor,
                          v: torch.Tensor, slot_mapping: torch.Tensor, scale: torch.Tensor, algo: str) -> None:
     ops.write_kv_cache(key_cache, value_cache, quantize_kv(k, scale, algo), quantize_kv(v, scale, algo),
@@ -50,12 +73,8 @@ def write_kv_cache_quant(ops: OpSet, key_cache: torch.Tensor, value_cache: torch
 
 
 def paged_attention_quant(ops: OpSet, q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
-                          block_tables: torch.Tensor, seq_lens: list[int], query_lens: list[int], scale: float,
-                          kv_scale: torch.Tensor, algo: str) -> torch.Tensor:
-    """Dequantize only the blocks in `block_tables` (renumbered 0..U-1), then the float paged attention."""
-    used = torch.unique(block_tables)
-    lookup = torch.zeros(key_cache.shape[0], dtype=torch.int64, device=q.device)
-    lookup[used] = torch.arange(used.numel(), device=q.device)
-    keys = dequantize_kv(key_cache.index_select(0, used), kv_scale, algo, q.dtype)
-    values = dequantize_kv(value_cache.index_select(0, used), kv_scale, algo, q.dtype)
-    return ops.paged_attention(q, keys, values, lookup[block_tables], seq_lens, query_lens, scale)
+                          metadata: AttentionMetadata, scale: float, byte_table: torch.Tensor) -> torch.Tensor:
+    """Decode only the blocks the sequences read (`byte_table`: the layer's, in q's dtype), then the float
+    paged attention over them."""
+    keys, values, tables = ops.dequantize_kv_context(key_cache, value_cache, metadata, byte_table)
+    return ops.paged_attention_meta(q, keys, values, replace(metadata, block_tables=tables), scale)
