@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from engine_format.llm_config import LLMConfig
+from plugins.registry import cpu_available
 
 FP8_MAX = 448.0
 LinearFn = Callable[[torch.Tensor], torch.Tensor]
@@ -133,13 +134,18 @@ class FP8Linear:
     weight_scale: torch.Tensor     # float32 [1]
     act_scale: torch.Tensor        # float32 [1]
     bias: torch.Tensor | None
+    # CPU float32: x rounded through e4m3 in one numba pass, bit-identical to the torch expression below
+    # (plugins/cpu/fp8_round.py); None: that expression (five ops, two of them scalar float8 conversions)
+    round_input: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        xq = quantize_fp8(x, self.act_scale)
         if x.device.type == "cuda":
-            out = torch._scaled_mm(xq, self.weight, scale_a=self.act_scale, scale_b=self.weight_scale,
-                                   out_dtype=x.dtype)
+            out = torch._scaled_mm(quantize_fp8(x, self.act_scale), self.weight, scale_a=self.act_scale,
+                                   scale_b=self.weight_scale, out_dtype=x.dtype)
+        elif self.round_input is not None and x.dtype == torch.float32:
+            out = F.linear(self.round_input(x, self.act_scale), self.weight)
         else:
+            xq = quantize_fp8(x, self.act_scale)
             out = F.linear(xq.to(x.dtype) * self.act_scale.to(x.dtype), self.weight)
         return out if self.bias is None else out + self.bias
 
@@ -228,4 +234,9 @@ def _fp8_linear(w: dict[str, torch.Tensor], base: str, dtype: torch.dtype, devic
     if device.type == "cuda":
         return FP8Linear(weight.t(), w_scale, act, bias)
     # No fast fp8 GEMM on CPU (torch._scaled_mm runs there far too slowly): dequantize once at load.
-    return FP8Linear((weight.float() * w_scale).to(dtype), w_scale, act, bias)
+    round_input = None
+    if dtype == torch.float32 and cpu_available():
+        from plugins.cpu.fp8_round import round_through_e4m3
+
+        round_input = round_through_e4m3
+    return FP8Linear((weight.float() * w_scale).to(dtype), w_scale, act, bias, round_input)
