@@ -50,6 +50,9 @@ class BuildRequest:
     cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "trtserve")
     overrides: dict[str, Any] = field(default_factory=dict)   # BuildSettings fields
     quant: QuantRequest = field(default_factory=QuantRequest)
+    # The HF model validation compares with, already loaded by the caller (builder/validate.py
+    # `validate_engine(reference=...)`); None: validation loads it. Not part of the input hash.
+    reference: Any | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,7 +159,8 @@ def _build_into(work: Path, source: ResolvedSource, settings: BuildSettings, req
             else:
                 report = validate_engine(engine, source.hf_dir, gguf_file=source.gguf_file,
                                          perplexity_tokens=RANDOM_WEIGHTS_PERPLEXITY_TOKENS
-                                         if source.random_weights else MAX_TEXT_TOKENS)
+                                         if source.random_weights else MAX_TEXT_TOKENS,
+                                         reference=request.reference)
                 progress.note(f"max abs err {report['max_abs_err']:.2e}, greedy agreement "
                               f"{report['greedy_agreement']:.3f}, perplexity {report['perplexity']['engine']:.3f} "
                               f"(HF {report['perplexity']['reference']:.3f}), passed: {report['passed']}")

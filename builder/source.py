@@ -83,18 +83,24 @@ def _resolve_gguf(path: Path, cache_dir: Path, desc: dict[str, Any],
     return replace(resolved, gguf_file=checkpoint.gguf_file)
 
 
-def _resolve_packaged_gguf(preset: ModelPreset, cache_dir: Path) -> ResolvedSource:
-    """A preset's GGUF inside an installed distribution (found without importing it); else its hub id."""
+def packaged_gguf_file(preset: ModelPreset) -> tuple[Any, Path | None]:
+    """(the installed distribution the preset names, or None; its GGUF file, or None), without importing it."""
     import importlib.metadata
 
-    package, member = preset.gguf_package or "", preset.gguf_file or ""
     try:
-        dist = importlib.metadata.distribution(package)
-        located = next((f for f in dist.files or [] if str(f) == member), None)
+        dist = importlib.metadata.distribution(preset.gguf_package or "")
     except importlib.metadata.PackageNotFoundError:
-        dist, located = None, None
-    if dist is not None and located is not None and Path(str(dist.locate_file(located))).is_file():
-        path = Path(str(dist.locate_file(located)))
+        return None, None
+    located = next((f for f in dist.files or [] if str(f) == (preset.gguf_file or "")), None)
+    path = Path(str(dist.locate_file(located))) if located is not None else None
+    return dist, path if path is not None and path.is_file() else None
+
+
+def _resolve_packaged_gguf(preset: ModelPreset, cache_dir: Path) -> ResolvedSource:
+    """A preset's GGUF inside an installed distribution (found without importing it); else its hub id."""
+    package, member = preset.gguf_package or "", preset.gguf_file or ""
+    dist, path = packaged_gguf_file(preset)
+    if dist is not None and path is not None:
         desc = {"kind": "gguf", "preset": preset.name, "package": package,
                 "package_version": dist.version, "file": member, "path": str(path)}
         return _resolve_gguf(path, cache_dir, desc, preset)

