@@ -19,7 +19,7 @@ from plugins.reference.rope import rope_cos_sin, rope_inv_freq
 from plugins.registry import OpSet, get_ops
 from engine_format.checkpoint_layout import layer_prefix, linear_shapes
 from runtime.executor.forward_batch import ForwardBatch
-from runtime.executor.kv_quant import kv_byte_tables, paged_attention_quant, write_kv_cache_quant
+from runtime.executor.kv_quant import paged_attention_quant, write_kv_cache_quant
 from runtime.executor.kv_storage import KVStorage
 from runtime.executor.quant_linear import FloatLinear, LinearFn, build_linears, concat_float_linears
 from engine_format.llm_config import LLMConfig
@@ -38,15 +38,16 @@ class DecoderModel:
         self.scale = cfg.head_size ** -0.5
         self.q_size = cfg.num_attention_heads * cfg.head_size
         self.kv_size = cfg.num_key_value_heads * cfg.head_size
+        self.qkv_sizes = [self.q_size, self.kv_size, self.kv_size]
         # quantized engines: each linear runs its low-precision kernel (runtime/executor/quant_linear.py)
         self.linears = build_linears(cfg, self.w, list(linear_shapes(cfg)), device)
         if cfg.quant_algo is not None:      # the linears hold their re-laid-out tensors: drop the checkpoint's
             self.w = {n: t for n, t in self.w.items() if not n.startswith(tuple(f"{b}." for b in self.linears))}
         self.gate_up = self._fuse_gate_up()
+        self.gate_up_sizes = [cfg.intermediate_size, cfg.intermediate_size]
         self.lm_head = FloatLinear(self.w["lm_head.weight"], None)
         self.rope_table = RopeTable(self.inv_freq, self.dtype) if device.type == "cpu" else None
         self.kv_algo = cfg.kv_cache_quant_algo
-        self.kv_tables = kv_byte_tables(cfg, self.w, self.dtype)      # one-byte cache: each layer's decode table
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, kv: KVStorage) -> torch.Tensor:
@@ -87,7 +88,7 @@ class DecoderModel:
                    batch: ForwardBatch, kv: KVStorage) -> torch.Tensor:
         cfg, w = self.cfg, self.w
         qkv = self.linears[f"{p}.attention.qkv"](x)
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k, v = qkv.split_with_sizes(self.qkv_sizes, dim=-1)
         q = q.view(-1, cfg.num_attention_heads, cfg.head_size)
         k = k.view(-1, cfg.num_key_value_heads, cfg.head_size)
         v = v.view(-1, cfg.num_key_value_heads, cfg.head_size)
@@ -99,13 +100,13 @@ class DecoderModel:
         else:       # one-byte cache with the layer's static scale (runtime/executor/kv_quant.py)
             kv_scale = w[f"{p}.attention.kv_cache_scaling_factor"]
             write_kv_cache_quant(self.ops, key_cache, value_cache, k, v, batch.slot_mapping, kv_scale, self.kv_algo)
-            out = paged_attention_quant(self.ops, q, key_cache, value_cache, batch.attention, self.scale,
-                                        self.kv_tables[layer])
+            out = paged_attention_quant(self.ops, q, key_cache, value_cache, batch.block_tables,
+                                        batch.seq_lens, batch.query_lens, self.scale, kv_scale, self.kv_algo)
         return self.linears[f"{p}.attention.dense"](out.reshape(-1, self.q_size))
 
     def _mlp(self, layer: int, p: str, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up:
-            gate, up = self.gate_up[layer](x).split(self.cfg.intermediate_size, dim=-1)
+            gate, up = self.gate_up[layer](x).split_with_sizes(self.gate_up_sizes, dim=-1)
         else:
             gate, up = self.linears[f"{p}.mlp.fc"](x), self.linears[f"{p}.mlp.gate"](x)
         return self.linears[f"{p}.mlp.proj"](self.ops.silu_and_mul(gate, up))
