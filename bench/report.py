@@ -103,7 +103,8 @@ def _render(header: list[str], rows: list[list[str]], markdown: bool) -> str:
     if markdown:
         lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" for _ in header) + "|"]
         return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
-    widths = [max(len(header[i]), *(len(row[i]) for row in rows)) for i in range(len(header))]
+    # max over a list: a run interrupted before its first level ends has no rows (then the header alone)
+    widths = [max([len(header[i])] + [len(row[i]) for row in rows]) for i in range(len(header))]
     fmt: Callable[[list[str]], str] = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))
     return "\n".join([fmt(header)] + [fmt(row) for row in rows])
 
