@@ -19,7 +19,7 @@ from plugins.reference.rope import rope_cos_sin, rope_inv_freq
 from plugins.registry import OpSet, get_ops
 from engine_format.checkpoint_layout import layer_prefix, linear_shapes
 from runtime.executor.forward_batch import ForwardBatch
-from runtime.executor.kv_quant import paged_attention_quant, write_kv_cache_quant
+from runtime.executor.kv_quant import kv_byte_tables, paged_attention_quant, write_kv_cache_quant
 from runtime.executor.kv_storage import KVStorage
 from runtime.executor.quant_linear import FloatLinear, LinearFn, build_linears, concat_float_linears
 from engine_format.llm_config import LLMConfig
@@ -48,6 +48,7 @@ class DecoderModel:
         self.lm_head = FloatLinear(self.w["lm_head.weight"], None)
         self.rope_table = RopeTable(self.inv_freq, self.dtype) if device.type == "cpu" else None
         self.kv_algo = cfg.kv_cache_quant_algo
+        self.kv_tables = kv_byte_tables(cfg, self.w, self.dtype)      # one-byte cache: each layer's decode table
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, kv: KVStorage) -> torch.Tensor:
@@ -100,8 +101,8 @@ class DecoderModel:
         else:       # one-byte cache with the layer's static scale (runtime/executor/kv_quant.py)
             kv_scale = w[f"{p}.attention.kv_cache_scaling_factor"]
             write_kv_cache_quant(self.ops, key_cache, value_cache, k, v, batch.slot_mapping, kv_scale, self.kv_algo)
-            out = paged_attention_quant(self.ops, q, key_cache, value_cache, batch.block_tables,
-                                        batch.seq_lens, batch.query_lens, self.scale, kv_scale, self.kv_algo)
+            out = paged_attention_quant(self.ops, q, key_cache, value_cache, batch.attention, self.scale,
+                                        self.kv_tables[layer])
         return self.linears[f"{p}.attention.dense"](out.reshape(-1, self.q_size))
 
     def _mlp(self, layer: int, p: str, x: torch.Tensor) -> torch.Tensor:
