@@ -58,6 +58,7 @@ async def run_level(backend: Backend, sessions: list[Session], run: LevelRun,
     pending: Iterator[Session] = iter(sessions)
 
     async def client() -> None:
+        task = asyncio.current_task()
         for session in pending:          # one event loop: next() is never interleaved
             history: tuple[BenchRequest, RequestRecord] | None = None
             for turn in session.turns:
@@ -66,6 +67,10 @@ async def run_level(backend: Backend, sessions: list[Session], run: LevelRun,
                 run.records.append(record)
                 if on_record is not None:
                     on_record(record)
+                if task is not None and task.cancelling():
+                    # the cancellation reached an RPC that ended as a CANCELLED record instead of raising:
+                    # stop here, or this client would go on through every remaining session
+                    raise asyncio.CancelledError
                 if not record.ok:
                     break                # later turns would resend an answer that never came
                 history = (request, record)
