@@ -79,7 +79,8 @@ def configs_from_args(args: argparse.Namespace) -> tuple[ServerConfig, EngineCon
                                    capacity_policy=args.capacity_policy, kv_cache_max_bytes=args.kv_cache_max_bytes,
                                    gpu_memory_fraction=args.gpu_memory_fraction,
                                    enable_cuda_graphs=False if args.no_cuda_graphs else None,
-                                   op_backend=args.op_backend, overlap=args.overlap)
+                                   op_backend=args.op_backend, overlap=args.overlap,
+                                   cpu_threads=args.cpu_threads)
     return server, engine
 
 

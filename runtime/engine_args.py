@@ -1,7 +1,7 @@
 """Command-line flags for the GPU-path engine settings, shared by trtserve-serve and trtserve-generate.
 
 What it is for: one definition of --kv-cache-max-bytes, --gpu-memory-fraction,
---no-cuda-graphs, --op-backend and --overlap (EngineConfig fields; unset flags leave
+--no-cuda-graphs, --op-backend, --overlap and --cpu-threads (EngineConfig fields; unset flags leave
 the defaults and TRTSERVE_* environment values in force).
 Not for: the other flags of either tool.
 """
@@ -24,3 +24,6 @@ def add_engine_gpu_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overlap", choices=OVERLAP_MODES,
                         help="schedule and build step N+1 while step N runs: auto (on for CUDA; CPU: "
                              "runtime/core/overlap.py says why), on, off")
+    parser.add_argument("--cpu-threads", type=int,
+                        help="torch threads of the engine-core process on CPU (default 0: torch's, all cores); "
+                             "1 leaves a core to the front end of a server on 2 cores (docs/perf/2026-11-30/session3)")

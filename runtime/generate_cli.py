@@ -13,6 +13,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from runtime.core.async_engine import AsyncEngine
 from runtime.config import EngineConfig
 from runtime.core.engine_core import EngineCore, EngineRequest
@@ -113,7 +115,9 @@ def main(argv: list[str] | None = None) -> int:
         config = EngineConfig.from_env(device=args.device, kv_cache_max_bytes=args.kv_cache_max_bytes,
                                        gpu_memory_fraction=args.gpu_memory_fraction, op_backend=args.op_backend,
                                        enable_cuda_graphs=False if args.no_cuda_graphs else None,
-                                       overlap=args.overlap)
+                                       overlap=args.overlap, cpu_threads=args.cpu_threads)
+        if config.cpu_threads:      # the engine runs in this process
+            torch.set_num_threads(config.cpu_threads)
         core = EngineCore.from_dir(args.engine, config)
         print(layout_report(core.executor.layout), file=sys.stderr)
     except (EngineLoadError, SamplingParamsError, ValueError) as exc:

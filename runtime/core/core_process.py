@@ -31,6 +31,7 @@ import sys
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import msgspec
+import torch
 import zmq
 
 from runtime.config import EngineConfig
@@ -92,6 +93,8 @@ def run_core(engine_dir: str, config: EngineConfig, inbox_address: str, outbox_a
     outbox = context.socket(zmq.PUSH)
     outbox.connect(outbox_address)
     codec = Codec()
+    if config.cpu_threads:          # this process is the engine's own: its thread count is its to set
+        torch.set_num_threads(config.cpu_threads)
     try:
         core = EngineCore.from_dir(engine_dir, config, text_output=False)
     except BaseException as exc:  # the front end reports it and exits; nothing else can use this process

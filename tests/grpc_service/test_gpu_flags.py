@@ -25,3 +25,21 @@ def test_overlap_flag_reaches_the_core_process_config() -> None:
     assert engine.overlap == "on"
     assert msgspec.json.decode(msgspec.json.encode(engine), type=EngineConfig).overlap == "on"
     assert configs_from_args(parse_args(["--engine", "e"]))[1].overlap == "auto"
+
+
+def test_cpu_threads_flag_reaches_the_core_process_config() -> None:
+    """--cpu-threads fills EngineConfig.cpu_threads, which the core process gets in its JSON config (run_core
+    sets torch's threads from it); a negative value is refused naming the field."""
+    import msgspec
+    import pytest
+
+    from grpc_service.server_cli import configs_from_args, parse_args
+    from runtime.config import EngineConfig, EngineConfigError
+
+    _, engine = configs_from_args(parse_args(["--engine", "e", "--cpu-threads", "1"]))
+    assert engine.cpu_threads == 1
+    assert msgspec.json.decode(msgspec.json.encode(engine), type=EngineConfig).cpu_threads == 1
+    assert configs_from_args(parse_args(["--engine", "e"]))[1].cpu_threads == 0
+    with pytest.raises(EngineConfigError) as info:
+        EngineConfig(cpu_threads=-1).validate()
+    assert info.value.field == "cpu_threads" and "-1" in str(info.value)
