@@ -157,7 +157,11 @@ def test_ctrl_c_writes_partial_results(grpc_server: ServerProcess, tmp_path: Pat
     counters = ServerCounters(f"http://127.0.0.1:{grpc_server.metrics_port}/metrics")
     before = counters.snapshot()
     assert before is not None
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # SIGINT back to its default in the benchmark: a runner started in the background by a non-interactive shell
+    # (`make test &`, nohup) ignores SIGINT, and an ignored signal stays ignored across exec, so the benchmark
+    # would never see the Ctrl-C (both fresh-clone runs here failed this way, by the 60 s timeout)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         # Interrupt once 20 requests are done, or 15 s into the run if the counters cannot say (a scrape that
         # times out while the server is busy reads as 0): the benchmark has started by then (its start-up takes
