@@ -16,8 +16,8 @@ from hypothesis import given, settings
 
 from runtime.core.request import Request, RequestStatus
 from runtime.core.scheduler import SchedulerOutput
-from tests.runtime.core.test_scheduler import (Engine, RequestSpec, engine_settings, expected_output, make_engine,
-                                               next_token, operations, token_value)
+from tests.runtime.core.test_scheduler import (Engine, RequestSpec, check_drained_with_solo_outputs, engine_settings,
+                                               make_engine, next_token, operations, token_value)
 
 
 class AheadLoop:
@@ -98,12 +98,4 @@ def test_random_workloads_with_overlap_get_solo_outputs_and_free_blocks(
             scheduler.finish_request(victim.request_id, RequestStatus.FINISHED_ABORTED)
             kv.check_invariants()
     loop.drain()
-    assert scheduler.num_running == scheduler.num_waiting == 0
-    for request in admitted:
-        expected = expected_output(request)
-        if request.status is RequestStatus.FINISHED_ABORTED:
-            assert request.output_token_ids == expected[:request.num_output_tokens]
-        else:
-            assert request.status is RequestStatus.FINISHED_LENGTH and request.output_token_ids == expected
-    kv.check_invariants()
-    assert kv.num_used_blocks == 0
+    check_drained_with_solo_outputs(engine, admitted)

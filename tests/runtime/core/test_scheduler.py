@@ -415,6 +415,14 @@ def run_workload(ops: list[tuple[str, object]], options: dict[str, object]) -> E
     outputs = engine.run(max_steps=2000)
     event(f"{options['policy']} preempted: {any(o.preempted_request_ids for o in outputs)}")
     event(f"prefix hit: {kv.num_hit_tokens > 0}")
+    check_drained_with_solo_outputs(engine, admitted)
+    return engine
+
+
+def check_drained_with_solo_outputs(engine: Engine, admitted: list[Request]) -> None:
+    """After a drained workload: nothing queued, every request's tokens are those it gets alone (an aborted
+    one's a prefix of them), the block bookkeeping is consistent and every block is free."""
+    kv, scheduler = engine.kv, engine.scheduler
     assert scheduler.num_running == scheduler.num_waiting == 0
     for request in admitted:
         expected = expected_output(request)
@@ -425,7 +433,6 @@ def run_workload(ops: list[tuple[str, object]], options: dict[str, object]) -> E
             assert request.output_token_ids == expected
     kv.check_invariants()
     assert kv.num_used_blocks == 0
-    return engine
 
 
 @settings(max_examples=60, deadline=None)
