@@ -51,7 +51,8 @@ class EngineConfig:
     enable_cuda_graphs: bool = True            # CUDA: decode steps replay graphs captured at start-up
     max_cuda_graph_batch_size: int = 256       # largest decode batch captured (larger ones run eagerly)
     overlap: str = "auto"                      # auto | on | off: schedule and build step N+1 while step N runs
-    cpu_threads: int = 0                       # torch intra-op threads of the engine-core process; 0: torch's default
+    cpu_threads: int = 0                       # torch threads of the engine on CPU; 0 auto: per step in the served
+                                               # core process (runtime/core/thread_policy.py), alone torch's default
 
     def validate(self) -> EngineConfig:
         if self.capacity_policy not in CAPACITY_POLICIES:
@@ -74,7 +75,7 @@ class EngineConfig:
         if self.encoder_cache_tokens < 0:
             raise EngineConfigError("encoder_cache_tokens", f"must be >= 0, got {self.encoder_cache_tokens}")
         if self.cpu_threads < 0:
-            raise EngineConfigError("cpu_threads", f"must be >= 0 (0: torch's default, all cores), got {self.cpu_threads}")
+            raise EngineConfigError("cpu_threads", f"must be >= 0 (0: auto, N: N threads), got {self.cpu_threads}")
         if self.overlap not in OVERLAP_MODES:
             raise EngineConfigError("overlap", f"must be one of {OVERLAP_MODES}, got {self.overlap!r}")
         if self.vision_backend not in VISION_BACKENDS:

@@ -25,5 +25,7 @@ def add_engine_gpu_arguments(parser: argparse.ArgumentParser) -> None:
                         help="schedule and build step N+1 while step N runs: auto (on for CUDA; CPU: "
                              "runtime/core/overlap.py says why), on, off")
     parser.add_argument("--cpu-threads", type=int,
-                        help="torch threads of the engine-core process on CPU (default 0: torch's, all cores); "
-                             "1 leaves a core to the front end of a server on 2 cores (docs/perf/2026-11-30/session3)")
+                        help="torch threads of the engine on CPU. 0 (default): auto: served, each step runs on "
+                             "1 thread when its GEMM work (tokens x weight elements) is small, else on all cores "
+                             "(runtime/core/thread_policy.py); trtserve-generate: torch's default, all cores. "
+                             "N >= 1: N threads for every step")

@@ -18,7 +18,10 @@ chat templates, image decoding and preprocessing, streaming) stays in the
 server process too. A structured-output request whose
 grammar this process has not compiled yet waits in `PendingGuides` while a
 worker thread compiles it; the loop keeps stepping the other requests and
-admits it once compiled (the step never waits for a compilation).
+admits it once compiled (the step never waits for a compilation). With
+`cpu_threads` 0 (auto) each step's torch thread count follows its GEMM work
+(`install_thread_policy`, runtime/core/thread_policy.py): one thread for small
+steps, whose parallel GEMMs would wait on the front end's use of a core.
 Not for: the client side (runtime/core/process_engine.py) or message types (ipc.py).
 """
 from __future__ import annotations
@@ -48,6 +51,7 @@ from runtime.core.ipc import (
     StatsReply,
     WireRequest,
 )
+from runtime.core.thread_policy import StepThreads, model_work, policy_for
 from runtime.errors import FieldError
 
 LOG = logging.getLogger(__name__)
@@ -97,6 +101,7 @@ def run_core(engine_dir: str, config: EngineConfig, inbox_address: str, outbox_a
         torch.set_num_threads(config.cpu_threads)
     try:
         core = EngineCore.from_dir(engine_dir, config, text_output=False)
+        install_thread_policy(core, config.cpu_threads)
     except BaseException as exc:  # the front end reports it and exits; nothing else can use this process
         outbox.send(codec.encode(CoreFailed(f"{type(exc).__name__}: {exc}")))
         outbox.close(linger=2000)
@@ -111,6 +116,19 @@ def run_core(engine_dir: str, config: EngineConfig, inbox_address: str, outbox_a
         inbox.close(linger=0)
         outbox.close(linger=1000)
         context.term()
+
+
+def install_thread_policy(core: EngineCore, cpu_threads: int) -> StepThreads | None:
+    """Served beside the front end: the step's thread count from its GEMM work (runtime/core/thread_policy.py).
+    Overlapped steps run their forward on a worker thread, whose OpenMP thread count this thread cannot set:
+    they keep the count set at start."""
+    policy = policy_for(cpu_threads, served=True, device_type=core.executor.layout.device.type,
+                        max_threads=torch.get_num_threads(), work=model_work(core.engine.llm_config))
+    if policy is None or policy.fixed is not None or core.overlap:
+        return None
+    hook = StepThreads(policy)
+    core.before_forward = hook
+    return hook
 
 
 def _leave_signals_to_the_server(parent_pid: int) -> None:

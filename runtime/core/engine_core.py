@@ -16,6 +16,7 @@ Not for: asyncio or wire formats.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,6 +90,8 @@ class EngineCore:
         # overlap: the worker thread and the step it runs whose tokens are not yet taken
         self._worker = OverlapWorker() if overlap_enabled(self.config.overlap, layout.device) else None
         self._in_flight: InFlightStep | None = None
+        # called with each non-empty plan before its forward, on this thread (the core process's thread policy)
+        self.before_forward: Callable[[SchedulerOutput], None] | None = None
 
     @classmethod
     def from_dir(cls, path: str | Path, config: EngineConfig | None = None, text_output: bool = True) -> EngineCore:
@@ -141,6 +144,8 @@ class EngineCore:
         if plan.is_empty:
             return self._take(previous)
         self._num_steps += 1
+        if self.before_forward is not None:
+            self.before_forward(plan)
         if self._worker is None:        # overlap off: the plain synchronous step
             try:
                 logits = self.executor.execute(plan)

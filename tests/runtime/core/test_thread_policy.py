@@ -1,0 +1,124 @@
+"""The engine core's thread policy (runtime/core/thread_policy.py) and where the core process applies it.
+
+The policy function is pure: a step's work (tokens x decoder weight elements + sampled rows x LM-head
+elements) against the threshold, an explicit count kept, auto only when served on a multi-core CPU.
+Then an in-process EngineCore on tiny-qwen2 with the hook the core process installs
+(core_process.install_thread_policy): each forward runs with the thread count the policy chose for its
+plan (a long prompt's prefill on every core, the decode steps on one), and an explicit count or overlap
+installs no per-step hook. Thread counts are read, never timed. The flags: --cpu-threads -1 is refused
+naming the field by trtserve-generate (trtserve-serve's is tests/grpc_service/test_gpu_flags.py).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from engine_format.engine_dir import LoadedEngine, load_engine
+from runtime.config import EngineConfig
+from runtime.core.core_process import install_thread_policy
+from runtime.core.engine_core import EngineCore, EngineRequest
+from runtime.core.thread_policy import (AUTO, SERVED_PARALLEL_MIN_WORK, ModelWork, StepThreads, ThreadPolicy,
+                                        model_work, policy_for)
+from runtime.sampling_params import SamplingParams
+
+
+@pytest.fixture(scope="module")
+def engine(build_tiny) -> LoadedEngine:
+    return load_engine(build_tiny("tiny-qwen2"))
+
+
+@pytest.fixture
+def two_threads() -> Iterator[None]:
+    """The test process's torch threads: 2 during the test (as the 2-core server), restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_model_work_counts_every_decoder_linear_and_the_lm_head(engine: LoadedEngine) -> None:
+    cfg = engine.llm_config
+    h, q, kv = cfg.hidden_size, cfg.num_attention_heads * cfg.head_size, cfg.num_key_value_heads * cfg.head_size
+    per_layer = h * (q + 2 * kv) + q * h + 3 * h * cfg.intermediate_size      # qkv, dense, gate + up + down
+    work = model_work(cfg)
+    assert work == ModelWork(cfg.num_hidden_layers * per_layer, cfg.vocab_size * h)
+    assert work.per_token == 86016 and work.of_step(16, 16) == 16 * 86016 + 16 * 2056 * 64   # tiny-qwen2
+
+
+def test_threads_for_switches_at_the_threshold_and_keeps_an_explicit_count() -> None:
+    policy = ThreadPolicy(ModelWork(per_token=100, per_sampled=1000), max_threads=4, min_work=5000)
+    assert policy.threads_for(num_tokens=10, num_sampled=3) == 1          # 4000
+    assert policy.threads_for(num_tokens=20, num_sampled=3) == 4          # 5000: at the threshold
+    assert policy.threads_for(num_tokens=50, num_sampled=0) == 4
+    assert policy.threads_for(num_tokens=1, num_sampled=1) == 1
+    fixed = ThreadPolicy(ModelWork(100, 1000), max_threads=4, fixed=3)
+    assert {fixed.threads_for(t, s) for t, s in ((1, 1), (10_000, 64))} == {3}
+
+
+def test_policy_for_is_per_step_only_served_on_a_multicore_cpu() -> None:
+    work = ModelWork(86016, 131584)
+    per_step = policy_for(AUTO, served=True, device_type="cpu", max_threads=2, work=work)
+    assert per_step == ThreadPolicy(work, 2, None, SERVED_PARALLEL_MIN_WORK)
+    assert policy_for(AUTO, served=False, device_type="cpu", max_threads=2, work=work) is None     # alone
+    assert policy_for(AUTO, served=True, device_type="cuda", max_threads=16, work=work) is None
+    assert policy_for(AUTO, served=True, device_type="cpu", max_threads=1, work=work) is None
+    for served in (True, False):
+        assert policy_for(3, served=served, device_type="cpu", max_threads=2, work=work).fixed == 3
+
+
+def test_the_threshold_separates_the_measured_served_workloads() -> None:
+    """docs/perf/2026-11-30/thread_policy.md: tiny-qwen2 decode at c=16 served faster on one thread,
+    small-qwen2 decode at c=1 on two (quiet session-3 records)."""
+    tiny = ModelWork(86016, 2056 * 64)
+    small = ModelWork(24117248, 2056 * 512)
+    assert tiny.of_step(16, 16) < SERVED_PARALLEL_MIN_WORK <= small.of_step(1, 1)
+
+
+def _run_with_hook(core: EngineCore, first_token: int, prompt_len: int, max_tokens: int) -> list[tuple[int, int]]:
+    """(tokens in the step, torch threads during its forward) for every step of one greedy request."""
+    seen: list[tuple[int, int]] = []
+    execute = core.executor.execute
+
+    def recording_execute(plan):
+        seen.append((plan.num_scheduled_tokens, torch.get_num_threads()))
+        return execute(plan)
+
+    core.executor.execute = recording_execute
+    prompt = list(range(first_token, first_token + prompt_len))     # no prefix shared with another run
+    try:
+        core.generate_all([EngineRequest(f"r{first_token}", prompt, SamplingParams(max_tokens=max_tokens,
+                                                                                    temperature=0))])
+    finally:
+        core.executor.execute = execute
+    return seen
+
+
+def test_the_core_process_hook_sets_each_forwards_threads(engine: LoadedEngine, two_threads: None) -> None:
+    core = EngineCore(engine, EngineConfig(device="cpu", overlap="off"), text_output=False)
+    hook = install_thread_policy(core, AUTO)
+    assert isinstance(hook, StepThreads) and core.before_forward is hook
+    # a prefill past the threshold (200 x 86016 + 131584 weight elements) on every core, then decode on one
+    prompt_len = 200
+    assert model_work(engine.llm_config).of_step(prompt_len, 1) >= SERVED_PARALLEL_MIN_WORK
+    seen = _run_with_hook(core, 10, prompt_len, max_tokens=4)
+    assert seen == [(prompt_len, 2), (1, 1), (1, 1), (1, 1)]
+    assert hook.changes == 1 and hook.current == 1 == torch.get_num_threads()
+    seen = _run_with_hook(core, 1000, prompt_len, max_tokens=2)             # a new prefill: back to every core
+    assert [threads for _, threads in seen] == [2, 1] and hook.changes == 3
+
+
+def test_an_explicit_count_or_overlap_installs_no_hook(engine: LoadedEngine, two_threads: None) -> None:
+    core = EngineCore(engine, EngineConfig(device="cpu", overlap="off", cpu_threads=1), text_output=False)
+    assert install_thread_policy(core, 1) is None and core.before_forward is None
+    overlapped = EngineCore(engine, EngineConfig(device="cpu", overlap="on"), text_output=False)
+    assert install_thread_policy(overlapped, AUTO) is None and overlapped.before_forward is None
+
+
+def test_generate_refuses_negative_cpu_threads_naming_the_field(capsys: pytest.CaptureFixture[str]) -> None:
+    from runtime.generate_cli import main
+
+    assert main(["--engine", "no-such-engine", "--prompt", "hi", "--cpu-threads", "-1"]) == 2
+    err = capsys.readouterr().err
+    assert "cpu_threads" in err and "-1" in err
