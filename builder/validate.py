@@ -94,7 +94,7 @@ def validate_engine(engine: LoadedEngine, hf_dir: Path, num_new_tokens: int = 16
 
 @torch.inference_mode()
 def _compare(hf: Any, runner: SequentialRunner, ids: list[int], n: int, tol: float) -> dict[str, Any]:
-    generated = _hf_greedy(hf, ids, n)
+    generated = torch.tensor(ids + hf_greedy(hf, ids, n))
     ref = hf(generated[None]).logits[0, len(ids) - 1:-1].float()          # predicts generated tokens
     runner.reset()
     ours = torch.cat([runner.feed(ids)[None], runner.feed(generated[len(ids):-1].tolist(), all_logits=True)])
@@ -111,13 +111,15 @@ def _compare(hf: Any, runner: SequentialRunner, ids: list[int], n: int, tol: flo
     }
 
 
-def _hf_greedy(hf: Any, ids: list[int], n: int) -> torch.Tensor:
-    """HF greedy continuation with EOS ignored (no generation-config processors involved)."""
-    tokens = list(ids)
+@torch.inference_mode()
+def hf_greedy(hf: Any, ids: list[int], n: int) -> list[int]:
+    """The n tokens HF greedy decoding appends to `ids`, with its own KV cache and EOS ignored (no
+    generation-config processors involved)."""
+    out: list[int] = []
     step_input, past = torch.tensor([ids]), None
     for _ in range(n):
-        out = hf(step_input, past_key_values=past, use_cache=True)
-        past = out.past_key_values
-        tokens.append(int(out.logits[0, -1].argmax()))
-        step_input = torch.tensor([[tokens[-1]]])
-    return torch.tensor(tokens)
+        result = hf(step_input, past_key_values=past, use_cache=True)
+        past = result.past_key_values
+        out.append(int(result.logits[0, -1].argmax()))
+        step_input = torch.tensor([[out[-1]]])
+    return out

@@ -17,7 +17,7 @@ import torch
 from builder.cli import main as build_main
 from builder.pipeline import RANDOM_WEIGHTS_PERPLEXITY_TOKENS
 from builder.perplexity import hf_window_logits, perplexity, text_token_ids
-from builder.validate import validate_engine
+from builder.validate import hf_greedy, validate_engine
 from engine_format.engine_dir import load_engine
 from runtime.core.engine_core import EngineCore, EngineRequest, collect_text
 from runtime.executor.model import DecoderModel
@@ -41,19 +41,6 @@ CONVERSATIONS = (
 def chat_ids(tokenizer, text: str) -> list[int]:
     return list(tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
                                               tokenize=True, return_dict=True)["input_ids"])
-
-
-@torch.inference_mode()
-def hf_greedy(model, prompt_ids: list[int], num_tokens: int) -> list[int]:
-    """Greedy decoding with the HF model's own KV cache, EOS ignored (full length)."""
-    out: list[int] = []
-    step, past = torch.tensor([prompt_ids]), None
-    for _ in range(num_tokens):
-        result = model(step, past_key_values=past, use_cache=True)
-        past = result.past_key_values
-        out.append(int(result.logits[0, -1].argmax()))
-        step = torch.tensor([[out[-1]]])
-    return out
 
 
 @pytest.fixture(scope="module")
