@@ -19,6 +19,7 @@ Not for: stop strings (runtime/core/stop_checker.py) or tokenizing input.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol, Sequence
 
 REPLACEMENT_CHAR = "\ufffd"
@@ -30,6 +31,23 @@ class Decoder(Protocol):
     """The part of a Hugging Face tokenizer the detokenizer uses."""
 
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = ...) -> str: ...
+
+
+def direct_decode(tokenizer: Decoder) -> Callable[..., str]:
+    """`tokenizer.decode`, or for a transformers fast tokenizer whose decode is the stock one with no clean-up
+    (`clean_up_tokenization_spaces` False, as trtserve's tokenizers are) the Rust `tokenizers.Tokenizer.decode`
+    that it calls (TokenizersBackend._decode): the same text, without transformers' Python around each call
+    (a 3-token window: 8.9 us -> 1.7 us; the front end decodes twice per streamed token)."""
+    try:
+        from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+        from transformers.tokenization_utils_tokenizers import TokenizersBackend
+    except ImportError:
+        return tokenizer.decode
+    kind = type(tokenizer)
+    if (isinstance(tokenizer, TokenizersBackend) and kind.decode is PreTrainedTokenizerBase.decode
+            and kind._decode is TokenizersBackend._decode and tokenizer.clean_up_tokenization_spaces is False):
+        return tokenizer.backend_tokenizer.decode
+    return tokenizer.decode
 
 
 class IncrementalDetokenizer:
@@ -44,7 +62,7 @@ class IncrementalDetokenizer:
 
     def __init__(self, tokenizer: Decoder, prompt_token_ids: Sequence[int],
                  skip_special_tokens: bool = True) -> None:
-        self._tokenizer = tokenizer
+        self._decode_ids = direct_decode(tokenizer)
         self._skip_special_tokens = skip_special_tokens
         context = list(prompt_token_ids[-NUM_CONTEXT_TOKENS:])
         context_text = self._decode(context)
@@ -97,4 +115,4 @@ class IncrementalDetokenizer:
     def _decode(self, token_ids: Sequence[int]) -> str:
         if not token_ids:
             return ""
-        return self._tokenizer.decode(token_ids, skip_special_tokens=self._skip_special_tokens)
+        return self._decode_ids(token_ids, skip_special_tokens=self._skip_special_tokens)

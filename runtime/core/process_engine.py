@@ -369,7 +369,7 @@ def add_text(text: OutputText, out: RequestOutput) -> tuple[RequestOutput, bool]
     finish decided here that the core did not report is a stop string: the delta ends at that token.
     """
     if not out.token_ids:                  # abort or error: what was held back as a possible stop string
-        return replace(out, text=text.flush()), False
+        return _with_text(out, text.flush()), False
     first = out.usage.completion_tokens - len(out.token_ids) + 1
     emitted = []
     for i, token_id in enumerate(out.token_ids):
@@ -379,12 +379,18 @@ def add_text(text: OutputText, out: RequestOutput) -> tuple[RequestOutput, bool]
             break
     else:
         tail = text.flush() if out.finished else ""
-        return replace(out, text="".join(emitted) + tail), False
+        return _with_text(out, emitted[0] + tail if len(emitted) == 1 else "".join(emitted) + tail), False
     kept = i + 1
     usage = replace(out.usage, completion_tokens=out.usage.completion_tokens - (len(out.token_ids) - kept))
     return replace(out, text="".join(emitted), token_ids=out.token_ids[:kept], logprobs=out.logprobs[:kept],
                    finished=True, finish_reason=decision.finish.value, stop_reason=decision.stop_reason,
                    usage=usage), not out.finished
+
+
+def _with_text(out: RequestOutput, text: str) -> RequestOutput:
+    """`out` with its text: dataclasses.replace's result, built directly (replace cost ~10 us a token)."""
+    return RequestOutput(out.request_id, text, out.token_ids, out.finished, out.finish_reason, out.usage,
+                         out.stop_reason, out.logprobs, out.error)
 
 
 def merge_outputs(outputs: list[RequestOutput]) -> RequestOutput:

@@ -15,7 +15,7 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from runtime.core.detokenizer import REPLACEMENT_CHAR, IncrementalDetokenizer
+from runtime.core.detokenizer import REPLACEMENT_CHAR, IncrementalDetokenizer, direct_decode
 from runtime.core.request import RequestStatus
 from runtime.sampling_params import SamplingParams
 from runtime.core.stop_checker import StopChecker
@@ -181,3 +181,18 @@ def test_with_stop_checker_length_ends_mid_character(tokenizer) -> None:
     text, finish, _ = generate(tokenizer, ids, SamplingParams(max_tokens=cut, stop=("zz",)))
     assert finish == RequestStatus.FINISHED_LENGTH
     assert text == tokenizer.decode(ids[:cut])
+
+
+def test_direct_decode_is_the_rust_decode_with_the_same_text(tokenizer) -> None:
+    """The fast path (no transformers Python per call) is taken for a stock fast tokenizer without clean-up and
+    gives decode()'s text for arbitrary ids, special tokens shown or skipped; with clean-up it is decode()."""
+    fast = direct_decode(tokenizer)
+    assert fast == tokenizer.backend_tokenizer.decode
+    rng = random.Random(5)
+    for _ in range(200):
+        ids = [rng.randrange(len(tokenizer)) for _ in range(rng.randint(0, 12))]
+        for skip in (True, False):
+            assert fast(ids, skip_special_tokens=skip) == tokenizer.decode(ids, skip_special_tokens=skip)
+    cleaning = PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend_tokenizer, clean_up_tokenization_spaces=True)
+    assert direct_decode(cleaning) == cleaning.decode
+    assert direct_decode(CountingTokenizer(tokenizer)).__self__.__class__ is CountingTokenizer

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from dataclasses import replace
+from dataclasses import fields, replace
 
 import numpy as np
 import pytest
@@ -31,6 +31,7 @@ from runtime.core.output_text import OutputText
 from runtime.core.process_engine import ProcessEngine, add_text, merge_outputs
 from runtime.core.request import MultimodalSpan
 from runtime.core.shm_arrays import SegmentError, release, segment_prefix
+from runtime.executor.sampler import TokenLogprobs
 from runtime.errors import FieldError
 from runtime.multimodal.image_processing import ProcessedVisual
 from runtime.multimodal.processor import MultimodalInputs
@@ -236,3 +237,15 @@ def test_add_text_cuts_a_delta_at_the_stop_string_and_says_when_to_abort() -> No
     assert add_text(held, RequestOutput("z", "", (0, 1), False, None, Usage(1, 2, 0, 0.1)))[0].text == "a"
     aborted = RequestOutput("z", "", (), True, "abort", Usage(1, 2, 0, 0.1))
     assert add_text(held, aborted) == (replace(aborted, text="b"), False), "held-back text comes with the end"
+
+
+def test_add_text_keeps_every_field_of_the_cores_delta() -> None:
+    """add_text builds its result directly (not dataclasses.replace): every field but the text is the core's,
+    also fields added to RequestOutput later (each is set to a non-default value here)."""
+    values = {"request_id": "w", "text": "", "token_ids": (0, 1), "finished": True, "finish_reason": "length",
+              "usage": Usage(1, 2, 0, 0.1), "stop_reason": 7, "logprobs": (TokenLogprobs(0, -0.5, ()),) * 2,
+              "error": "e"}
+    assert set(values) == {f.name for f in fields(RequestOutput)}, "give a new RequestOutput field a value here"
+    out = RequestOutput(**values)
+    text = OutputText.of(Letters(), [20], SamplingParams(max_tokens=9), ())
+    assert add_text(text, out) == (replace(out, text="ab"), False)
