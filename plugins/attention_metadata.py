@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -43,13 +44,41 @@ class AttentionMetadata:
         if len(seq_lens) != len(query_lens) or len(seq_lens) != block_tables.shape[0]:
             raise ValueError(f"seq_lens ({len(seq_lens)}), query_lens ({len(query_lens)}) and block_tables "
                              f"({block_tables.shape[0]} rows) must describe the same sequences")
-        starts = [0]
-        for n in query_lens:
-            starts.append(starts[-1] + n)
-        packed = to_device(torch.tensor(seq_lens + starts, dtype=torch.int32), device)
         num_seqs = len(seq_lens)
-        return cls(to_device(block_tables, device), packed[:num_seqs], packed[num_seqs:], list(seq_lens),
-                   list(query_lens), max(query_lens, default=0), split_context)
+        packed = np.empty(2 * num_seqs + 1, dtype=np.int32)       # seq_lens, then query_start_loc
+        packed[:num_seqs] = seq_lens
+        packed[num_seqs] = 0
+        if num_seqs:
+            np.cumsum(query_lens, dtype=np.int32, out=packed[num_seqs + 1:])
+        return cls._from_packed(block_tables, packed, list(seq_lens), list(query_lens),
+                                max(query_lens, default=0), device, split_context)
+
+    @classmethod
+    def build_decode(cls, block_tables: torch.Tensor, seq_lens: list[int], device: torch.device,
+                     split_context: int = 0) -> AttentionMetadata:
+        """One query token per sequence (a decode step): the query starts are 0..B, no cumulative sum."""
+        num_seqs = len(seq_lens)
+        if num_seqs != block_tables.shape[0]:
+            raise ValueError(f"seq_lens ({num_seqs}) and block_tables ({block_tables.shape[0]} rows) "
+                             "must describe the same sequences")
+        packed = np.array(seq_lens + list(range(num_seqs + 1)), dtype=np.int32)
+        return cls._from_packed(block_tables, packed, seq_lens, [1] * num_seqs, 1 if num_seqs else 0,
+                                device, split_context)
+
+    @classmethod
+    def _from_packed(cls, block_tables: torch.Tensor, packed: np.ndarray, seq_lens: list[int],
+                     query_lens: list[int], max_query_len: int, device: torch.device,
+                     split_context: int) -> AttentionMetadata:
+        """`packed`: int32 [2B + 1], the sequence lengths then the query start offsets."""
+        num_seqs = len(seq_lens)
+        if device.type == "cpu":        # numpy views: slicing a tensor goes through the dispatcher
+            seq_lens_tensor = torch.from_numpy(packed[:num_seqs])
+            query_start_loc = torch.from_numpy(packed[num_seqs:])
+        else:                           # one host-to-device copy
+            on_device = to_device(torch.from_numpy(packed), device)
+            seq_lens_tensor, query_start_loc = on_device[:num_seqs], on_device[num_seqs:]
+        return cls(to_device(block_tables, device), seq_lens_tensor, query_start_loc, seq_lens, query_lens,
+                   max_query_len, split_context)
 
 
 def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -59,6 +88,8 @@ def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     The pinned copy comes from PyTorch's caching host allocator, which keeps it until
     the copy has run, so the caller may drop it at once.
     """
+    if device.type == "cpu" and host.device.type == "cpu":
+        return host                     # already there (`.to` would return it too, through the dispatcher)
     if device.type != "cuda" or host.device.type != "cpu":
         return host.to(device)
     return host.pin_memory().to(device, non_blocking=True)

@@ -189,20 +189,23 @@ class EngineCore:
     def _update(self, plan: SchedulerOutput, sampled: SamplerOutput) -> list[RequestOutput]:
         """Advance the scheduled requests and turn each new token into an output delta."""
         self._num_computed_prompt_tokens += plan.num_prompt_tokens
-        rows = {request.request_id: row for row, request in enumerate(plan.sampling_requests)}
-        token_ids = {request_id: sampled.sampled_token_ids[row] for request_id, row in rows.items()}
-        return [self._on_token(request, sampled.logprobs[rows[request.request_id]])
-                for request in self.scheduler.update_from_output(plan, token_ids)]
+        sampling_requests = plan.sampling_requests
+        token_ids = dict(zip([request.request_id for request in sampling_requests], sampled.sampled_token_ids))
+        updated = self.scheduler.update_from_output(plan, token_ids)
+        self._num_generated_tokens += len(updated)
+        if not any(sampled.logprobs):
+            return [self._on_token(request, None) for request in updated]
+        rows = {request.request_id: row for row, request in enumerate(sampling_requests)}
+        return [self._on_token(request, sampled.logprobs[rows[request.request_id]]) for request in updated]
 
     def _on_token(self, request: Request, logprobs: TokenLogprobs | None) -> RequestOutput:
         """The text delta of the request's newest token and the stop decision it brings."""
         token_id = request.output_token_ids[-1]
-        self._num_generated_tokens += 1
-        decision = _output_text(request).on_token(token_id, request.num_output_tokens)
-        lps = (logprobs,) if logprobs is not None else ()
+        decision = _output_text(request).on_token(token_id, len(request.output_token_ids))
         if decision.finish is not None:
             self.scheduler.finish_request(request.request_id, decision.finish)
-        return _output(request, decision.emit_text, (token_id,), lps, decision.finish, decision.stop_reason)
+        return _output(request, decision.emit_text, (token_id,), () if logprobs is None else (logprobs,),
+                       decision.finish, decision.stop_reason)
 
     def _fail(self, plan: SchedulerOutput) -> list[RequestOutput]:
         outputs = []
@@ -247,12 +250,10 @@ def _output(request: Request, text: str, token_ids: tuple[int, ...], logprobs: t
 
 
 def _usage(request: Request) -> Usage:
-    def since_arrival(t: float | None) -> float | None:
-        return None if t is None else t - request.arrival_time
-
-    return Usage(request.num_prompt_tokens, request.num_output_tokens, request.num_cached_tokens,
-                 since_arrival(request.first_token_time), request.num_preemptions,
-                 since_arrival(request.first_scheduled_time))
+    arrival, first_token, first_scheduled = request.arrival_time, request.first_token_time, request.first_scheduled_time
+    return Usage(len(request.prompt_token_ids), len(request.output_token_ids), request.num_cached_tokens,
+                 None if first_token is None else first_token - arrival, request.num_preemptions,
+                 None if first_scheduled is None else first_scheduled - arrival)
 
 
 def collect_text(outputs: list[RequestOutput]) -> tuple[str, list[int]]:

@@ -204,8 +204,8 @@ class KVCacheManager:
         state = self._requests.get(request.request_id)
         if not self._enable_prefix_caching or state is None:
             return
-        num_full_blocks = min(num_computed_tokens, request.num_tokens) // self._block_size
-        num_full_blocks = min(num_full_blocks, len(state.block_ids))
+        num_tokens = len(request.prompt_token_ids) + len(request.output_token_ids)
+        num_full_blocks = min(num_computed_tokens, num_tokens, len(state.block_ids) * self._block_size) // self._block_size
         if num_full_blocks <= len(state.block_hashes):
             return
         token_ids = request.all_token_ids
@@ -252,8 +252,12 @@ class KVCacheManager:
         """
         if num_new_tokens < 0:
             raise KVCacheConfigError("num_new_tokens", f"must be >= 0, got {num_new_tokens}")
-        computed = computed_blocks or []
         state = self._requests.get(request.request_id)
+        if state is not None and not computed_blocks:       # a running request (every decode step)
+            num_held = len(state.block_ids)
+            if -(-(request.num_computed_tokens + num_new_tokens) // self._block_size) <= num_held:
+                return state.block_ids[:]                   # its blocks already hold the new tokens
+        computed = computed_blocks or []
         if state is not None and computed:
             raise KVCacheConfigError(
                 "computed_blocks", f"request {request.request_id!r} already holds blocks")

@@ -74,16 +74,12 @@ class ScheduledRequest:
     num_new_tokens: int
     num_computed_tokens: int          # before this step
     block_ids: list[int]
-    # request.num_tokens (plus its pending tokens) when scheduled (-1: read from the request on
-    # construction), so `samples` keeps its meaning after update_from_output appends a token.
-    num_known_tokens: int = -1
+    # request.num_tokens plus its pending tokens when scheduled, so `samples` keeps its meaning after
+    # update_from_output appends a token.
+    num_known_tokens: int
     # Trailing tokens of the chunk sampled by the step in flight (overlap): not yet known on the host,
     # the executor takes them from that step's sampled-token tensor.
     num_placeholder_tokens: int = 0
-
-    def __post_init__(self) -> None:
-        if self.num_known_tokens < 0:
-            object.__setattr__(self, "num_known_tokens", self.request.num_tokens)
 
     @property
     def samples(self) -> bool:
@@ -131,7 +127,8 @@ class SchedulerOutput:
     @property
     def num_prompt_tokens(self) -> int:
         """Prompt tokens computed this step."""
-        return sum(item.num_new_prompt_tokens for item in self.scheduled)
+        return sum(item.num_new_prompt_tokens for item in self.scheduled
+                   if item.num_computed_tokens < len(item.request.prompt_token_ids))
 
 
 class Scheduler:
@@ -194,28 +191,27 @@ class Scheduler:
         preempted_ids: list[str] = []
 
         index = 0
-        while index < len(self._running) and token_budget > 0:
-            request = self._running[index]
+        running = self._running
+        while index < len(running) and token_budget > 0:
+            request = running[index]
+            index += 1
+            num_output = len(request.output_token_ids)
             num_pending = request.num_pending_tokens
-            if num_pending and request.num_output_tokens + num_pending >= request.sampling_params.max_tokens:
-                index += 1                    # its step in flight samples its last token
-                continue
-            num_known = request.num_tokens + num_pending
-            num_new = min(num_known - request.num_computed_tokens, token_budget)
+            if num_pending and num_output + num_pending >= request.sampling_params.max_tokens:
+                continue                      # its step in flight samples its last token
+            num_tokens = len(request.prompt_token_ids) + num_output
+            num_computed = request.num_computed_tokens
+            num_new = min(num_tokens + num_pending - num_computed, token_budget)
             if num_new <= 0:
-                index += 1
                 continue
             block_ids = self._allocate_or_preempt(request, num_new, preempted_ids)
             if block_ids is None:
                 if request.status is RequestStatus.PREEMPTED:
                     break                     # it was the newest; nothing runs after it
-                index += 1                    # guaranteed_no_evict: cannot happen, skip defensively
-                continue
-            num_placeholders = max(0, request.num_computed_tokens + num_new - request.num_tokens)
-            scheduled.append(ScheduledRequest(request, num_new, request.num_computed_tokens, block_ids,
-                                              num_known, num_placeholders))
+                continue                      # guaranteed_no_evict: cannot happen, skip defensively
+            scheduled.append(ScheduledRequest(request, num_new, num_computed, block_ids, num_tokens + num_pending,
+                                              max(0, num_computed + num_new - num_tokens)))
             token_budget -= num_new
-            index += 1
 
         # After a preemption the pool is short: admitting now would only thrash.
         if not preempted_ids:
@@ -278,7 +274,7 @@ class Scheduler:
             request.num_computed_tokens = num_hit_tokens
             request.status = RequestStatus.RUNNING
             self._running.append(request)
-            scheduled.append(ScheduledRequest(request, num_new, num_hit_tokens, block_ids))
+            scheduled.append(ScheduledRequest(request, num_new, num_hit_tokens, block_ids, request.num_tokens))
             token_budget -= num_new
             num_reserved += max(num_worst_case - len(block_ids), 0)
         return token_budget
@@ -311,23 +307,29 @@ class Scheduler:
         changing nothing, when a request whose chunk reached its last token has
         no sampled token.
         """
-        live = [s for s in output.scheduled if not s.request.status.finished
-                and self._requests.get(s.request.request_id) is s.request]
-        for item in live:
-            if item.samples and item.request.request_id not in sampled_token_ids:
+        requests = self._requests
+        live: list[tuple[ScheduledRequest, bool]] = []      # (item, whether it samples)
+        for item in output.scheduled:
+            request = item.request
+            if requests.get(request.request_id) is not request or request.status.finished:
+                continue
+            samples = item.samples
+            if samples and request.request_id not in sampled_token_ids:
                 raise ValueError(
-                    f"sampled_token_ids: no token for request {item.request.request_id!r}, "
+                    f"sampled_token_ids: no token for request {request.request_id!r}, "
                     "whose chunk reached its last known token")
+            live.append((item, samples))
+        ahead = output.scheduled_ahead
         sampled: list[Request] = []
-        for item in live:
+        for item, samples in live:
             request = item.request
             end = item.num_computed_tokens + item.num_new_tokens
-            if not output.scheduled_ahead:
+            if not ahead:
                 request.num_computed_tokens = end
             if request.status is RequestStatus.RUNNING:     # not preempted while the step ran ahead
                 self._kv.cache_full_blocks(request, end)
-            if item.samples:
-                if output.scheduled_ahead:
+            if samples:
+                if ahead:
                     request.num_pending_tokens -= 1
                 request.append_output_token(sampled_token_ids[request.request_id])
                 sampled.append(request)

@@ -82,6 +82,11 @@ class StopChecker:
         finish, reason = self._token_finish(token_id, num_output_tokens, may_stop)
         if finish is not None and flush is not None:
             text_delta += flush()
+        if not self._stop_strings:      # nothing is ever held back: the rules below without the text matching
+            if not may_stop:
+                return StopDecision(text_delta, None, None)
+            self._finish = finish
+            return StopDecision(text_delta, finish, reason)
         if not may_stop:
             # Text before the min_tokens-th token is never a stop-string match
             # (and max_tokens >= min_tokens, so nothing finishes here).

@@ -22,7 +22,7 @@ from plugins.registry import get_ops
 from runtime.config import EngineConfig, EngineLayout
 from runtime.vision.encoder_cache import ChunkRange, EncoderCache, EncoderCacheStats, VisionEmbedder
 from engine_format.engine_dir import LoadedEngine
-from runtime.executor.forward_batch import ForwardBatch, HostBuffers, SequenceChunk
+from runtime.executor.forward_batch import DecodeRows, ForwardBatch, HostBuffers, SequenceChunk
 from runtime.executor.cuda_graphs import CudaGraphRunner
 from runtime.executor.kv_sizing import layout_report, size_kv_pool
 from runtime.executor.memory_profile import profile_gpu_memory
@@ -75,13 +75,16 @@ class PyTorchExecutor:
         previous step's sampled tokens, for each chunk with a placeholder token. The batch stays valid until
         the second `prepare` after this one (on CPU its tensors are views of reused host buffers)."""
         scheduled = output.scheduled
-        embeds = self._vision_embeds(output)
         sources = placeholder_sources or {}
+        block_size, device = self.layout.tokens_per_block, self.layout.device
+        rows = _decode_rows(scheduled, sources) if self.vision is None else None
+        if rows is not None:        # a decode-only text step: fresh arrays, no host buffers
+            return ForwardBatch.build_decode(rows, block_size, device, self.split_context)
+        embeds = self._vision_embeds(output)
         chunks = [_sequence_chunk(s, e, sources) for s, e in zip(scheduled, embeds)]
         buffers = self.host_buffers[self._num_prepared % 2]
         self._num_prepared += 1
-        return ForwardBatch.build(chunks, self.layout.tokens_per_block, self.layout.device, self.split_context,
-                                  buffers)
+        return ForwardBatch.build(chunks, block_size, device, self.split_context, buffers)
 
     def run(self, batch: ForwardBatch, previous_token_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Logits of a prepared batch; `previous_token_ids` (the previous step's sampled tokens, on this
@@ -103,6 +106,35 @@ class PyTorchExecutor:
         if all(r is None for r in ranges):
             return [()] * len(scheduled)
         return self.vision.embeds_for(ranges)
+
+
+def _decode_rows(scheduled: list[ScheduledRequest], placeholder_sources: Mapping[str, int]) -> DecodeRows | None:
+    """The step as `DecodeRows` when every chunk is one token of a text request (no M-RoPE, no
+    embeddings: what `_sequence_chunk` would make of it); None otherwise."""
+    token_ids: list[int] = []
+    starts: list[int] = []
+    block_ids: list[list[int]] = []
+    logits_rows: list[int] = []
+    placeholder_rows: list[int] = []
+    sources: list[int] = []
+    for row, s in enumerate(scheduled):
+        request = s.request
+        if s.num_new_tokens != 1 or request.multimodal is not None:
+            return None
+        start = s.num_computed_tokens
+        if s.num_placeholder_tokens:
+            token_ids.append(0)
+            placeholder_rows.append(row)
+            sources.append(placeholder_sources[request.request_id])
+        else:
+            prompt = request.prompt_token_ids
+            token_ids.append(prompt[start] if start < len(prompt) else request.output_token_ids[start - len(prompt)])
+        starts.append(start)
+        block_ids.append(s.block_ids)
+        if s.samples:
+            logits_rows.append(row)
+    return DecodeRows(token_ids, starts, block_ids, None if len(logits_rows) == len(starts) else logits_rows,
+                      placeholder_rows, sources)
 
 
 def _sequence_chunk(s: ScheduledRequest, embeds: tuple[tuple[int, torch.Tensor], ...],

@@ -5,7 +5,8 @@ tokens of which sequence, in which KV blocks) become tensors for the executor:
 token ids, positions (1-D, or [3, T] M-RoPE positions when a chunk carries
 them), slot mapping, block tables, sequence / query lengths, which positions need logits, and the rows
 whose token embedding is replaced by a vision embedding, packed with numpy into preallocated host arrays
-(`HostBuffers`; decode rows as scalars) rather than Python lists per token. On CUDA the host tensors go up
+(`HostBuffers`) rather than Python lists per token; a decode-only step (`DecodeRows`: columns rather than
+chunks) is packed into one array per step (`ForwardBatch.build_decode`). On CUDA the host tensors go up
 through pinned memory without blocking the host. With overlap (runtime/core/overlap.py) a decode row's
 input token may be a placeholder: the previous step sampled it and it is not on the host yet;
 `fill_placeholders` writes it from that step's sampled-token tensor, on the device, just before the forward.
@@ -13,7 +14,7 @@ Not for: deciding what to run (runtime/core/scheduler.py) or running it (runtime
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -37,6 +38,19 @@ class SequenceChunk:
     # >= 0: the chunk's last token is a placeholder for row `placeholder_source` of the previous step's
     # sampled tokens (its value in token_ids is ignored)
     placeholder_source: int = -1
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeRows:
+    """A decode-only step as columns: row i computes the token at position starts[i] of its sequence, one
+    token per sequence, 1-D positions, no embeddings replaced (the shape of most steps)."""
+
+    token_ids: list[int]              # a placeholder row's entry is ignored
+    starts: list[int]
+    block_ids: list[list[int]]
+    logits_rows: list[int] | None = None        # rows that need logits; None: every row
+    placeholder_rows: list[int] = field(default_factory=list)       # see SequenceChunk.placeholder_source
+    placeholder_sources: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,9 +139,7 @@ class ForwardBatch:
             query_lens.append(n)
 
         def as_tensor(values: np.ndarray | list[int]) -> torch.Tensor:
-            host_tensor = (torch.from_numpy(values) if isinstance(values, np.ndarray)
-                           else torch.tensor(values, dtype=torch.int64))
-            return to_device(host_tensor, device)
+            return _as_tensor(values, device)
 
         attention = AttentionMetadata.build(torch.from_numpy(table), seq_lens, query_lens, device, split_context)
         return cls(as_tensor(token_ids), to_device(_positions(positions, mrope_rows), device), as_tensor(slots),
@@ -136,6 +148,47 @@ class ForwardBatch:
                    torch.cat([e.to(device) for e in embeds]) if embeds else None,
                    as_tensor(placeholder_rows) if placeholder_rows else None,
                    as_tensor(placeholder_sources) if placeholder_rows else None)
+
+
+    @classmethod
+    def build_decode(cls, rows: DecodeRows, block_size: int, device: torch.device,
+                     split_context: int = 0) -> ForwardBatch:
+        """Pack a decode-only step: the batch `build` makes of the same one-token chunks, with a few numpy
+        calls for the whole step (for a batch of tens of rows each numpy or torch call costs about as
+        much as a row of scalar Python, so the rows' scalars go into one flat list and one array)."""
+        num_rows = len(rows.starts)
+        if not num_rows or len(rows.token_ids) != num_rows or len(rows.block_ids) != num_rows:
+            raise ValueError(f"rows: {len(rows.token_ids)} token ids, {num_rows} starts and {len(rows.block_ids)} "
+                             "block tables; a decode batch needs one of each per row, at least one row")
+        width = max(len(ids) for ids in rows.block_ids)
+        slots: list[int] = []
+        table: list[int] = []
+        padding = [0] * width
+        for i, (ids, start) in enumerate(zip(rows.block_ids, rows.starts)):
+            block = start // block_size
+            if block >= len(ids):
+                raise ValueError(f"rows[{i}]: {start + 1} tokens do not fit in {len(ids)} blocks")
+            slots.append(ids[block] * block_size + start % block_size)
+            table += ids
+            if len(ids) < width:
+                table += padding[len(ids):]
+        logits_rows = list(range(num_rows)) if rows.logits_rows is None else rows.logits_rows
+        num_logits = len(logits_rows)
+        # one int64 array: token ids, positions, slots, logits rows, then the [B, width] block table
+        host = np.array(rows.token_ids + rows.starts + slots + logits_rows + table, dtype=np.int64)
+        token_ids, positions, slot_mapping, logits_indices, block_tables = _tensors(
+            device, host[:num_rows], host[num_rows:2 * num_rows], host[2 * num_rows:3 * num_rows],
+            host[3 * num_rows:3 * num_rows + num_logits],
+            host[3 * num_rows + num_logits:].reshape(num_rows, width))
+        seq_lens = [start + 1 for start in rows.starts]
+        attention = AttentionMetadata.build_decode(block_tables, seq_lens, device, split_context)
+        placeholder_rows = placeholder_sources = None
+        if rows.placeholder_rows:
+            placeholder_rows, placeholder_sources = _tensors(
+                device, np.array(rows.placeholder_rows, dtype=np.int64),
+                np.array(rows.placeholder_sources, dtype=np.int64))
+        return cls(token_ids, positions, slot_mapping, attention.block_tables, logits_indices, seq_lens,
+                   attention.query_lens, attention, None, None, placeholder_rows, placeholder_sources)
 
 
 class HostBuffers:
@@ -150,6 +203,19 @@ class HostBuffers:
         if num_tokens > self._data.shape[1]:
             self._data = np.empty((3, num_tokens), dtype=np.int64)
         return self._data[0, :num_tokens], self._data[1, :num_tokens], self._data[2, :num_tokens]
+
+
+def _as_tensor(values: np.ndarray | list[int], device: torch.device) -> torch.Tensor:
+    """int64 host values on `device` (numpy: no per-element Python, unlike torch.tensor of a list)."""
+    array = values if isinstance(values, np.ndarray) else np.array(values, dtype=np.int64)
+    return to_device(torch.from_numpy(array), device)
+
+
+def _tensors(device: torch.device, *arrays: np.ndarray) -> tuple[torch.Tensor, ...]:
+    """Host arrays as tensors on `device` (on CPU: views of them)."""
+    if device.type == "cpu":
+        return tuple(torch.from_numpy(array) for array in arrays)
+    return tuple(to_device(torch.from_numpy(array), device) for array in arrays)
 
 
 def _positions(positions: np.ndarray, mrope_rows: list[tuple[int, np.ndarray]]) -> torch.Tensor:

@@ -136,11 +136,13 @@ def argmax_rows(logits: torch.Tensor) -> list[int]:
 
 
 def _plain_greedy(request: Request) -> bool:
-    """Greedy, no logprobs, no penalty, no ban and no grammar this step: steps 1-3 change nothing."""
+    """Greedy, no logprobs, no penalty, no ban and no grammar this step: steps 1-3 change nothing (a request
+    with bad words takes the full path, which gives the same token when none of them is banned)."""
     params = request.sampling_params
     return (params.greedy and params.logprobs is None and request.grammar is None
             and params.repetition_penalty == 1.0 and params.frequency_penalty == 0.0
-            and params.presence_penalty == 0.0 and not _banned_token_ids(request))
+            and params.presence_penalty == 0.0 and not params.bad_words_ids
+            and (len(request.output_token_ids) >= params.min_tokens or not _banned_token_ids(request)))
 
 
 def sampling_probs(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
