@@ -16,8 +16,8 @@ from typing import Callable
 
 import torch
 
-from plugins.attention_metadata import AttentionMetadata
 from plugins.reference import activation, kv_dequant, paged_attention, rmsnorm, rope
+from plugins.reference.qkv_attention import REFERENCE_QKV_ATTENTION, UnfusedQKVAttention, reference_attention_meta
 
 OP_BACKENDS = ("auto", "reference", "cpu", "triton")
 
@@ -34,17 +34,14 @@ class OpSet:
     # (q, key_cache, value_cache, block_tables, seq_lens, query_lens, scale): host lists, the reference signature
     paged_attention: Callable[..., torch.Tensor]
     paged_attention_meta: Callable[..., torch.Tensor]              # (q, kc, vc, AttentionMetadata, scale)
+    # (qkv [T, (H + 2 Hkv) D], cos, sin, kc, vc, slot_mapping, AttentionMetadata, scale) -> [T, H D]: RoPE, the
+    # KV write and attention over one qkv projection's rows (plugins/reference/qkv_attention.py); float caches
+    qkv_attention: Callable[..., torch.Tensor]
     # decode steps through these ops read only device tensors and static shapes: a CUDA graph may capture them
     graph_safe: bool = False
     # one-byte KV cache: (key_codes, value_codes, AttentionMetadata, byte table) -> (keys, values, block tables)
     dequantize_kv_context: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = \
         kv_dequant.dequantize_kv_context
-
-
-def _reference_attention_meta(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
-                              metadata: AttentionMetadata, scale: float) -> torch.Tensor:
-    return paged_attention.paged_attention(q, key_cache, value_cache, metadata.block_tables, metadata.seq_lens,
-                                           metadata.query_lens, scale)
 
 
 REFERENCE_OPS = OpSet(
@@ -56,7 +53,8 @@ REFERENCE_OPS = OpSet(
     apply_rope=rope.apply_rope,
     write_kv_cache=paged_attention.write_kv_cache,
     paged_attention=paged_attention.paged_attention,
-    paged_attention_meta=_reference_attention_meta,
+    paged_attention_meta=reference_attention_meta,
+    qkv_attention=REFERENCE_QKV_ATTENTION,
 )
 
 
@@ -84,6 +82,8 @@ def triton_ops() -> OpSet:
         write_kv_cache=kv_cache.write_kv_cache,
         paged_attention=attention.paged_attention,
         paged_attention_meta=attention.paged_attention_meta,
+        qkv_attention=UnfusedQKVAttention(triton_rope.apply_rope, kv_cache.write_kv_cache,
+                                          attention.paged_attention_meta),
         graph_safe=True,
     )
 
@@ -108,6 +108,7 @@ def cpu_ops() -> OpSet:
                    write_kv_cache=cpu_attention.write_kv_cache,
                    paged_attention=cpu_attention.paged_attention,
                    paged_attention_meta=cpu_attention.paged_attention_meta,
+                   qkv_attention=cpu_attention.qkv_attention,
                    dequantize_kv_context=cpu_kv_dequant.dequantize_kv_context)
 
 

@@ -87,22 +87,23 @@ class DecoderModel:
 
     def _attention(self, layer: int, p: str, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                    batch: ForwardBatch, kv: KVStorage) -> torch.Tensor:
-        cfg, w = self.cfg, self.w
+        cfg = self.cfg
         qkv = self.linears[f"{p}.attention.qkv"](x)
+        key_cache, value_cache = kv.key_caches[layer], kv.value_caches[layer]
+        if self.kv_algo is None:        # RoPE, the KV write and attention: one op (one compiled call on CPU)
+            out = self.ops.qkv_attention(qkv, cos, sin, key_cache, value_cache, batch.slot_mapping,
+                                         batch.attention, self.scale)
+            return self.linears[f"{p}.attention.dense"](out)
+        # one-byte cache with the layer's static scale (runtime/executor/kv_quant.py)
         q, k, v = qkv.split_with_sizes(self.qkv_sizes, dim=-1)
         q = q.view(-1, cfg.num_attention_heads, cfg.head_size)
         k = k.view(-1, cfg.num_key_value_heads, cfg.head_size)
         v = v.view(-1, cfg.num_key_value_heads, cfg.head_size)
         q, k = self.ops.apply_rope(q, k, cos, sin)
-        key_cache, value_cache = kv.key_caches[layer], kv.value_caches[layer]
-        if self.kv_algo is None:
-            self.ops.write_kv_cache(key_cache, value_cache, k, v, batch.slot_mapping)
-            out = self.ops.paged_attention_meta(q, key_cache, value_cache, batch.attention, self.scale)
-        else:       # one-byte cache with the layer's static scale (runtime/executor/kv_quant.py)
-            kv_scale = w[f"{p}.attention.kv_cache_scaling_factor"]
-            write_kv_cache_quant(self.ops, key_cache, value_cache, k, v, batch.slot_mapping, kv_scale, self.kv_algo)
-            out = paged_attention_quant(self.ops, q, key_cache, value_cache, batch.attention, self.scale,
-                                        self.kv_tables[layer])
+        kv_scale = self.w[f"{p}.attention.kv_cache_scaling_factor"]
+        write_kv_cache_quant(self.ops, key_cache, value_cache, k, v, batch.slot_mapping, kv_scale, self.kv_algo)
+        out = paged_attention_quant(self.ops, q, key_cache, value_cache, batch.attention, self.scale,
+                                    self.kv_tables[layer])
         return self.linears[f"{p}.attention.dense"](out.reshape(-1, self.q_size))
 
     def _mlp(self, layer: int, p: str, x: torch.Tensor) -> torch.Tensor:

@@ -76,3 +76,20 @@ def test_other_dtypes_fall_back_to_the_reference() -> None:
     assert torch.equal(out, reference_attention(case.q, key_cache, value_cache, case.block_tables, case.seq_lens,
                                                 case.query_lens, case.scale))
 
+
+
+def test_float32_exponential_is_within_2e7_relative_of_exp() -> None:
+    """The attention's vectorisable exp (softmax weights) on a sweep of [-100, 0] and shifted random scores."""
+    import numpy as np
+
+    from plugins.cpu.paged_attention import _exp_shifted_f32
+
+    sweep = np.linspace(-100.0, 0.0, 200_001).astype(np.float32)
+    scores = (np.random.default_rng(0).standard_normal(5000) * 30).astype(np.float32)
+    for x, shift in ((sweep, np.float32(0.0)), (scores, scores.max())):
+        got = x.copy()
+        _exp_shifted_f32(got, shift, np.empty(x.shape[0], np.int32))
+        want = np.exp((x - shift).astype(np.float64))       # of the float32 difference, as the kernel rounds it
+        normal = want > 2.0 ** -125
+        assert np.all(np.abs(got[normal] - want[normal]) <= 2e-7 * want[normal])
+        assert np.all(got[~normal] < 2.0 ** -124)
