@@ -21,7 +21,8 @@ worker thread compiles it; the loop keeps stepping the other requests and
 admits it once compiled (the step never waits for a compilation). With
 `cpu_threads` 0 (auto) each step's torch thread count follows its GEMM work
 (`install_thread_policy`, runtime/core/thread_policy.py): one thread for small
-steps, whose parallel GEMMs would wait on the front end's use of a core.
+steps, whose parallel GEMMs would wait on the front end's use of a core; every
+core for large ones while their measured step times (`step_done`) say it pays.
 Not for: the client side (runtime/core/process_engine.py) or message types (ipc.py).
 """
 from __future__ import annotations
@@ -31,6 +32,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import msgspec
@@ -51,7 +53,7 @@ from runtime.core.ipc import (
     StatsReply,
     WireRequest,
 )
-from runtime.core.thread_policy import StepThreads, model_work, policy_for
+from runtime.core.thread_policy import ParallelCheck, StepThreads, model_work, policy_for
 from runtime.errors import FieldError
 
 LOG = logging.getLogger(__name__)
@@ -101,7 +103,7 @@ def run_core(engine_dir: str, config: EngineConfig, inbox_address: str, outbox_a
         torch.set_num_threads(config.cpu_threads)
     try:
         core = EngineCore.from_dir(engine_dir, config, text_output=False)
-        install_thread_policy(core, config.cpu_threads)
+        threads = install_thread_policy(core, config.cpu_threads)
     except BaseException as exc:  # the front end reports it and exits; nothing else can use this process
         outbox.send(codec.encode(CoreFailed(f"{type(exc).__name__}: {exc}")))
         outbox.close(linger=2000)
@@ -111,7 +113,7 @@ def run_core(engine_dir: str, config: EngineConfig, inbox_address: str, outbox_a
                                        os.getpid(), str(core.engine.tokenizer_dir),
                                        list(core.engine.eos_token_ids))))
     try:
-        _loop(core, inbox, outbox, codec, parent_pid)
+        _loop(core, inbox, outbox, codec, parent_pid, threads)
     finally:
         inbox.close(linger=0)
         outbox.close(linger=1000)
@@ -126,7 +128,7 @@ def install_thread_policy(core: EngineCore, cpu_threads: int) -> StepThreads | N
                         max_threads=torch.get_num_threads(), work=model_work(core.engine.llm_config))
     if policy is None or policy.fixed is not None or core.overlap:
         return None
-    hook = StepThreads(policy)
+    hook = StepThreads(policy, ParallelCheck(policy.max_threads))
     core.before_forward = hook
     return hook
 
@@ -144,7 +146,8 @@ def _leave_signals_to_the_server(parent_pid: int) -> None:
     signal.signal(signal.SIGTERM, on_sigterm)
 
 
-def _loop(core: EngineCore, inbox: zmq.Socket, outbox: zmq.Socket, codec: Codec, parent_pid: int) -> None:
+def _loop(core: EngineCore, inbox: zmq.Socket, outbox: zmq.Socket, codec: Codec, parent_pid: int,
+          threads: StepThreads | None) -> None:
     guides = PendingGuides()
     while True:
         idle = not core.has_unfinished()
@@ -156,7 +159,10 @@ def _loop(core: EngineCore, inbox: zmq.Socket, outbox: zmq.Socket, codec: Codec,
             if reply is not None:
                 outbox.send(codec.encode(reply))
         if core.has_unfinished():
+            start = time.perf_counter()
             outputs = core.step()
+            if threads is not None:
+                threads.step_done(time.perf_counter() - start)
             if outputs:
                 outbox.send(codec.encode(CoreOutputs(outputs)))
         elif os.getppid() != parent_pid:

@@ -3,13 +3,15 @@
 What it is for: `ThreadPolicy.threads_for` (pure: a step's token counts -> its thread count), `policy_for`
 (which policy a process gets from `cpu_threads`, the device and whether a front end shares the cores) and
 `StepThreads` (the engine-core process's per-step hook that applies it, calling torch.set_num_threads only
-when the count changes; about 2 us a call).
+when the count changes; about 2 us a call), with `ParallelCheck` confirming from measured step times that the
+large steps really gain from every core.
 
 Why per step: served, the front end (gRPC streaming, detokenization) runs in another process on the same
 cores. A GEMM split over every core then waits for whichever of its threads the OS has descheduled to run the
 front end, which costs more than the split saves unless the GEMM is large. So a step whose GEMM work (tokens x
 weight elements, `ModelWork.of_step`) is below `SERVED_PARALLEL_MIN_WORK` runs on one thread, a larger one
-on every core. Alone (in-process `EngineCore`, `trtserve-generate`) nothing shares the cores and the library
+on every core while the measured step times agree (`ParallelCheck`: other jobs on the cores make even large
+parallel steps wait). Alone (in-process `EngineCore`, `trtserve-generate`) nothing shares the cores and the library
 never changes its caller's threads: torch's default (all cores) stays.
 Not for: where the hook is called (EngineCore.step) or the vision encoder's ONNX Runtime threads.
 """
@@ -82,17 +84,77 @@ def policy_for(cpu_threads: int, served: bool, device_type: str, max_threads: in
     return ThreadPolicy(work, max_threads)
 
 
+# Above the threshold the measured steps have the last word (`ParallelCheck`): other processes than the front end
+# on the cores make every parallel step wait (small-qwen2's steps ran 4-13x slower on 2 threads than on 1 under
+# load 7-9, docs/perf/2026-11-30/thread_policy.md), which no work threshold can see.
+PROBE_EVERY = 64            # large steps between two runs on the count not in use (its estimate refreshed)
+SWITCH_MARGIN = 1.25        # the count not in use is taken when its cost per unit of work is this much lower
+COST_SMOOTHING = 0.5        # weight of a new step in the running estimate of the count in use
+
+
+@dataclass(slots=True)
+class ParallelCheck:
+    """For steps at or above the threshold: every core, unless measured step times say one thread is cheaper.
+
+    Each large step's wall time per unit of work updates its thread count's estimate (the count in use: a running
+    average; the count not in use: replaced by each probe, one large step in PROBE_EVERY). The count not in use
+    is taken when its estimate is SWITCH_MARGIN times lower. Pure: the caller measures and reports the times.
+    """
+
+    max_threads: int
+    chosen: int = 0                     # 0: max_threads (set at construction)
+    cost: dict[int, float] = field(default_factory=dict)       # seconds per unit of work, per thread count
+    num_large: int = 0
+
+    def __post_init__(self) -> None:
+        self.chosen = self.chosen or self.max_threads
+
+    @property
+    def other(self) -> int:
+        return 1 if self.chosen == self.max_threads else self.max_threads
+
+    def next_threads(self) -> int:
+        """The thread count of the next large step."""
+        self.num_large += 1
+        if self.chosen in self.cost and (self.other not in self.cost or self.num_large % PROBE_EVERY == 0):
+            return self.other
+        return self.chosen
+
+    def record(self, threads: int, seconds: float, work: int) -> None:
+        """A large step's wall time, run on `threads`."""
+        cost = seconds / max(work, 1)
+        if threads == self.chosen and threads in self.cost:
+            cost = (1 - COST_SMOOTHING) * self.cost[threads] + COST_SMOOTHING * cost
+        self.cost[threads] = cost
+        other = self.other
+        if other in self.cost and self.chosen in self.cost and self.cost[other] * SWITCH_MARGIN < self.cost[self.chosen]:
+            self.chosen = other
+
+
 @dataclass(slots=True)
 class StepThreads:
-    """EngineCore's `before_forward` hook in the engine-core process: sets the step's thread count."""
+    """EngineCore's `before_forward` hook in the engine-core process: sets the step's thread count
+    (`step_done` reports the step's wall time, which large steps feed to the ParallelCheck)."""
 
     policy: ThreadPolicy
+    check: ParallelCheck | None = None
     current: int = field(default_factory=torch.get_num_threads)
     changes: int = 0            # how many times a step changed the count (stats and tests)
+    large_step: tuple[int, int] | None = None      # (threads, work) of the step running, when large
 
     def __call__(self, plan: SchedulerOutput) -> None:
-        threads = self.policy.threads_for(plan.num_scheduled_tokens, sum(item.samples for item in plan.scheduled))
+        num_sampled = sum(item.samples for item in plan.scheduled)
+        threads = self.policy.threads_for(plan.num_scheduled_tokens, num_sampled)
+        self.large_step = None
+        if threads > 1 and self.policy.fixed is None and self.check is not None:
+            threads = self.check.next_threads()
+            self.large_step = (threads, self.policy.work.of_step(plan.num_scheduled_tokens, num_sampled))
         if threads != self.current:
             torch.set_num_threads(threads)
             self.current = threads
             self.changes += 1
+
+    def step_done(self, seconds: float) -> None:
+        if self.large_step is not None and self.check is not None:
+            self.check.record(self.large_step[0], seconds, self.large_step[1])
+        self.large_step = None

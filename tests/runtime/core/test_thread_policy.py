@@ -1,7 +1,9 @@
 """The engine core's thread policy (runtime/core/thread_policy.py) and where the core process applies it.
 
 The policy function is pure: a step's work (tokens x decoder weight elements + sampled rows x LM-head
-elements) against the threshold, an explicit count kept, auto only when served on a multi-core CPU.
+elements) against the threshold, an explicit count kept, auto only when served on a multi-core CPU; the
+ParallelCheck of large steps fed made-up step costs (keeps every core while it pays, moves to one thread when
+parallel steps wait, back when they stop, probing the other count one large step in PROBE_EVERY).
 Then an in-process EngineCore on tiny-qwen2 with the hook the core process installs
 (core_process.install_thread_policy): each forward runs with the thread count the policy chose for its
 plan (a long prompt's prefill on every core, the decode steps on one), and an explicit count or overlap
@@ -10,7 +12,7 @@ naming the field by trtserve-generate (trtserve-serve's is tests/grpc_service/te
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
@@ -19,8 +21,8 @@ from engine_format.engine_dir import LoadedEngine, load_engine
 from runtime.config import EngineConfig
 from runtime.core.core_process import install_thread_policy
 from runtime.core.engine_core import EngineCore, EngineRequest
-from runtime.core.thread_policy import (AUTO, SERVED_PARALLEL_MIN_WORK, ModelWork, StepThreads, ThreadPolicy,
-                                        model_work, policy_for)
+from runtime.core.thread_policy import (AUTO, PROBE_EVERY, SERVED_PARALLEL_MIN_WORK, ModelWork, ParallelCheck,
+                                        StepThreads, ThreadPolicy, model_work, policy_for)
 from runtime.sampling_params import SamplingParams
 
 
@@ -76,8 +78,52 @@ def test_the_threshold_separates_the_measured_served_workloads() -> None:
     assert tiny.of_step(16, 16) < SERVED_PARALLEL_MIN_WORK <= small.of_step(1, 1)
 
 
-def _run_with_hook(core: EngineCore, first_token: int, prompt_len: int, max_tokens: int) -> list[tuple[int, int]]:
-    """(tokens in the step, torch threads during its forward) for every step of one greedy request."""
+def _drive(check: ParallelCheck, seconds_per_work: dict[int, float], steps: int, work: int = 1000) -> list[int]:
+    """`steps` large steps whose (given, not timed) cost per unit of work depends on the thread count."""
+    counts = []
+    for _ in range(steps):
+        threads = check.next_threads()
+        check.record(threads, seconds_per_work[threads] * work, work)
+        counts.append(threads)
+    return counts
+
+
+def test_parallel_check_keeps_every_core_while_it_pays_and_probes_one_thread_rarely() -> None:
+    check = ParallelCheck(max_threads=2)
+    counts = _drive(check, {2: 1.0, 1: 1.3}, steps=4 * PROBE_EVERY)
+    assert counts[:3] == [2, 1, 2] and check.chosen == 2                   # first step, first probe, back
+    assert counts.count(1) == 1 + 4 and all(c == 1 for i, c in enumerate(counts, 1) if i % PROBE_EVERY == 0)
+    assert check.cost == {2: 1.0, 1: 1.3}
+
+
+def test_parallel_check_moves_to_one_thread_when_parallel_steps_wait_and_back_when_they_stop() -> None:
+    check = ParallelCheck(max_threads=2)
+    counts = _drive(check, {2: 10.0, 1: 1.0}, steps=3 * PROBE_EVERY)      # other jobs on the cores
+    assert counts[:3] == [2, 1, 1] and check.chosen == 1
+    assert counts.count(2) == 1 + 3                                         # the first step, then one probe in 64
+    _drive(check, {2: 1.0, 1: 1.3}, steps=PROBE_EVERY)                     # the cores are free again
+    assert check.chosen == 2
+    within_margin = ParallelCheck(max_threads=2)
+    _drive(within_margin, {2: 1.0, 1: 0.9}, steps=3 * PROBE_EVERY)        # one thread only 10 % cheaper: stay
+    assert within_margin.chosen == 2
+
+
+def test_step_threads_feeds_large_steps_to_the_check_and_uses_its_choice(engine: LoadedEngine,
+                                                                         two_threads: None) -> None:
+    core = EngineCore(engine, EngineConfig(device="cpu", overlap="off"), text_output=False)
+    hook = install_thread_policy(core, AUTO)
+    assert hook is not None and hook.check is not None
+    seen: list[int] = []
+    for first in (10, 1000):     # two long prefills (large), each followed by one decode step (small)
+        seen += [t for _, t in _run_with_hook(core, first, 200, max_tokens=2, step_done=hook.step_done)]
+    # 1st large step on 2 threads; the 2nd probes 1 thread; decode steps are small: 1 thread, not recorded
+    assert seen == [2, 1, 1, 1] and set(hook.check.cost) == {1, 2} and hook.check.num_large == 2
+
+
+def _run_with_hook(core: EngineCore, first_token: int, prompt_len: int, max_tokens: int,
+                   step_done: Callable[[float], None] | None = None) -> list[tuple[int, int]]:
+    """(tokens in the step, torch threads during its forward) for every step of one greedy request; each step
+    reported to `step_done` as the core process does (with a made-up time: 1 ms)."""
     seen: list[tuple[int, int]] = []
     execute = core.executor.execute
 
@@ -88,8 +134,11 @@ def _run_with_hook(core: EngineCore, first_token: int, prompt_len: int, max_toke
     core.executor.execute = recording_execute
     prompt = list(range(first_token, first_token + prompt_len))     # no prefix shared with another run
     try:
-        core.generate_all([EngineRequest(f"r{first_token}", prompt, SamplingParams(max_tokens=max_tokens,
-                                                                                    temperature=0))])
+        core.add_request(EngineRequest(f"r{first_token}", prompt, SamplingParams(max_tokens=max_tokens, temperature=0)))
+        while core.has_unfinished():
+            core.step()
+            if step_done is not None:
+                step_done(0.001)
     finally:
         core.executor.execute = execute
     return seen
