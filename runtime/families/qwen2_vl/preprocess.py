@@ -28,8 +28,8 @@ from PIL import Image
 
 from runtime.errors import FieldError
 from runtime.families.preprocess_checks import FIELD, check_keys, float_triple, positive_float, positive_int
-from runtime.multimodal.image_processing import (ProcessedVisual, check_image_size, content_hash, normalise,
-                                                 rgb_image)
+from runtime.multimodal.image_processing import (ProcessedVisual, check_image_size, content_hash, normalise_channels,
+                                                 normalise_table, rgb_image)
 
 _INT_KEYS = ("patch_size", "temporal_patch_size", "merge_size", "min_pixels", "max_pixels")
 _TRIPLE_KEYS = ("image_mean", "image_std")
@@ -92,9 +92,8 @@ def smart_resize(height: int, width: int, cfg: PreprocessConfig,
 def preprocess_image(image: Image.Image, cfg: PreprocessConfig, *,
                      field: str = "image") -> ProcessedVisual:
     """One image -> `[h*w, C*T*P*P]` patch rows with grid (1, h, w), equal to HF."""
-    frame = _normalised_frame(image, cfg, field)
-    frames = np.broadcast_to(frame, (cfg.temporal_patch_size, *frame.shape))
-    return _make_visual("image", frames, cfg, second_per_grid_t=0.0)
+    frame = _resized_frame(image, cfg, field)
+    return _make_visual("image", frame[None], cfg, second_per_grid_t=0.0, still=True)
 
 
 def preprocess_video(frames: Sequence[Image.Image], cfg: PreprocessConfig, fps: float, *,
@@ -113,35 +112,43 @@ def preprocess_video(frames: Sequence[Image.Image], cfg: PreprocessConfig, fps: 
         if frame.size != size:
             raise FieldError(f"{field}[{index}]", f"frame is {frame.size[0]}x{frame.size[1]}, "
                                                   f"frame 0 is {size[0]}x{size[1]}")
-    arrays = [_normalised_frame(frame, cfg, f"{field}[{i}]") for i, frame in enumerate(frames)]
+    arrays = [_resized_frame(frame, cfg, f"{field}[{i}]") for i, frame in enumerate(frames)]
     pad = -len(arrays) % cfg.temporal_patch_size
     arrays.extend([arrays[-1]] * pad)
     stacked = np.stack(arrays)
-    return _make_visual("video", stacked, cfg, second_per_grid_t=cfg.temporal_patch_size / fps)
+    return _make_visual("video", stacked, cfg, second_per_grid_t=cfg.temporal_patch_size / fps, still=False)
 
 
-def _normalised_frame(image: Image.Image, cfg: PreprocessConfig, field: str) -> np.ndarray:
-    """Resize (bicubic), rescale and normalise one frame -> float32 [H, W, C]."""
+def _resized_frame(image: Image.Image, cfg: PreprocessConfig, field: str) -> np.ndarray:
+    """Resize (bicubic) one frame -> uint8 [H, W, C]."""
     rgb = rgb_image(image, field)
     width, height = rgb.size
     new_height, new_width = smart_resize(height, width, cfg, field)
-    resized = rgb.resize((new_width, new_height), Image.Resampling.BICUBIC)
-    return normalise(np.asarray(resized), cfg.rescale_factor, cfg.image_mean, cfg.image_std)
+    return np.asarray(rgb.resize((new_width, new_height), Image.Resampling.BICUBIC))
 
 
-def _make_visual(kind: str, frames: np.ndarray, cfg: PreprocessConfig,
-                 second_per_grid_t: float) -> ProcessedVisual:
-    """Patchify frames [F, H, W, C] (F a multiple of T) in HF's order and hash the result."""
+def _make_visual(kind: str, frames: np.ndarray, cfg: PreprocessConfig, second_per_grid_t: float,
+                 still: bool) -> ProcessedVisual:
+    """Patchify uint8 frames [F, H, W, C] in HF's order, rescale and normalise them (`normalise`, by table
+    lookup: the uint8 patches are rearranged, then each becomes float32 once), hashing the uint8 patches. F is a
+    multiple of T, or `still` (an image): one frame that stands for all T of its temporal patch."""
     num_frames, height, width, channels = frames.shape
     p, m, t = cfg.patch_size, cfg.merge_size, cfg.temporal_patch_size
-    grid_t, grid_h, grid_w = num_frames // t, height // p, width // p
-    blocks = frames.reshape(grid_t, t, grid_h // m, m, p, grid_w // m, m, p, channels)
+    grid_t, grid_h, grid_w = (1, height // p, width // p) if still else (num_frames // t, height // p, width // p)
+    per_frame = 1 if still else t
+    blocks = frames.reshape(grid_t, per_frame, grid_h // m, m, p, grid_w // m, m, p, channels)
     # -> (grid_t, gh/m, gw/m, m_h, m_w, C, T, p_h, p_w): HF's row order and row layout.
     blocks = blocks.transpose(0, 2, 5, 3, 6, 8, 1, 4, 7)
-    pixel_values = np.ascontiguousarray(
-        blocks.reshape(grid_t * grid_h * grid_w, channels * t * p * p), dtype=np.float32)
+    num_rows = grid_t * grid_h * grid_w
+    pixels = np.ascontiguousarray(blocks).reshape(num_rows, channels, per_frame, p * p)
+    rows = np.empty((num_rows, channels, t, p * p), dtype=np.float32)
+    table = normalise_table(cfg.rescale_factor, cfg.image_mean, cfg.image_std)
+    normalise_channels(pixels, table, rows[:, :, :per_frame])
+    if still:
+        rows[:, :, 1:] = rows[:, :, :1]          # an image repeated over the temporal patch, as HF does
+    pixel_values = rows.reshape(num_rows, channels * t * p * p)
     grid_thw = (grid_t, grid_h, grid_w)
     return ProcessedVisual(kind=kind, pixel_values=pixel_values, grid_thw=grid_thw,
                            second_per_grid_t=second_per_grid_t,
-                           content_hash=content_hash(kind, grid_thw, second_per_grid_t, pixel_values),
+                           content_hash=content_hash(kind, grid_thw, second_per_grid_t, pixels),
                            merge_size=m)
