@@ -194,18 +194,17 @@ class EngineCore:
         updated = self.scheduler.update_from_output(plan, token_ids)
         self._num_generated_tokens += len(updated)
         if not any(sampled.logprobs):
-            return [self._on_token(request, None) for request in updated]
+            return [self._on_token(request, ()) for request in updated]
         rows = {request.request_id: row for row, request in enumerate(sampling_requests)}
-        return [self._on_token(request, sampled.logprobs[rows[request.request_id]]) for request in updated]
+        return [self._on_token(request, _as_tuple(sampled.logprobs[rows[request.request_id]])) for request in updated]
 
-    def _on_token(self, request: Request, logprobs: TokenLogprobs | None) -> RequestOutput:
+    def _on_token(self, request: Request, logprobs: tuple[TokenLogprobs, ...]) -> RequestOutput:
         """The text delta of the request's newest token and the stop decision it brings."""
         token_id = request.output_token_ids[-1]
-        decision = _output_text(request).on_token(token_id, len(request.output_token_ids))
-        if decision.finish is not None:
-            self.scheduler.finish_request(request.request_id, decision.finish)
-        return _output(request, decision.emit_text, (token_id,), () if logprobs is None else (logprobs,),
-                       decision.finish, decision.stop_reason)
+        emit_text, finish, stop_reason = _output_text(request).on_token(token_id, len(request.output_token_ids))
+        if finish is not None:
+            self.scheduler.finish_request(request.request_id, finish)
+        return _output(request, emit_text, (token_id,), logprobs, finish, stop_reason)
 
     def _fail(self, plan: SchedulerOutput) -> list[RequestOutput]:
         outputs = []
@@ -239,6 +238,10 @@ class EngineCore:
 def _output_text(request: Request) -> OutputText:
     assert request.output_text is not None, "set at admission"
     return request.output_text
+
+
+def _as_tuple(logprobs: TokenLogprobs | None) -> tuple[TokenLogprobs, ...]:
+    return () if logprobs is None else (logprobs,)
 
 
 def _output(request: Request, text: str, token_ids: tuple[int, ...], logprobs: tuple[TokenLogprobs, ...],

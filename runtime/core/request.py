@@ -96,6 +96,9 @@ class Request:
     first_token_time: float | None = None
     # The prompt as an int64 tensor, built once by the sampler when a penalty needs it.
     prompt_ids_tensor: torch.Tensor | None = field(default=None, repr=False)
+    # Set once by the sampler: the number of output tokens from which its logit processing changes
+    # nothing for this request (plain greedy: argmax of the raw logits); -1: never.
+    plain_greedy_from: int | None = field(default=None, repr=False)
 
     @property
     def mm_spans(self) -> tuple[MultimodalSpan, ...]:

@@ -63,11 +63,13 @@ class SchedulerConfig:
                 "when enable_chunked_prefill is false")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ScheduledRequest:
     """One request's share of a step: tokens [num_computed_tokens, +num_new_tokens).
 
-    The per-step view the executor reads (with the request's record behind it).
+    The per-step view the executor reads (with the request's record behind it). Not changed after the
+    scheduler makes it; not frozen only because a frozen dataclass's __init__ costs about three times as
+    much, and one is made per running request per step.
     """
 
     request: Request

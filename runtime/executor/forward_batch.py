@@ -40,7 +40,7 @@ class SequenceChunk:
     placeholder_source: int = -1
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class DecodeRows:
     """A decode-only step as columns: row i computes the token at position starts[i] of its sequence, one
     token per sequence, 1-D positions, no embeddings replaced (the shape of most steps)."""
@@ -148,7 +148,6 @@ class ForwardBatch:
                    torch.cat([e.to(device) for e in embeds]) if embeds else None,
                    as_tensor(placeholder_rows) if placeholder_rows else None,
                    as_tensor(placeholder_sources) if placeholder_rows else None)
-
 
     @classmethod
     def build_decode(cls, rows: DecodeRows, block_size: int, device: torch.device,

@@ -20,7 +20,8 @@ row with its own SamplingParams, in a fixed order:
 
 Each row is one request's engine record (runtime/core/request.py): the sampler
 reads its parameters, prompt and output ids, EOS ids and generator, and writes
-nothing back but a cached tensor of the prompt and, for structured output, the
+nothing back but a cached tensor of the prompt, the output length from which it is plain greedy
+(`Request.plain_greedy_from`) and, for structured output, the
 sampled token into the request's grammar matcher.
 Randomness: a row with a seed draws from its own `torch.Generator`
 (`Request.generator`, made at admission and kept across steps), so the same
@@ -80,7 +81,7 @@ class Sampler:
 
     def sample(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
         """One token per row of `logits` [B, V] (any float dtype; computed in float32)."""
-        if all(_plain_greedy(r) for r in requests) and logits.shape[0] == len(requests):
+        if _all_plain_greedy(requests) and logits.shape[0] == len(requests):
             # fast path: nothing changes a logit, so the argmax of the raw logits is the token (float32 holds
             # every lower-precision value exactly: same argmax, no copy)
             return SamplerOutput(argmax_rows(logits), [None] * len(requests))
@@ -135,14 +136,29 @@ def argmax_rows(logits: torch.Tensor) -> list[int]:
     return logits.argmax(dim=-1).tolist()
 
 
-def _plain_greedy(request: Request) -> bool:
-    """Greedy, no logprobs, no penalty, no ban and no grammar this step: steps 1-3 change nothing (a request
-    with bad words takes the full path, which gives the same token when none of them is banned)."""
+def _all_plain_greedy(requests: list[Request]) -> bool:
+    """Whether every row is greedy with no logprobs, penalty, ban or grammar this step: steps 1-3 change nothing."""
+    for request in requests:
+        start = request.plain_greedy_from
+        if start is None:
+            start = request.plain_greedy_from = _plain_greedy_from(request)
+        if start < 0 or len(request.output_token_ids) < start:
+            return False
+    return True
+
+
+def _plain_greedy_from(request: Request) -> int:
+    """Output tokens from which the request is plain greedy (-1: never): greedy, no logprobs, no penalty, no
+    grammar, no bad words (a request with bad words takes the full path, which gives the same token when none
+    is banned); min_tokens bans its stop tokens (and EOS unless ignore_eos) until it has that many tokens."""
     params = request.sampling_params
-    return (params.greedy and params.logprobs is None and request.grammar is None
+    if not (params.greedy and params.logprobs is None and request.grammar is None
             and params.repetition_penalty == 1.0 and params.frequency_penalty == 0.0
-            and params.presence_penalty == 0.0 and not params.bad_words_ids
-            and (len(request.output_token_ids) >= params.min_tokens or not _banned_token_ids(request)))
+            and params.presence_penalty == 0.0 and not params.bad_words_ids):
+        return -1
+    if params.stop_token_ids or (not params.ignore_eos and request.eos_token_ids):
+        return params.min_tokens
+    return 0
 
 
 def sampling_probs(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:

@@ -170,6 +170,12 @@ def test_plain_greedy_fast_path_equals_the_full_path() -> None:
     mixed = plain[:3] + [state(SamplingParams(temperature=0.0, min_tokens=2))]
     out = Sampler().sample(logits, mixed).sampled_token_ids
     assert out[:3] == [EOS] * 3 and out[3] != EOS and out[3] == sampling_probs(logits, mixed)[3].argmax().item()
+    # one record as it grows (the sampler keeps, per record, from which output length it is plain greedy)
+    growing, sampler = mixed[3], Sampler()
+    for num_output in range(4):
+        token = sampler.sample(logits, plain[:3] + [growing]).sampled_token_ids[3]
+        assert (token == EOS) == (num_output >= 2)
+        growing.append_output_token(token)
 
 
 def run_steps(sampler: Sampler, batch: list[Request], index: int,
