@@ -101,12 +101,30 @@ def _attention(cfg: QwenVisionConfig, w: dict[str, torch.Tensor], p: str, x: tor
     q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
     q, k, v = (t.transpose(0, 1) for t in (q, k, v))                     # [H, N, D]
     if segmented:
-        edges = bounds.tolist()
-        out = torch.cat([F.scaled_dot_product_attention(q[:, a:b], k[:, a:b], v[:, a:b])
-                         for a, b in zip(edges[:-1], edges[1:]) if b > a], dim=1)
+        out = segment_attention(q, k, v, bounds.tolist())
     else:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=block_diagonal_mask(bounds, n))
     return F.linear(out.transpose(0, 1).reshape(n, -1), w[p + "proj.weight"], w[p + "proj.bias"])
+
+
+def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, edges: list[int]) -> torch.Tensor:
+    """Attention within each segment [edges[i], edges[i+1]) of q / k / v [H, N, D] -> [H, N, D]. Consecutive
+    segments of one length (the frames of a video, same-size images of several requests) run as one batched
+    SDPA call [segments, H, length, D]: one call for a whole batch of 224x224 images instead of one each."""
+    heads, _, dim = q.shape
+    lengths = [b - a for a, b in zip(edges[:-1], edges[1:])]
+    outputs, first = [], 0
+    while first < len(lengths):
+        last = first
+        while last < len(lengths) and lengths[last] == lengths[first]:
+            last += 1
+        start, end, length = edges[first], edges[last], lengths[first]
+        if length > 0:
+            runs = [t[:, start:end].reshape(heads, last - first, length, dim).transpose(0, 1) for t in (q, k, v)]
+            out = F.scaled_dot_product_attention(*runs)
+            outputs.append(out.transpose(0, 1).reshape(heads, end - start, dim))
+        first = last
+    return torch.cat(outputs, dim=1)
 
 
 def block_diagonal_mask(bounds: torch.Tensor, n: int) -> torch.Tensor:
