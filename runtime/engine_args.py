@@ -27,5 +27,6 @@ def add_engine_gpu_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cpu-threads", type=int,
                         help="torch threads of the engine on CPU. 0 (default): auto: served, each step runs on "
                              "1 thread when its GEMM work (tokens x weight elements) is small, else on all cores "
-                             "(runtime/core/thread_policy.py); trtserve-generate: torch's default, all cores. "
+                             "while the measured step times say they pay (runtime/core/thread_policy.py); "
+                             "trtserve-generate: torch's default, all cores. "
                              "N >= 1: N threads for every step")
