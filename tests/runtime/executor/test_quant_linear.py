@@ -109,3 +109,28 @@ def test_triton_weight_only_kernels_in_interpreter(weights, dtype: torch.dtype) 
     q4, s4 = int4_groups(w, G, dtype)
     ref = x.double() @ (q4.double() * s4.double().repeat_interleave(G, dim=1)).T
     close(w4a16_matmul(x, pack_int4(q4), s4, G), ref, rel)
+
+
+def test_float_linear_layouts_match_float64_and_follow_the_bytes_rule() -> None:
+    """A CPU FloatLinear copies its weight to a contiguous [K, N] layout up to COPY_MAX_BYTES (up to
+    OWNED_MAX_BYTES when it owns the weight) and keeps the transposed view above; every layout, 2-D and 3-D
+    inputs, with and without bias, equals float64 x W^T + b within 1e-5 relative."""
+    from runtime.executor.quant_linear import COPY_MAX_BYTES, OWNED_MAX_BYTES, FloatLinear, concat_float_linears
+
+    gen = torch.Generator().manual_seed(4)
+    small, large = (64, 200), (COPY_MAX_BYTES // 4 // 256 + 1, 256)      # at most / just past COPY_MAX_BYTES
+    for (n, k), owned, copied in ((small, False, True), (large, False, False), (large, True, True)):
+        weight, bias = torch.randn(n, k, generator=gen), torch.randn(n, generator=gen)
+        for b in (None, bias):
+            linear = FloatLinear(weight, b, owned=owned)
+            assert linear.weight_t.is_contiguous() == copied and torch.equal(linear.weight, weight)
+            assert (linear.weight_t.data_ptr() == weight.data_ptr()) != copied
+            for x in (torch.randn(7, k, generator=gen), torch.randn(2, 3, k, generator=gen)):
+                want = x.double() @ weight.double().t() + (0 if b is None else b.double())
+                close(linear(x), want, 1e-5)
+    assert OWNED_MAX_BYTES >= COPY_MAX_BYTES
+    pair = [FloatLinear(torch.randn(48, 32, generator=gen), None) for _ in range(2)]
+    fused = concat_float_linears(pair)
+    assert fused.owned and fused.weight_t.is_contiguous()
+    x = torch.randn(3, 32, generator=gen)
+    close(fused(x), torch.cat([linear(x) for linear in pair], dim=1).double(), 1e-6)
