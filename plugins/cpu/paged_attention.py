@@ -55,45 +55,77 @@ def _attention_kernel(q: np.ndarray, key_cache: np.ndarray, value_cache: np.ndar
     scores = np.empty((group, longest), dtype=out.dtype)
     exponents = np.empty(longest, dtype=np.int32)
     acc = np.empty((group, head_size), dtype=out.dtype)
+    row_max = np.empty(group, dtype=out.dtype)
+    total = np.empty(group, dtype=out.dtype)
     for item in range(num_tokens * num_kv_heads):
         row, kv_head = item // num_kv_heads, item % num_kv_heads
         seq = np.searchsorted(query_start_loc[1:num_seqs + 1], row, side="right")
         query_len = query_start_loc[seq + 1] - query_start_loc[seq]
         visible = seq_lens[seq] - query_len + (row - query_start_loc[seq]) + 1   # causal: keys [0, visible)
         first_head = kv_head * group
-        for first in range(0, visible, block_size):         # scores: q . k, each key read once per group
+        row_max[:] = -np.inf
+        # scores q . k: each key read once per group; four keys at a time (four independent sums)
+        for first in range(0, visible, block_size):
             block = block_tables[seq, first // block_size]
+            num_keys = min(block_size, visible - first)
             for h in range(group):
-                for j in range(min(block_size, visible - first)):
-                    dot = zero
-                    for d in range(head_size):
-                        dot += q[row, first_head + h, d] * key_cache[block, j, kv_head, d]
-                    scores[h, first + j] = dot * scale
-        for h in range(group):                              # softmax over the whole context: max, exp, sum
-            row_max = scores[h, 0]
-            for p in range(1, visible):
-                row_max = max(row_max, scores[h, p])
+                head = first_head + h
+                j = 0
+                while j < num_keys:
+                    if j + 4 <= num_keys:
+                        s0, s1, s2, s3 = zero, zero, zero, zero
+                        for d in range(head_size):
+                            x = q[row, head, d]
+                            s0 += x * key_cache[block, j, kv_head, d]
+                            s1 += x * key_cache[block, j + 1, kv_head, d]
+                            s2 += x * key_cache[block, j + 2, kv_head, d]
+                            s3 += x * key_cache[block, j + 3, kv_head, d]
+                        scores[h, first + j], scores[h, first + j + 1] = s0 * scale, s1 * scale
+                        scores[h, first + j + 2], scores[h, first + j + 3] = s2 * scale, s3 * scale
+                        row_max[h] = max(row_max[h], max(max(s0, s1), max(s2, s3)) * scale)
+                        j += 4
+                    else:
+                        s0 = zero
+                        for d in range(head_size):
+                            s0 += q[row, head, d] * key_cache[block, j, kv_head, d]
+                        scores[h, first + j] = s0 * scale
+                        row_max[h] = max(row_max[h], s0 * scale)
+                        j += 1
+        for h in range(group):      # exact softmax weights, unnormalised: the output is divided by their sum
             if poly_exp:
-                _exp_shifted_f32(scores[h, :visible], row_max, exponents)
+                _exp_shifted_f32(scores[h, :visible], row_max[h], exponents)
             else:
                 for p in range(visible):
-                    scores[h, p] = math.exp(scores[h, p] - row_max)
-            total = zero
+                    scores[h, p] = math.exp(scores[h, p] - row_max[h])
+            weight_sum = zero
             for p in range(visible):
-                total += scores[h, p]
-            for p in range(visible):
-                scores[h, p] /= total
+                weight_sum += scores[h, p]
+            total[h] = weight_sum
         acc[:] = zero
-        for first in range(0, visible, block_size):         # the weighted sum of the values
+        for first in range(0, visible, block_size):         # the weighted sum of the values, four at a time
             block = block_tables[seq, first // block_size]
-            for j in range(min(block_size, visible - first)):
-                for h in range(group):
-                    weight = scores[h, first + j]
-                    for d in range(head_size):
-                        acc[h, d] += weight * value_cache[block, j, kv_head, d]
+            num_keys = min(block_size, visible - first)
+            for h in range(group):
+                j = 0
+                while j < num_keys:
+                    if j + 4 <= num_keys:
+                        w0, w1 = scores[h, first + j], scores[h, first + j + 1]
+                        w2, w3 = scores[h, first + j + 2], scores[h, first + j + 3]
+                        for d in range(head_size):
+                            acc[h, d] += (w0 * value_cache[block, j, kv_head, d]
+                                          + w1 * value_cache[block, j + 1, kv_head, d]
+                                          + w2 * value_cache[block, j + 2, kv_head, d]
+                                          + w3 * value_cache[block, j + 3, kv_head, d])
+                        j += 4
+                    else:
+                        w0 = scores[h, first + j]
+                        for d in range(head_size):
+                            acc[h, d] += w0 * value_cache[block, j, kv_head, d]
+                        j += 1
         for h in range(group):
+            inverse = 1 / total[h]
             for d in range(head_size):
-                out[row, first_head + h, d] = acc[h, d]
+                out[row, first_head + h, d] = acc[h, d] * inverse
 
 
 # No reassociation here: it could fold the two-part ln 2 subtraction (Cody-Waite) into one and lose its precision.
@@ -211,8 +243,8 @@ def write_kv_cache(key_cache: torch.Tensor, value_cache: torch.Tensor, k: torch.
                    slot_mapping: torch.Tensor) -> None:
     """k / v: [T, Hkv, D] (strided views allowed) into the cache at `slot_mapping` [T]; slot -1: skip the row."""
     if not (key_cache.dtype in WRITE_DTYPES and k.dtype == key_cache.dtype and v.dtype == k.dtype
-            and value_cache.dtype == key_cache.dtype and key_cache.device.type == "cpu"
-            and k.device.type == "cpu" and slot_mapping.device.type == "cpu"):
+            and value_cache.dtype == key_cache.dtype and key_cache.is_cpu
+            and k.is_cpu and slot_mapping.is_cpu):
         reference.write_kv_cache(key_cache, value_cache, k, v, slot_mapping)
         return
     _write_kernel(key_cache.numpy(), value_cache.numpy(), k.numpy(), v.numpy(), slot_mapping.numpy())
@@ -241,7 +273,7 @@ def paged_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch
 
 
 def _kernel_reads(q: torch.Tensor, key_cache: torch.Tensor) -> bool:
-    return key_cache.dtype in KERNEL_DTYPES and q.dtype == key_cache.dtype and key_cache.device.type == "cpu"
+    return key_cache.dtype in KERNEL_DTYPES and q.dtype == key_cache.dtype and key_cache.is_cpu
 
 
 def _run(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, block_tables: torch.Tensor,

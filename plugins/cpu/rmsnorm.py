@@ -80,5 +80,5 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
 
 def _kernel_reads(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """2-D [rows, hidden] CPU activations of a kernel dtype, a matching [hidden] weight."""
-    return (x.dtype in KERNEL_DTYPES and weight.dtype == x.dtype and x.dim() == 2 and x.device.type == "cpu"
-            and weight.device.type == "cpu" and weight.shape == (x.shape[1],))
+    return (x.dtype in KERNEL_DTYPES and weight.dtype == x.dtype and x.dim() == 2 and x.is_cpu
+            and weight.is_cpu and weight.shape == (x.shape[1],))

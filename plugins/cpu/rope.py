@@ -45,5 +45,5 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
 
 def _kernel_reads(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
     return (x.dtype in KERNEL_DTYPES and cos.dtype == x.dtype and sin.dtype == x.dtype and x.dim() == 3
-            and x.device.type == "cpu" and cos.device.type == "cpu" and sin.device.type == "cpu"
+            and x.is_cpu and cos.is_cpu and sin.is_cpu
             and cos.shape == (x.shape[0], x.shape[2]) and sin.shape == cos.shape and x.shape[2] % 2 == 0)

@@ -13,7 +13,6 @@ Not for: scheduling, sampling, KV block ownership or the vision tower.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from plugins.reference.rope import rope_cos_sin, rope_inv_freq
 from plugins.registry import OpSet, get_ops
@@ -54,7 +53,9 @@ class DecoderModel:
     def forward(self, batch: ForwardBatch, kv: KVStorage) -> torch.Tensor:
         """Return float32 logits [len(batch.logits_indices), vocab_size]."""
         cfg, w, ops = self.cfg, self.w, self.ops
-        hidden = F.embedding(batch.token_ids, w["transformer.vocab_embedding.weight"])
+        # the lookup F.embedding runs (no padding_idx / max_norm), without its Python wrapper and checks:
+        # measured in the forward, 1 thread: 26 us against 9 us at 16 tokens
+        hidden = w["transformer.vocab_embedding.weight"].index_select(0, batch.token_ids)
         if batch.embed_rows is not None and batch.embeds is not None:
             hidden = hidden.index_copy(0, batch.embed_rows, batch.embeds.to(hidden.dtype))
         cos, sin = self._cos_sin(batch.positions)
