@@ -159,7 +159,7 @@ class ForwardBatch:
         if not num_rows or len(rows.token_ids) != num_rows or len(rows.block_ids) != num_rows:
             raise ValueError(f"rows: {len(rows.token_ids)} token ids, {num_rows} starts and {len(rows.block_ids)} "
                              "block tables; a decode batch needs one of each per row, at least one row")
-        width = max(len(ids) for ids in rows.block_ids)
+        width = max(map(len, rows.block_ids))
         slots: list[int] = []
         table: list[int] = []
         padding = [0] * width

@@ -131,7 +131,7 @@ def argmax_rows(logits: torch.Tensor) -> list[int]:
     rule, and numpy's). A float32 / float64 CPU tensor goes through numpy, whose SIMD argmax measured 10x
     faster than torch's on the 2-core dev machine (one thread, best of 10: [16, 2056] 4 us against 56 us,
     [16, 151936] 2.2 ms against 23 ms)."""
-    if logits.device.type == "cpu" and logits.dtype in (torch.float32, torch.float64) and logits.dim() == 2:
+    if logits.is_cpu and logits.dtype in (torch.float32, torch.float64) and logits.ndim == 2:
         return logits.numpy().argmax(axis=1).tolist()
     return logits.argmax(dim=-1).tolist()
 
