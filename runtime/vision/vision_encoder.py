@@ -25,6 +25,11 @@ if TYPE_CHECKING:
     from engine_format.engine_dir import LoadedEngine
 
 BACKENDS = ("auto", "pytorch", "onnxruntime")
+# A tower whose graph (with its .data file) is below this runs on one ONNX Runtime thread. Its calls are short
+# (tiny-qwen2-vl: one 224x224 image per call, 1.9 ms, mostly per-node overhead): a second thread measured no
+# faster (1.97 vs 1.90 ms per image, 2.20 vs 1.76 ms of CPU, under load 7) and, served on 2 cores, waits for
+# the front end's core. Larger towers get torch's thread count, as before (issue 13: encoder vs LLM cores).
+SMALL_GRAPH_BYTES = 16 << 20
 
 
 class VisionEncoder(Protocol):
@@ -65,7 +70,8 @@ class OnnxVisionEncoder:
         self.family = vision_family(cfg)
         self.max_patches_per_call = max_patches_per_call or self.family.max_patches_per_onnx_call
         self.onnx_path = onnx_path
-        self.session = ort.InferenceSession(onnx_path, session_options(num_threads),
+        self.num_threads = num_threads or default_threads(onnx_path)
+        self.session = ort.InferenceSession(onnx_path, session_options(self.num_threads),
                                             providers=["CPUExecutionProvider"])
         self.input_names = [i.name for i in self.session.get_inputs()]
 
@@ -111,12 +117,22 @@ def import_onnxruntime() -> Any:
     return onnxruntime
 
 
+def default_threads(onnx_path: str) -> int:
+    """ONNX Runtime intra-op threads for a graph: 1 below SMALL_GRAPH_BYTES (graph plus its .data file),
+    else torch's thread count."""
+    graph = Path(onnx_path)
+    data = graph.with_name(graph.name + ".data")
+    size = graph.stat().st_size + (data.stat().st_size if data.is_file() else 0)
+    return 1 if size < SMALL_GRAPH_BYTES else torch.get_num_threads()
+
+
 def session_options(num_threads: int = 0) -> Any:
     """CPU session options (REFERENCE.md section 4: keep Q/DQ nodes unfused, or int8 drifts and fp8 fails).
 
-    The encoder runs on the engine core's thread between LLM forwards, so it gets torch's thread count
-    (`num_threads` 0) and its threads do not spin after a run: spinning ORT threads would take the cores
-    from the LLM's next forward (issue 13: encoder and LLM must not fight for cores)."""
+    The encoder runs on the engine core's thread between LLM forwards, so it gets `num_threads` (0: torch's
+    thread count; OnnxVisionEncoder passes `default_threads`) and its threads do not spin after a run: spinning
+    ORT threads would take the cores from the LLM's next forward (issue 13: encoder and LLM must not fight
+    for cores)."""
     ort = import_onnxruntime()
     options = ort.SessionOptions()
     options.add_session_config_entry("session.disable_quant_qdq", "1")

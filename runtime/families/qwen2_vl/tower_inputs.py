@@ -58,14 +58,18 @@ def num_merged_tokens(grid_thws: Sequence[GridTHW], merge: int) -> int:
 
 def position_ids(grid_thws: Sequence[GridTHW], merge: int) -> np.ndarray:
     """[N, 2] (row, column) per patch; patches ordered block by block (merge x merge), frame by frame."""
+    frames: dict[tuple[int, int], np.ndarray] = {}     # one frame's ids per (h, w): a batch of same-size images
     parts = []
     for t, h, w in grid_thws:
-        rows, cols = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
-        blocks = (h // merge, merge, w // merge, merge)
-        rows = rows.reshape(blocks).transpose(0, 2, 1, 3).reshape(-1)
-        cols = cols.reshape(blocks).transpose(0, 2, 1, 3).reshape(-1)
-        parts.append(np.tile(np.stack([rows, cols], axis=-1), (t, 1)))
-    return np.concatenate(parts).astype(np.int64)
+        frame = frames.get((h, w))
+        if frame is None:
+            rows, cols = np.meshgrid(np.arange(h, dtype=np.int64), np.arange(w, dtype=np.int64), indexing="ij")
+            blocks = (h // merge, merge, w // merge, merge)
+            rows = rows.reshape(blocks).transpose(0, 2, 1, 3).reshape(-1)
+            cols = cols.reshape(blocks).transpose(0, 2, 1, 3).reshape(-1)
+            frame = frames[(h, w)] = np.stack([rows, cols], axis=-1)
+        parts.extend([frame] * t)
+    return np.concatenate(parts)
 
 
 def cu_seqlens(grid_thws: Sequence[GridTHW]) -> np.ndarray:

@@ -15,6 +15,7 @@ GRIDS = [
     [(1, 8, 8), (2, 6, 10), (1, 16, 4)],     # several images and a video
     [(3, 14, 22)],                             # partial windows at the right and bottom
     [(1, 32, 32), (1, 2, 30)],
+    [(1, 4, 6), (2, 6, 10), (1, 4, 6), (1, 4, 6), (2, 6, 10)],     # repeated sizes (ids built once per size)
 ]
 
 
