@@ -53,7 +53,7 @@ from runtime.core.ipc import (
     StatsReply,
     WireRequest,
 )
-from runtime.core.thread_policy import ParallelCheck, StepThreads, model_work, policy_for
+from runtime.core.thread_policy import StepThreads, model_work, policy_for
 from runtime.errors import FieldError
 
 LOG = logging.getLogger(__name__)
@@ -128,7 +128,7 @@ def install_thread_policy(core: EngineCore, cpu_threads: int) -> StepThreads | N
                         max_threads=torch.get_num_threads(), work=model_work(core.engine.llm_config))
     if policy is None or policy.fixed is not None or core.overlap:
         return None
-    hook = StepThreads(policy, ParallelCheck(policy.max_threads))
+    hook = StepThreads(policy)
     core.before_forward = hook
     return hook
 

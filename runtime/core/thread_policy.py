@@ -127,34 +127,50 @@ class ParallelCheck:
             cost = (1 - COST_SMOOTHING) * self.cost[threads] + COST_SMOOTHING * cost
         self.cost[threads] = cost
         other = self.other
-        if other in self.cost and self.chosen in self.cost and self.cost[other] * SWITCH_MARGIN < self.cost[self.chosen]:
+        chosen_cost = self.cost.get(self.chosen)
+        if other in self.cost and chosen_cost is not None and self.cost[other] * SWITCH_MARGIN < chosen_cost:
             self.chosen = other
+
+
+def work_class(work: int, min_work: int) -> int:
+    """Large steps grouped by size, a factor of 2 a class (1: [min_work, 2 min_work), 2: [2, 4) min_work, ...):
+    each class has its own ParallelCheck, so a prefill's cost per unit of work (its per-step overhead spread
+    over many tokens) is never compared with a one-token decode step's."""
+    return (work // max(min_work, 1)).bit_length()
 
 
 @dataclass(slots=True)
 class StepThreads:
     """EngineCore's `before_forward` hook in the engine-core process: sets the step's thread count
-    (`step_done` reports the step's wall time, which large steps feed to the ParallelCheck)."""
+    (`step_done` reports the step's wall time, which large steps feed to their size class's ParallelCheck;
+    `measured` False: the work threshold alone)."""
 
     policy: ThreadPolicy
-    check: ParallelCheck | None = None
+    measured: bool = True
+    checks: dict[int, ParallelCheck] = field(default_factory=dict)     # per work_class
     current: int = field(default_factory=torch.get_num_threads)
     changes: int = 0            # how many times a step changed the count (stats and tests)
-    large_step: tuple[int, int] | None = None      # (threads, work) of the step running, when large
+    large_step: tuple[ParallelCheck, int, int] | None = None     # (its check, threads, work) of the step running
 
     def __call__(self, plan: SchedulerOutput) -> None:
         num_sampled = sum(item.samples for item in plan.scheduled)
         threads = self.policy.threads_for(plan.num_scheduled_tokens, num_sampled)
         self.large_step = None
-        if threads > 1 and self.policy.fixed is None and self.check is not None:
-            threads = self.check.next_threads()
-            self.large_step = (threads, self.policy.work.of_step(plan.num_scheduled_tokens, num_sampled))
+        if threads > 1 and self.policy.fixed is None and self.measured:
+            work = self.policy.work.of_step(plan.num_scheduled_tokens, num_sampled)
+            key = work_class(work, self.policy.min_work)
+            check = self.checks.get(key)
+            if check is None:
+                check = self.checks[key] = ParallelCheck(self.policy.max_threads)
+            threads = check.next_threads()
+            self.large_step = (check, threads, work)
         if threads != self.current:
             torch.set_num_threads(threads)
             self.current = threads
             self.changes += 1
 
     def step_done(self, seconds: float) -> None:
-        if self.large_step is not None and self.check is not None:
-            self.check.record(self.large_step[0], seconds, self.large_step[1])
+        if self.large_step is not None:
+            check, threads, work = self.large_step
+            check.record(threads, seconds, work)
         self.large_step = None

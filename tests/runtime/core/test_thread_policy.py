@@ -22,7 +22,7 @@ from runtime.config import EngineConfig
 from runtime.core.core_process import install_thread_policy
 from runtime.core.engine_core import EngineCore, EngineRequest
 from runtime.core.thread_policy import (AUTO, PROBE_EVERY, SERVED_PARALLEL_MIN_WORK, ModelWork, ParallelCheck,
-                                        StepThreads, ThreadPolicy, model_work, policy_for)
+                                        StepThreads, ThreadPolicy, model_work, policy_for, work_class)
 from runtime.sampling_params import SamplingParams
 
 
@@ -112,12 +112,19 @@ def test_step_threads_feeds_large_steps_to_the_check_and_uses_its_choice(engine:
                                                                          two_threads: None) -> None:
     core = EngineCore(engine, EngineConfig(device="cpu", overlap="off"), text_output=False)
     hook = install_thread_policy(core, AUTO)
-    assert hook is not None and hook.check is not None
+    assert hook is not None and hook.measured
     seen: list[int] = []
     for first in (10, 1000):     # two long prefills (large), each followed by one decode step (small)
         seen += [t for _, t in _run_with_hook(core, first, 200, max_tokens=2, step_done=hook.step_done)]
-    # 1st large step on 2 threads; the 2nd probes 1 thread; decode steps are small: 1 thread, not recorded
-    assert seen == [2, 1, 1, 1] and set(hook.check.cost) == {1, 2} and hook.check.num_large == 2
+    # 1st large step on 2 threads; the 2nd (same size class) probes 1 thread; decode steps are small: 1 thread
+    assert seen == [2, 1, 1, 1] and list(hook.checks) == [1]
+    assert set(hook.checks[1].cost) == {1, 2} and hook.checks[1].num_large == 2
+    seen = [t for _, t in _run_with_hook(core, 1400, 400, max_tokens=1, step_done=hook.step_done)]
+    assert seen == [2] and sorted(hook.checks) == [1, 2], "a twice larger step has its own check"
+
+
+def test_work_classes_double() -> None:
+    assert [work_class(w, 100) for w in (100, 199, 200, 399, 400, 800, 1600)] == [1, 1, 2, 2, 3, 4, 5]
 
 
 def _run_with_hook(core: EngineCore, first_token: int, prompt_len: int, max_tokens: int,
