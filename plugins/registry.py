@@ -93,7 +93,8 @@ def cpu_available() -> bool:
 
 
 def cpu_ops() -> OpSet:
-    """The CPU kernels (numba: paged attention and the KV write, RMSNorm and its residual add, RoPE;
+    """The CPU kernels (numba: paged attention and the KV write, RMSNorm and its residual add, RoPE, and the
+    attention block fused, qkv_attention: RoPE, KV write and attention in one call on the qkv rows;
     imported here, lazily: numba's import and first compile cost time that a CUDA host never needs)
     and the reference ops otherwise (rope_cos_sin; silu_and_mul, whose two vectorised ATen ops beat a
     numba loop with a scalar exp: 4 us against 13 us at [16, 160], 63 us against 1.3 ms at [16, 4864]).

@@ -7,7 +7,9 @@ only by the qkv bias, so one model class serves both; the Qwen2-VL / 2.5-VL
 language model is Qwen2 with M-RoPE ([3, T] positions, `cfg.mrope_section`)
 and vision embeddings in place of placeholder token embeddings. Per-step host work is kept small
 (issue 13): a float engine runs each layer's gate and up projections as one GEMM, the linears call
-addmm / mm directly, and on CPU RoPE cos / sin come from a per-position table (`RopeTable`).
+addmm / mm directly (on CPU on a contiguous [in, out] weight where that pays, quant_linear.FloatLinear),
+RoPE, the KV write and attention are one op on the qkv projection's rows (`OpSet.qkv_attention`: one
+compiled call on CPU), and on CPU RoPE cos / sin come from a per-position table (`RopeTable`).
 Not for: scheduling, sampling, KV block ownership or the vision tower.
 """
 from __future__ import annotations
