@@ -44,7 +44,7 @@ class EngineConfig:
     max_batch_size: int | None = None          # None: the engine's build limit
     max_num_tokens: int | None = None          # None: the engine's build limit
     seed: int = 0                              # stream for requests without their own seed
-    vision_backend: str = "auto"               # auto (onnxruntime on CPU, pytorch on CUDA) | onnxruntime | pytorch
+    vision_backend: str = "auto"               # auto (vision_encoder.auto_backend) | onnxruntime | pytorch
     max_encoder_patches: int = 16384           # vision patches per encoder call (batched across requests)
     encoder_cache_tokens: int = 16384          # vision embeddings (LLM tokens) kept for reuse, across requests
     op_backend: str = "auto"                   # auto (Triton on CUDA, cpu on CPU) | reference | cpu | triton

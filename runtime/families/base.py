@@ -71,6 +71,9 @@ class VisionFamily(Protocol):
     def max_patches_per_onnx_call(self) -> int: ...  # ONNX Runtime groups visuals up to this many patches
 
     @property
+    def cpu_vision_backend(self) -> str: ...         # what backend "auto" runs on the CPU (float towers)
+
+    @property
     def export_grids(self) -> tuple[Grid, ...]: ...  # the grids the ONNX graph is traced on
 
     def preprocess_image(self, image: Image.Image, field: str) -> ProcessedVisual:

@@ -4,9 +4,10 @@ What it is for: the `VisionEncoder` protocol the executor calls, its PyTorch
 implementation (the family's `forward` over vision/encoder.safetensors) and
 its ONNX Runtime implementation (vision/encoder.onnx, or the int8 Q/DQ vision/encoder.int8.onnx
 when the build wrote one; CPU provider), and
-`load_vision_encoder`, which picks one ("auto": ONNX Runtime on CPU, PyTorch
-on CUDA). Both take the same host-side inputs, the family's `encoder_feed`
-(runtime/families/), whatever the family.
+`load_vision_encoder`, which picks one ("auto": `auto_backend`: PyTorch on CUDA;
+on the CPU ONNX Runtime for int8 graphs, else the family's choice). Both take
+the same host-side inputs, the family's `encoder_feed` (runtime/families/),
+whatever the family.
 Not for: preprocessing images, caching embeddings or batching across requests.
 """
 from __future__ import annotations
@@ -151,6 +152,18 @@ def onnx_graph_path(engine: "LoadedEngine") -> Path:
     return engine.vision.onnx_int8_path or engine.vision.onnx_path
 
 
+def auto_backend(engine: "LoadedEngine", device: torch.device) -> str:
+    """What "auto" runs: PyTorch on CUDA; on the CPU ONNX Runtime for an int8 vision graph (the validated
+    int8 path runs only there), else the family's `cpu_vision_backend` (Qwen2-VL: PyTorch, whose tower batches
+    same-size images in one call where the ONNX graph's [N, N] mask cannot; LLaVA, InternVL: ONNX Runtime)."""
+    assert engine.vision is not None
+    if device.type == "cuda":
+        return "pytorch"
+    if engine.vision.onnx_int8_path is not None:
+        return "onnxruntime"
+    return vision_family(engine.vision.config).cpu_vision_backend
+
+
 def load_vision_encoder(engine: "LoadedEngine", backend: str = "auto",
                         device: torch.device = torch.device("cpu")) -> VisionEncoder:
     if engine.vision is None:
@@ -158,7 +171,7 @@ def load_vision_encoder(engine: "LoadedEngine", backend: str = "auto",
     if backend not in BACKENDS:
         raise VisionBackendError(f"vision backend {backend!r} is unknown ({', '.join(BACKENDS)})")
     if backend == "auto":
-        backend = "pytorch" if device.type == "cuda" else "onnxruntime"
+        backend = auto_backend(engine, device)
     if backend == "onnxruntime":
         if device.type != "cpu":
             raise VisionBackendError(f"the onnxruntime vision backend runs on the CPU, not {device}")

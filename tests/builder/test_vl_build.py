@@ -151,8 +151,9 @@ def test_pytorch_tower_matches_hf(build_tiny, preset: str) -> None:
 @pytest.mark.parametrize("preset", PRESETS)
 def test_onnxruntime_matches_pytorch_at_other_patch_counts(build_tiny, preset: str) -> None:
     engine = load_engine(build_tiny(preset))
-    ort = load_vision_encoder(engine, "auto")                 # CPU: ONNX Runtime
+    ort = load_vision_encoder(engine, "onnxruntime")
     assert isinstance(ort, OnnxVisionEncoder)
+    assert isinstance(load_vision_encoder(engine, "auto"), TorchVisionEncoder)   # Qwen on the CPU: batches images
     grouped = OnnxVisionEncoder(str(engine.vision.onnx_path), engine.vision.config, max_patches_per_call=64)
     ours = load_vision_encoder(engine, "pytorch")
     traced = sum(t * h * w for t, h, w in EXPORT_GRIDS)

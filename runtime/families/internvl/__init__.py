@@ -48,6 +48,7 @@ class InternVLFamily:
         side = config.patches_per_side
         # No [N, N] mask in the graph (attention is per tile), so one call may take the largest image whole.
         self.max_patches_per_onnx_call = (self.tiling.max_tiles + 1) * config.patches_per_tile
+        self.cpu_vision_backend = "onnxruntime"     # the graph batches tiles itself
         self.export_grids: tuple[Grid, ...] = ((2, side, side), (1, side, side))
 
     # ------------------------------------------------------------------ prompt side

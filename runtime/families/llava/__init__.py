@@ -38,6 +38,7 @@ class LlavaFamily:
 
     video_frame_multiple = 1
     max_patches_per_onnx_call = MAX_PATCHES_PER_ONNX_CALL
+    cpu_vision_backend = "onnxruntime"          # the graph batches tiles itself (no [N, N] mask)
 
     def __init__(self, config: LlavaVisionConfig) -> None:
         self.config = config

@@ -39,6 +39,11 @@ WINDOW_INPUTS = ("window_index", "cu_window_seqlens")
 # Measured on tiny-qwen2-vl (ORT CPU, 1 thread): one 256-patch image 2.0 ms, 16 of them in one call
 # 1292 ms against 16 calls 75 ms; 64 patches 0.56 ms, 16 patches 0.35 ms (issue 13).
 ONNX_GROUP_PATCHES = 256
+# So "auto" runs the PyTorch tower on the CPU, which batches a step's same-size images in one call
+# (tower.segment_attention). 16 requests of one 224x224 image each, in-process, 1 thread, interleaved under
+# load 8: encoder CPU 26-32 ms vs ONNX Runtime's 48-61 ms, first token after 145-191 vs 282-324 ms; served
+# c=16 (64 requests): 894 / 1115 vs 524 / 464 tok/s, TTFT p50 246 / 290 vs 383 / 393 ms (issue 13).
+CPU_VISION_BACKEND = "pytorch"
 
 
 class Qwen2VLFamily:
@@ -56,6 +61,7 @@ class Qwen2VLFamily:
                                config.spatial_merge_size, float(config.tokens_per_second or 0), config.model_type)
         self.video_frame_multiple = self.preprocess_config.temporal_patch_size
         self.max_patches_per_onnx_call = ONNX_GROUP_PATCHES
+        self.cpu_vision_backend = CPU_VISION_BACKEND
         self.export_grids = EXPORT_GRIDS
 
     # ------------------------------------------------------------------ prompt side
