@@ -5,9 +5,9 @@ Cases from tests/helpers/paged_cases.py (ragged sequences at random blocks with 
 sequence owns NaN); the op's rows are each sequence's last query_len tokens, written by the op itself.
 Batches: decode rows, whole prompts, chunked prefill after a cached prefix, one-token chunks, mixed;
 GQA ratios 1, 2 and 7; head sizes 16 and 64; block sizes 4, 8 and 16; random layouts over several seeds.
-Tolerances: the attention output against the reference run in float64 on the same inputs, float32 2e-5
-absolute, float64 1e-10 (summation order, online softmax); the cache the op writes (rotated k, v)
-equals the reference composition's, in the same dtype, bit for bit.
+Tolerances: the attention output (float32) against the reference run in float64 on the same inputs, 2e-5
+absolute (summation order, the polynomial exp); the cache the op writes (rotated k, v) equals the reference
+composition's, in float32, bit for bit.
 """
 from __future__ import annotations
 
@@ -56,13 +56,14 @@ def _check(case: PagedCase, seed: int) -> None:
     assert torch.equal(value_cache.nan_to_num(0.0), ref_values)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("num_kv_heads,group,head_size,block_size", [(2, 1, 16, 4), (2, 2, 64, 16), (1, 7, 16, 4)])
 def test_mixed_batch_matches_the_reference_composition(num_kv_heads: int, group: int, head_size: int,
-                                                       block_size: int, dtype: torch.dtype) -> None:
-    """Decode, whole prompt, decode, chunk after a prefix, chunk on a block edge, one-token chunk."""
+                                                       block_size: int) -> None:
+    """Decode, whole prompt, decode, chunk after a prefix, chunk on a block edge, one-token chunk. float32
+    only: a float64 signature costs a second compile of the fused kernel (9 s cold), and its float64 parts
+    (the attention kernel, the rotation) are tested as they are in test_cpu_attention / test_cpu_elementwise."""
     case = make_case([1, 7, 40, 21, 12, 3], [1, 7, 1, 9, 8, 1], num_kv_heads, group, head_size, block_size,
-                     dtype, "cpu", seed=group * 10 + block_size)
+                     torch.float32, "cpu", seed=group * 10 + block_size)
     _check(case, seed=group)
 
 
