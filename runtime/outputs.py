@@ -1,7 +1,11 @@
 """What the engine hands back per request and step: text / token deltas, finish, usage.
 
-What it is for: the frozen output records shared by EngineCore, AsyncEngine,
+What it is for: the output records shared by EngineCore, AsyncEngine,
 the CLI and the gRPC layer. Not for: wire encodings.
+Records are never changed once made, but not frozen: the engine core makes two per
+request per step, and a frozen dataclass's __init__ (object.__setattr__ per field)
+cost about three times as much (tiny-qwen2 batch 16, token ids only: the step's
+output handling 57 -> 31 us a step).
 """
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ from dataclasses import dataclass
 from runtime.executor.sampler import TokenLogprobs
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Usage:
     prompt_tokens: int
     completion_tokens: int
@@ -20,7 +24,7 @@ class Usage:
     time_in_queue_s: float | None = None    # arrival -> first scheduled
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RequestOutput:
     request_id: str
     text: str                              # new text since the previous output
