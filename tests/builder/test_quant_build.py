@@ -12,16 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from builder.pipeline import BuildRequest, build_engine
-from builder.progress import Progress
-from builder.quantize import QuantRequest
 from builder.quantize_validate import validate_quantized
 from engine_format.checkpoint_layout import expected_tensors
 from engine_format.engine_dir import load_engine
 from engine_format.quant_config import QUANT_CONFIG_KEYS
 from engine_format.safetensors_check import read_safetensors_header
-from grpc_service.client import NativeClient, Sampling, TritonClient
-from tests.helpers.grpc_fixtures import Reference, ServerProcess
+from tests.helpers.grpc_fixtures import ServerProcess
+from tests.helpers.quant_engines import assert_served_greedy_matches_reference, build_quant_engines, serve_engines
 
 PRESET = "tiny-qwen2-h128"        # hidden 128 / intermediate 256: AWQ's group of 128 divides both
 # name -> (dtype, --quant, --kv-cache-dtype, --calib-size, --export-hf)
@@ -50,15 +47,7 @@ ALGOS = {"int8wo": ("W8A16", "INT8"), "fp8": ("FP8", "FP8"), "sq": ("W8A8_SQ_PER
 
 @pytest.fixture(scope="module")
 def engines(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("quant-engines")
-    out: dict[str, Path] = {}
-    for name, (dtype, quant, kv, calib_size, export_hf) in ENGINES.items():
-        result = build_engine(BuildRequest(model=PRESET, output=root / name, dtype=dtype, cache_dir=cache_dir,
-                                           quant=QuantRequest(quant, kv, None, calib_size, export_hf)),
-                              Progress(6, enabled=False))
-        assert result.validation is not None and result.validation["passed"], (name, result.validation)
-        out[name] = result.output
-    return out
+    return build_quant_engines(PRESET, ENGINES, tmp_path_factory.mktemp("quant-engines"), cache_dir)
 
 
 @pytest.mark.parametrize("name", list(ENGINES))
@@ -144,19 +133,11 @@ def test_export_hf_is_model_optimizer_unified_checkpoint(engines: dict[str, Path
 
 @pytest.fixture(scope="module")
 def server(engines: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    args = [a for path in engines.values() for a in ("--engine", str(path))]
-    process = ServerProcess.start(args + ["--no-warmup"], tmp_path_factory.mktemp("quant-logs"))
-    yield process
-    process.stop()
+    with serve_engines(engines, tmp_path_factory.mktemp("quant-logs")) as process:
+        yield process
 
 
 @pytest.mark.parametrize("name", list(ENGINES))
 def test_served_greedy_matches_quantized_reference(engines: dict[str, Path], server: ServerProcess,
                                                    name: str) -> None:
-    reference = Reference(engines[name])
-    prompt = "The river runs past the old mill"
-    text, ids = reference.greedy(reference.encode(prompt), 12)
-    with NativeClient(server.target) as native:
-        assert native.generate(prompt, Sampling(max_tokens=12), model=name).token_ids == ids
-    with TritonClient(server.target, model=f"{name}_ensemble") as triton:
-        assert triton.generate(prompt, Sampling(max_tokens=12)) == text
+    assert_served_greedy_matches_reference(engines[name], server, name, 12)

@@ -12,24 +12,21 @@ from pathlib import Path
 
 import pytest
 
-from builder.pipeline import BuildRequest, build_engine
-from builder.progress import Progress
-from builder.quantize import QuantRequest
 from engine_format.checkpoint_layout import expected_tensors
 from engine_format.engine_dir import load_engine
 from engine_format.safetensors_check import read_safetensors_header
-from grpc_service.client import NativeClient, Sampling, TritonClient
-from tests.helpers.grpc_fixtures import Reference, ServerProcess
+from tests.helpers.grpc_fixtures import ServerProcess
+from tests.helpers.quant_engines import assert_served_greedy_matches_reference, build_quant_engines, serve_engines
 
 PRESET = "small-qwen2"
 HIDDEN, INTERMEDIATE, QKV_OUT, GROUP = 512, 1536, (8 + 2 * 2) * 64, 128
-# name -> (dtype, --quant, --kv-cache-dtype, --calib-size): the default 32 samples (w8a8_sq on 16 misses its
-# top-1 floor, 0.62 < 0.65: the tolerance is set for the default), AWQ 4 (its search is the slow part)
+# name -> (dtype, --quant, --kv-cache-dtype, --calib-size, --export-hf): the default 32 samples (w8a8_sq on 16 misses
+# its top-1 floor, 0.62 < 0.65: the tolerance is set for the default), AWQ 4 (its search is the slow part)
 ENGINES = {
-    "small_int8wo": ("bf16", "int8_wo", "int8", 32),
-    "small_fp8": ("fp32", "fp8", "fp8", 32),
-    "small_sq": ("fp32", "w8a8_sq", None, 32),
-    "small_awq": ("bf16", "int4_awq", None, 4),
+    "small_int8wo": ("bf16", "int8_wo", "int8", 32, False),
+    "small_fp8": ("fp32", "fp8", "fp8", 32, False),
+    "small_sq": ("fp32", "w8a8_sq", None, 32, False),
+    "small_awq": ("bf16", "int4_awq", None, 4, False),
 }
 ALGOS = {"small_int8wo": ("W8A16", "INT8"), "small_fp8": ("FP8", "FP8"),
          "small_sq": ("W8A8_SQ_PER_CHANNEL", None), "small_awq": ("W4A16_AWQ", None)}
@@ -54,15 +51,7 @@ def linear_tensors(name: str, n: int, k: int, model: str) -> dict[str, tuple[str
 
 @pytest.fixture(scope="module")
 def engines(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("quant-small")
-    out: dict[str, Path] = {}
-    for name, (dtype, quant, kv, calib_size) in ENGINES.items():
-        result = build_engine(BuildRequest(model=PRESET, output=root / name, dtype=dtype, cache_dir=cache_dir,
-                                           quant=QuantRequest(quant, kv, None, calib_size, False)),
-                              Progress(6, enabled=False))
-        assert result.validation is not None and result.validation["passed"], (name, result.validation)
-        out[name] = result.output
-    return out
+    return build_quant_engines(PRESET, ENGINES, tmp_path_factory.mktemp("quant-small"), cache_dir)
 
 
 @pytest.mark.parametrize("name", list(ENGINES))
@@ -100,19 +89,11 @@ def test_small_validation_passes_its_tolerance(engines: dict[str, Path], name: s
 
 @pytest.fixture(scope="module")
 def server(engines: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    args = [a for path in engines.values() for a in ("--engine", str(path))]
-    process = ServerProcess.start(args + ["--no-warmup"], tmp_path_factory.mktemp("quant-small-logs"))
-    yield process
-    process.stop()
+    with serve_engines(engines, tmp_path_factory.mktemp("quant-small-logs")) as process:
+        yield process
 
 
 @pytest.mark.parametrize("name", list(ENGINES))
 def test_small_served_greedy_matches_quantized_reference(engines: dict[str, Path], server: ServerProcess,
                                                          name: str) -> None:
-    reference = Reference(engines[name])
-    prompt = "The river runs past the old mill"
-    text, ids = reference.greedy(reference.encode(prompt), 8)
-    with NativeClient(server.target) as native:
-        assert native.generate(prompt, Sampling(max_tokens=8), model=name).token_ids == ids
-    with TritonClient(server.target, model=f"{name}_ensemble") as triton:
-        assert triton.generate(prompt, Sampling(max_tokens=8)) == text
+    assert_served_greedy_matches_reference(engines[name], server, name, 8)
