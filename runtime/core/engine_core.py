@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -63,8 +63,9 @@ class EngineCore:
 
         self.text_output = text_output      # False: token ids only (the front end makes the text)
         self.config = (config or EngineConfig()).validate()
-        self.engine = engine
         self.executor = PyTorchExecutor(engine, self.config)
+        # the executor holds the weights in its own layouts: keep the engine's description, not its tensors
+        self.engine = replace(engine, weights={})
         layout = self.executor.layout
         build = engine.build
         self.scheduler_config = SchedulerConfig(

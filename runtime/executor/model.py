@@ -42,11 +42,11 @@ class DecoderModel:
         self.qkv_sizes = [self.q_size, self.kv_size, self.kv_size]
         # quantized engines: each linear runs its low-precision kernel (runtime/executor/quant_linear.py)
         self.linears = build_linears(cfg, self.w, list(linear_shapes(cfg)), device)
-        if cfg.quant_algo is not None:      # the linears hold their re-laid-out tensors: drop the checkpoint's
-            self.w = {n: t for n, t in self.w.items() if not n.startswith(tuple(f"{b}." for b in self.linears))}
+        # the linears hold their re-laid-out tensors: drop the checkpoint's, so a layout copy replaces them
+        self.w = {n: t for n, t in self.w.items() if not n.startswith(tuple(f"{b}." for b in self.linears))}
         self.gate_up = self._fuse_gate_up()
         self.gate_up_sizes = [cfg.intermediate_size, cfg.intermediate_size]
-        self.lm_head = FloatLinear(self.w["lm_head.weight"], None)
+        self.lm_head = FloatLinear(self.w.pop("lm_head.weight"), None)
         self.rope_table = RopeTable(self.inv_freq, self.dtype) if device.type == "cpu" else None
         self.kv_algo = cfg.kv_cache_quant_algo
         self.kv_tables = kv_byte_tables(cfg, self.w, self.dtype)      # one-byte cache: each layer's decode table

@@ -79,3 +79,23 @@ def test_64_greedy_tokens_identical_to_hf_generate(build_tiny, preset: str) -> N
                           pad_token_id=engine.pad_token_id)[0, len(ids):].tolist()
         assert len(ref) == 64
         assert runner.greedy(ids, 64) == ref, text
+
+
+def test_engine_core_holds_one_copy_of_each_weight(build_tiny) -> None:
+    """Where a linear re-lays its weight out (a contiguous [K, N] copy, the fused gate/up), the model drops the
+    checkpoint's [N, K] tensor, and the engine core keeps the engine's description without its tensors: no
+    weight is held twice."""
+    from runtime.config import EngineConfig
+    from runtime.core.engine_core import EngineCore
+
+    engine_dir = build_tiny("tiny-qwen2")
+    core = EngineCore.from_dir(engine_dir, EngineConfig(device="cpu"))
+    model = core.executor.model
+    assert core.engine.weights == {}
+    assert not [name for name in model.w if name.endswith(".weight") and name.split(".")[-2] in
+                ("qkv", "dense", "fc", "gate", "proj", "lm_head")]
+    linears = [*model.linears.values(), *model.gate_up, model.lm_head]
+    assert all(linear.weight_t.is_contiguous() for linear in linears)    # tiny-qwen2: every weight is copied
+    storages = [linear.weight_t.untyped_storage().data_ptr() for linear in linears]
+    storages += [t.untyped_storage().data_ptr() for t in model.w.values()]
+    assert len(storages) == len(set(storages))
