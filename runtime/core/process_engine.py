@@ -43,7 +43,7 @@ from pathlib import Path
 import msgspec
 import zmq
 
-from runtime.config import EngineConfig
+from runtime.config import EngineConfig, core_process_environment
 from runtime.core.async_engine import EngineDeadError
 from runtime.core.engine_core import EngineRequest, EngineStats
 from runtime.core.ipc import (
@@ -120,7 +120,8 @@ class ProcessEngine:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "runtime.core.core_process", "--engine-dir", str(engine_dir),
              "--config-json", msgspec.json.encode(config).decode(), "--inbox", f"ipc://{self._socket_dir}/to-core",
-             "--outbox", f"ipc://{self._socket_dir}/from-core", "--parent-pid", str(os.getpid())])
+             "--outbox", f"ipc://{self._socket_dir}/from-core", "--parent-pid", str(os.getpid())],
+            env=core_process_environment())
         try:
             ready = self._wait_ready(start_timeout_s)
         except BaseException:
