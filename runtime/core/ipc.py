@@ -15,7 +15,6 @@ Not for: sockets and processes (runtime/core/core_process.py, process_engine.py)
 """
 from __future__ import annotations
 
-from multiprocessing.shared_memory import SharedMemory
 from typing import Any, Union
 
 import msgspec
@@ -23,7 +22,7 @@ import numpy as np
 
 from runtime.core.engine_core import EngineStats
 from runtime.core.request import EngineRequest
-from runtime.core.shm_arrays import pack, unpack
+from runtime.core.shm_arrays import Segment, pack, unpack
 from runtime.multimodal.processor import MultimodalInputs
 from runtime.outputs import RequestOutput
 from runtime.sampling_params import SamplingParams
@@ -40,7 +39,7 @@ class WireRequest(msgspec.Struct, tag="add", array_like=True):
     segment: str | None           # the shared-memory segment holding them
 
     @classmethod
-    def of(cls, request: EngineRequest) -> tuple[WireRequest, SharedMemory | None]:
+    def of(cls, request: EngineRequest) -> tuple[WireRequest, Segment | None]:
         """The message, and the segment the caller now owns (unlink it with shm_arrays.release)."""
         body, segment = pack(request.multimodal) if request.multimodal is not None else (None, None)
         return cls(request.request_id, list(request.prompt_token_ids), request.sampling_params, request.cache_salt,

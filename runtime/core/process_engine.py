@@ -37,7 +37,6 @@ import tempfile
 import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
-from multiprocessing.shared_memory import SharedMemory
 from pathlib import Path
 
 import msgspec
@@ -59,7 +58,7 @@ from runtime.core.ipc import (
     WireRequest,
 )
 from runtime.core.output_text import OutputText
-from runtime.core.shm_arrays import release
+from runtime.core.shm_arrays import Segment, release
 from runtime.errors import FieldError
 from runtime.outputs import RequestOutput
 
@@ -78,7 +77,7 @@ class _Stream:
     loop: asyncio.AbstractEventLoop
     make_text: Callable[[], OutputText]
     queue: asyncio.Queue[_Item] = field(default_factory=asyncio.Queue)
-    segment: SharedMemory | None = None    # the request's image tensors until the core has copied them
+    segment: Segment | None = None    # the request's image tensors until the core has copied them
     made_text: OutputText | None = None
 
     @property
