@@ -62,18 +62,22 @@ class NativeService:
         loop = asyncio.get_running_loop()
         deadline = None if remaining is None else loop.time() + remaining
         async with contextlib.aclosing(stream) as outputs:
+            if deadline is None:        # no timer to arm: no wait_for (a coroutine per streamed token)
+                async for out in outputs:
+                    response = _response(request.request_id, out)
+                    if response is not None:
+                        yield response
+                return
             while True:
-                timeout = None if deadline is None else max(0.0, deadline - loop.time())
                 try:
-                    out = await asyncio.wait_for(anext(outputs), timeout)
+                    out = await asyncio.wait_for(anext(outputs), max(0.0, deadline - loop.time()))
                 except StopAsyncIteration:
                     return
                 except asyncio.TimeoutError:       # TimeoutError on 3.11+, its own class on 3.10
                     raise DeadlineExceeded() from None
-                if out.finish_reason == "error":
-                    raise RequestFailed(out.error or "the engine failed the request")
-                if out.text or out.token_ids or out.finished:
-                    yield generate_response(request.request_id, out)
+                response = _response(request.request_id, out)
+                if response is not None:
+                    yield response
 
     async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
         model = self.registry.served_model(request.model)
@@ -238,6 +242,15 @@ async def sampling_params(sampling: pb.SamplingParameters, model: ServedModel) -
             raise InvalidArgument("bad_words", "entries must be non-empty strings")
         values["bad_words_ids"] = await model.off_loop(model.tokenize_words, list(sampling.bad_words))
     return SamplingParams(**values)  # type: ignore[arg-type]
+
+
+def _response(request_id: str, out: RequestOutput) -> pb.GenerateResponse | None:
+    """The message for one delta (None: nothing to send); a failed request raises RequestFailed."""
+    if out.finish_reason == "error":
+        raise RequestFailed(out.error or "the engine failed the request")
+    if out.text or out.token_ids or out.finished:
+        return generate_response(request_id, out)
+    return None
 
 
 def generate_response(request_id: str, out: RequestOutput) -> pb.GenerateResponse:

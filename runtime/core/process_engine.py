@@ -11,7 +11,7 @@ core's messages, turns each step's token ids into text (the core sends no text:
 detokenization and stop strings run here, runtime/core/output_text.py; on a
 stop-string hit the client's stream ends at once and the core is told to abort
 the request, freeing its KV blocks) and hands the deltas to their requests'
-queues with one `call_soon_threadsafe` per event loop; a consumer that fell
+inboxes with one `call_soon_threadsafe` per event loop; a consumer that fell
 behind gets its pending deltas merged into one output. A VL request's image
 tensors go to the core through a shared-memory segment (runtime/core/shm_arrays.py)
 that this side unlinks as soon as the core has answered for the request (it
@@ -74,11 +74,35 @@ class CoreStartError(RuntimeError):
 
 @dataclass(slots=True)
 class _Stream:
+    """One request's inbox: items the receiver handed over that its consumer has not taken yet.
+
+    A list and one waiter future instead of an asyncio.Queue: `put` and `take` run on the event loop only
+    (the receiver hands items over with call_soon_threadsafe) and the consumer always takes everything
+    pending at once, so the queue's size accounting, getter / putter deques and task counting were pure cost."""
+
     loop: asyncio.AbstractEventLoop
     make_text: Callable[[], OutputText]
-    queue: asyncio.Queue[_Item] = field(default_factory=asyncio.Queue)
+    pending: list[_Item] = field(default_factory=list)
+    waiter: asyncio.Future[None] | None = None
     segment: Segment | None = None    # the request's image tensors until the core has copied them
     made_text: OutputText | None = None
+
+    def put(self, item: _Item) -> None:
+        """Event loop only."""
+        self.pending.append(item)
+        waiter = self.waiter
+        if waiter is not None:
+            self.waiter = None
+            if not waiter.done():              # done: its consumer was cancelled while it waited
+                waiter.set_result(None)
+
+    async def take(self) -> list[_Item]:
+        """Everything pending, waiting for the first item (event loop only; one consumer)."""
+        while not self.pending:
+            self.waiter = self.loop.create_future()
+            await self.waiter
+        items, self.pending = self.pending, []
+        return items
 
     @property
     def text(self) -> OutputText:
@@ -176,9 +200,14 @@ class ProcessEngine:
             message, stream.segment = WireRequest.of(request)
             self._send(message)
             while True:
-                items = [await stream.queue.get()]
-                while not stream.queue.empty():          # the consumer fell behind: one merged delta
-                    items.append(stream.queue.get_nowait())
+                items = await stream.take()              # more than one: the consumer fell behind
+                if len(items) == 1 and type(items[0]) is RequestOutput:
+                    out = items[0]
+                    finished = out.finished
+                    yield out
+                    if finished:
+                        return
+                    continue
                 outputs = [item for item in items if isinstance(item, RequestOutput)]
                 errors = [item for item in items if isinstance(item, BaseException)]
                 if outputs:
@@ -302,7 +331,7 @@ class ProcessEngine:
         return items
 
     def _deliver(self, items: list[tuple[str, _Item]]) -> None:
-        """Hand items to their requests' queues: one call_soon_threadsafe per event loop."""
+        """Hand items to their requests' inboxes: one call_soon_threadsafe per event loop."""
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, _Item]]] = {}
         with self._lock:
             for request_id, item in items:
@@ -359,7 +388,7 @@ class ProcessEngine:
 
 def _put_all(batch: list[tuple[_Stream, _Item]]) -> None:
     for stream, item in batch:
-        stream.queue.put_nowait(item)
+        stream.put(item)
 
 
 def add_text(text: OutputText, out: RequestOutput) -> tuple[RequestOutput, bool]:

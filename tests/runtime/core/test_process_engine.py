@@ -249,3 +249,32 @@ def test_add_text_keeps_every_field_of_the_cores_delta() -> None:
     out = RequestOutput(**values)
     text = OutputText.of(Letters(), [20], SamplingParams(max_tokens=9), ())
     assert add_text(text, out) == (replace(out, text="ab"), False)
+
+
+def test_stream_inbox_hands_over_everything_pending_and_survives_a_cancelled_consumer() -> None:
+    """The per-request inbox that replaced asyncio.Queue: `take` waits for the first item and then returns all
+    pending ones at once (a consumer that fell behind: one merged delta); an item put after its consumer was
+    cancelled mid-wait is kept, not lost, and raises nothing on the event loop."""
+    from runtime.core.process_engine import _Stream
+
+    async def scenario() -> None:
+        stream = _Stream(asyncio.get_running_loop(), lambda: OutputText(None, None))  # type: ignore[arg-type]
+        deltas = [RequestOutput("x", t, (i,), False, None, Usage(5, i + 1, 0, 0.1)) for i, t in enumerate("abc")]
+        waiting = asyncio.create_task(stream.take())
+        await asyncio.sleep(0)
+        assert not waiting.done(), "take waits while nothing is pending"
+        stream.put(deltas[0])
+        assert await waiting == [deltas[0]]
+        stream.put(deltas[1])
+        stream.put(deltas[2])
+        assert await stream.take() == deltas[1:], "everything pending in one take"
+        cancelled = asyncio.create_task(stream.take())
+        await asyncio.sleep(0)
+        cancelled.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        error = EngineDeadError("gone")
+        stream.put(error)
+        assert await asyncio.wait_for(stream.take(), WAIT_S) == [error]
+
+    asyncio.run(scenario())
