@@ -9,7 +9,8 @@ and vision embeddings in place of placeholder token embeddings. Per-step host wo
 (issue 13): a float engine runs each layer's gate and up projections as one GEMM, the linears call
 addmm / mm directly (on CPU on a contiguous [in, out] weight where that pays, quant_linear.FloatLinear),
 RoPE, the KV write and attention are one op on the qkv projection's rows (`OpSet.qkv_attention`: one
-compiled call on CPU), and on CPU RoPE cos / sin come from a per-position table (`RopeTable`).
+compiled call on CPU), and on CPU RoPE and M-RoPE cos / sin come from a per-position table (`RopeTable`,
+`MRopeTable`).
 Not for: scheduling, sampling, KV block ownership or the vision tower.
 """
 from __future__ import annotations
@@ -47,7 +48,10 @@ class DecoderModel:
         self.gate_up = self._fuse_gate_up()
         self.gate_up_sizes = [cfg.intermediate_size, cfg.intermediate_size]
         self.lm_head = FloatLinear(self.w.pop("lm_head.weight"), None)
-        self.rope_table = RopeTable(self.inv_freq, self.dtype) if device.type == "cpu" else None
+        self.rope_table: RopeTable | None = None
+        if device.type == "cpu":
+            self.rope_table = (MRopeTable(self.inv_freq, self.dtype, self.mrope_section) if self.mrope_section
+                               else RopeTable(self.inv_freq, self.dtype))
         self.kv_algo = cfg.kv_cache_quant_algo
         self.kv_tables = kv_byte_tables(cfg, self.w, self.dtype)      # one-byte cache: each layer's decode table
 
@@ -84,6 +88,8 @@ class DecoderModel:
             if positions.dim() != 1:
                 raise ValueError(f"positions: {list(positions.shape)} M-RoPE positions for a 1-D RoPE model")
             return self.ops.rope_cos_sin(positions, self.inv_freq, self.dtype)
+        if isinstance(self.rope_table, MRopeTable):     # CPU, [3, T] positions: each column from the 1-D table
+            return self.rope_table.lookup_mrope(positions)
         if positions.dim() == 1:        # text and decode on an M-RoPE model: all three axes are equal
             positions = positions.expand(3, -1)
         return self.ops.rope_cos_sin(positions, self.inv_freq, self.dtype, self.mrope_section)
@@ -151,11 +157,46 @@ class RopeTable:
         except IndexError:                 # past the table, or negative: not in any table
             if int(positions.min()) < 0:
                 return self._compute(positions)
-            rows = self.cos.shape[0]
-            while rows <= int(positions.max()):
-                rows *= 2
-            self.cos, self.sin = self._compute(torch.arange(rows, device=positions.device))
+            self._grow(int(positions.max()))
             return self.cos.index_select(0, positions), self.sin.index_select(0, positions)
+
+    def _grow(self, max_position: int) -> None:
+        rows = self.cos.shape[0]
+        while rows <= max_position:
+            rows *= 2
+        self.cos, self.sin = self._compute(torch.arange(rows, device=self.inv_freq.device))
 
     def _compute(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return rope_cos_sin(positions, self.inv_freq, self.dtype)
+
+
+class MRopeTable(RopeTable):
+    """M-RoPE cos / sin ([3, T] positions, Qwen2-VL) from the same 1-D table. The reference's value in
+    column j of token t is cos / sin(position[axis(j), t] * inv_freq[j mod D/2]), axis(j) the (t, h, w)
+    axis of j's `mrope_section` chunk: that is the 1-D table's entry at row position[axis(j), t], column j.
+    So one index_select (each column's axis row of the positions) and one gather per table give exactly the
+    reference's values (tests/runtime/executor/test_rope_tables.py), instead of its product, split,
+    concatenations, cos and sin each step (issue 13: VL prefill steps). For CPU, as RopeTable."""
+
+    def __init__(self, inv_freq: torch.Tensor, dtype: torch.dtype, mrope_section: tuple[int, int, int],
+                 num_positions: int = 4096) -> None:
+        super().__init__(inv_freq, dtype, num_positions)
+        self.mrope_section = mrope_section
+        if sum(mrope_section) != inv_freq.shape[0]:
+            raise ValueError(f"mrope_section: {tuple(mrope_section)} must sum to {inv_freq.shape[0]} "
+                             f"(head_size / 2)")
+        axes = torch.cat([torch.full((n,), i % 3, dtype=torch.int64) for i, n in enumerate(mrope_section)])
+        self.column_axes = torch.cat([axes, axes]).to(inv_freq.device)      # [head_size]: each column's axis
+
+    def lookup_mrope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [3, T] -> cos / sin [T, head_size] in the activation dtype."""
+        if positions.dim() != 2 or positions.shape[0] != 3:       # the reference's error
+            return rope_cos_sin(positions, self.inv_freq, self.dtype, self.mrope_section)
+        rows = positions.index_select(0, self.column_axes).t()   # [T, head_size]: the table row of each value
+        try:
+            return self.cos.gather(0, rows), self.sin.gather(0, rows)
+        except RuntimeError:               # past the table, or negative (gather raises for both)
+            if int(positions.min()) < 0:
+                return rope_cos_sin(positions, self.inv_freq, self.dtype, self.mrope_section)
+            self._grow(int(positions.max()))
+            return self.cos.gather(0, rows), self.sin.gather(0, rows)
