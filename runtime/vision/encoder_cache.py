@@ -208,7 +208,9 @@ class VisionEmbedder:
         return batches
 
     def _encode(self, batch: list[ProcessedVisual]) -> list[torch.Tensor]:
-        pixels = torch.from_numpy(np.concatenate([v.pixel_values for v in batch], axis=0))
+        # one visual (most calls at moderate load): its rows as they are, without concatenate's copy of them
+        rows = batch[0].pixel_values if len(batch) == 1 else np.concatenate([v.pixel_values for v in batch], axis=0)
+        pixels = torch.from_numpy(rows)
         embeds = self.encoder.encode(pixels, [v.grid_thw for v in batch])
         sizes = [v.num_tokens for v in batch]
         if embeds.shape[0] != sum(sizes):
