@@ -46,7 +46,7 @@ class WireRequest(msgspec.Struct, tag="add", array_like=True):
                    body, segment.name if segment is not None else None), segment
 
     def engine_request(self) -> EngineRequest:
-        """The request, its arrays copied out of the segment; SegmentError when the segment is gone."""
+        """The request, its arrays views of a private mapping of the segment; SegmentError when it is gone."""
         multimodal = (unpack(self.multimodal, self.segment, MultimodalInputs) if self.multimodal is not None
                       else None)
         return EngineRequest(self.request_id, self.prompt_token_ids, self.sampling_params, self.cache_salt,

@@ -2,27 +2,31 @@
 
 What it is for: `pack` (front end) encodes a msgspec-encodable object as
 MessagePack with each numpy array replaced by (dtype, shape, offset), and
-writes the arrays into one new POSIX shared-memory segment; `unpack` (engine
-core) decodes it, reading each array out of the segment into a new array.
-Nothing is pickled: the message is MessagePack, the arrays raw bytes.
-The segment is used as a file (one pwrite per array into it, one preadv per array out of it), not
-mapped: a fresh mapping costs a page fault per 4 KiB page on each side, and the attaching side of
-`multiprocessing.shared_memory` registers with (and here at once unregisters from) a resource
-tracker process, several pipe writes per request: about 0.9 ms to pack and 0.4 ms to unpack one
-224x224 image's 1.2 MB of patches that way, against a few hundred microseconds now (issue 13).
+writes the arrays into one new POSIX shared-memory segment (one pwrite each);
+`unpack` (engine core) decodes it, each array a view of one private
+(copy-on-write) mapping of the segment: nothing is copied, the core's reads
+fault the segment's pages in, and a write (none is made) would copy just that
+page. Nothing is pickled: the message is MessagePack, the arrays raw bytes.
+Why not `multiprocessing.shared_memory`: its attaching side registers with
+(and here at once unregistered from) a resource tracker process, several pipe
+writes per request, and both sides copied through fresh mappings: about
+0.9 ms to pack and 0.4 ms to unpack one 224x224 image's 1.2 MB of patches
+that way (issue 13).
 The front end owns each segment and unlinks it with `release` once the core
-has answered for the request (it has copied the arrays by then), or when the
-request ends, is aborted or the core dies; should the server itself be
-killed, its multiprocessing resource tracker (which `pack` registers each
-segment with, as `SharedMemory` does) unlinks what was left. The core only
-opens the segment read-only and never registers it, so its exit never
-unlinks (or warns about) a segment it does not own.
+has answered for the request (the core has mapped it by then, and a mapping
+outlives the name), or when the request ends, is aborted or the core dies;
+should the server itself be killed, its multiprocessing resource tracker
+(which `pack` registers each segment with, as `SharedMemory` does) unlinks
+what was left. The core only maps the segment and never registers it, so
+its exit never unlinks (or warns about) a segment it does not own; its
+mapping goes when the last array viewing it does.
 Segment names start with `segment_prefix()` of the creating process, so a
-test can look for leaks. POSIX shared memory as on Linux (a segment is a file the fd reads and writes).
+test can look for leaks. POSIX shared memory as on Linux (a segment is a file: written with pwrite, mapped).
 Not for: the message types or their socket (runtime/core/ipc.py, process_engine.py).
 """
 from __future__ import annotations
 
+import mmap
 import os
 import secrets
 from dataclasses import dataclass
@@ -88,32 +92,26 @@ def pack(obj: object) -> tuple[bytes, Segment | None]:
 
 
 def unpack(body: bytes, segment_name: str | None, kind: type[_T]) -> _T:
-    """Decode what `pack` made, each array read out of the segment (which is left for its owner to unlink)."""
-    fd = _open(segment_name) if segment_name else None
-    segment_size = os.fstat(fd).st_size if fd is not None else 0
+    """Decode what `pack` made; each array is a view of one private (copy-on-write) mapping of the segment."""
+    mapping = _map(segment_name) if segment_name else None
 
     def from_ref(wanted: type, ref: Any) -> Any:
         if wanted is not np.ndarray:
             raise NotImplementedError(f"cannot receive a {wanted}")
-        if fd is None:
+        if mapping is None:
             raise SegmentError("an array refers to a shared-memory segment, but the message names none")
         dtype_str, shape, offset = ref
         dtype = np.dtype(dtype_str)
         count = int(np.prod(shape, dtype=np.int64))
         if dtype.kind not in ARRAY_KINDS or min(shape, default=0) < 0 or offset < 0 or \
-                offset + count * dtype.itemsize > segment_size:
+                offset + count * dtype.itemsize > len(mapping):
             raise SegmentError(f"array {dtype_str} {shape} at offset {offset} does not fit segment "
-                               f"{segment_name} of {segment_size} bytes")
-        array = np.empty(shape, dtype)
-        if array.nbytes and os.preadv(fd, [array], offset) != array.nbytes:
-            raise SegmentError(f"segment {segment_name} ended inside array {dtype_str} {shape} at offset {offset}")
-        return array
+                               f"{segment_name} of {len(mapping)} bytes")
+        if count == 0:
+            return np.empty(shape, dtype)
+        return np.frombuffer(mapping, dtype, count, offset).reshape(shape)
 
-    try:
-        return msgspec.msgpack.Decoder(kind, dec_hook=from_ref).decode(body)
-    finally:
-        if fd is not None:
-            os.close(fd)
+    return msgspec.msgpack.Decoder(kind, dec_hook=from_ref).decode(body)
 
 
 def release(segment: Segment) -> None:
@@ -135,8 +133,16 @@ def _write(fd: int, array: np.ndarray, offset: int) -> None:
         view, offset = view[written:], offset + written
 
 
-def _open(name: str) -> int:
+def _map(name: str) -> mmap.mmap:
+    """The whole segment, mapped private: its arrays are writable (a write copies that page, never reaching
+    the segment) and stay valid after the owner unlinks the name; unmapped when the last of them is gone."""
     try:
-        return _posixshmem.shm_open("/" + name, os.O_RDONLY, mode=0o600)
+        fd = _posixshmem.shm_open("/" + name, os.O_RDONLY, mode=0o600)
     except FileNotFoundError:
         raise SegmentError(f"shared-memory segment {name} is gone (the request was given up)") from None
+    try:
+        if os.fstat(fd).st_size == 0:
+            raise SegmentError(f"shared-memory segment {name} is empty")
+        return mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
+    finally:
+        os.close(fd)

@@ -1,6 +1,7 @@
-"""shm_arrays: arrays through one shared-memory segment written and read as a file (runtime/core/shm_arrays.py).
+"""shm_arrays: arrays through one shared-memory segment, written with pwrite, read as views of a private mapping.
 
 Round trip of every array kind the codec allows (several dtypes, empty, 0-d, non-contiguous input), bit-equal;
+the received arrays are writable without changing the segment and stay valid after the owner unlinks it;
 a released segment is gone (second release harmless, unpack refuses it by name); a reference that points
 past the segment is refused; nothing is left under /dev/shm.
 """
@@ -38,11 +39,16 @@ def test_round_trip_is_bit_equal_and_release_unlinks() -> None:
     assert got.label == "x" and len(got.arrays) == len(sent.arrays)
     for a, b in zip(sent.arrays, got.arrays):
         assert a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+    got.arrays[0][0, 0] = 123.0              # writable, copy-on-write: the segment keeps the sent value
+    again = unpack(body, segment.name, _Message)
     release(segment)
     release(segment)
     assert not (SHM / segment.name).exists()
     with pytest.raises(SegmentError, match="is gone"):
         unpack(body, segment.name, _Message)
+    for a, b in zip(sent.arrays, again.arrays):     # the core's arrays outlive the name (a mapping of it)
+        assert a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+    assert got.arrays[0][0, 0] == 123.0
 
 
 def test_no_arrays_no_segment_and_bad_reference_refused() -> None:
