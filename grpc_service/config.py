@@ -48,6 +48,7 @@ class ServerConfig:
     grace_period_s: float = 30.0              # SIGTERM: how long in-flight requests may take to finish
     warmup: bool = True                       # one short request per model before reporting SERVING
     engine_process: bool = True               # each engine core in its own process (False: a thread of this one)
+    batch_scheduling: bool = True             # with engine_process: front-end threads SCHED_BATCH (thread_sched.py)
     # vision-language engines (the defaults are runtime.multimodal.image_io.ImageLimits')
     max_images_per_request: int = _IMAGE_DEFAULTS.max_images_per_request    # images plus videos
     max_image_pixels: int = _IMAGE_DEFAULTS.max_image_pixels                # per image / frame, from its header

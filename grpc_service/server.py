@@ -41,6 +41,7 @@ from grpc_service.triton_schema import (
     RepositoryNames,
     default_configs,
 )
+from grpc_service.thread_sched import batch_schedule_threads
 from grpc_service.triton_service import TritonService
 from grpc_service.visual_inputs import MediaPolicy
 from runtime.config import EngineConfig
@@ -85,6 +86,8 @@ class Server:
                 stop.cancel()
                 await load                  # raises the load error (bad engine or repository)
             else:
+                if self.config.engine_process and self.config.batch_scheduling:   # the cores are started by now
+                    LOG.info("%d front-end threads under SCHED_BATCH", batch_schedule_threads())
                 _announce(f"ready: {', '.join(m.name for m in self.registry.served_models)}")
                 watch = asyncio.create_task(self._watch_engines())
                 stop.add_done_callback(lambda _: watch.cancel())

@@ -42,6 +42,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-warmup", action="store_true", help="report SERVING without a warm-up request")
     p.add_argument("--no-engine-process", action="store_true",
                    help="run each engine core on a thread of the server process instead of its own process")
+    p.add_argument("--no-batch-scheduling", action="store_true",
+                   help="keep the front end's threads under the normal scheduling policy (default: SCHED_BATCH "
+                        "once the engine cores run, so their wakeups do not preempt the cores)")
     images = p.add_argument_group("images and video (vision-language engines)")
     images.add_argument("--max-images-per-request", type=int, help="images plus videos in one request (8)")
     images.add_argument("--max-image-pixels", type=int, help="width x height of one image or frame (4096 x 4096)")
@@ -71,6 +74,7 @@ def configs_from_args(args: argparse.Namespace) -> tuple[ServerConfig, EngineCon
         max_receive_message_bytes=message_bytes, max_send_message_bytes=message_bytes,
         grace_period_s=args.grace_period, warmup=False if args.no_warmup else None,
         engine_process=False if args.no_engine_process else None,
+        batch_scheduling=False if args.no_batch_scheduling else None,
         max_images_per_request=args.max_images_per_request, max_image_pixels=args.max_image_pixels,
         max_image_bytes=args.max_image_bytes, max_video_frames=args.max_video_frames,
         allowed_image_dir=args.allowed_image_dir, allow_image_url_fetch=True if args.allow_image_url_fetch else None,

@@ -1,6 +1,7 @@
 """The server's engine core in its own process (the default): a crash of that process.
 
-The core is SIGKILLed while three native streams are in flight: each stream ends with UNAVAILABLE
+The server's threads run under SCHED_BATCH and the core's main thread under the normal policy. The core
+is SIGKILLed while three native streams are in flight: each stream ends with UNAVAILABLE
 ("the engine is not running"; the server's log names the core's exit code), health turns NOT_SERVING,
 a new request is refused at once, and the server still shuts down cleanly; every wait is bounded
 (nothing hangs). Greedy equivalence of the split with
@@ -36,6 +37,21 @@ def core_pid(server_pid: int) -> int:
     raise AssertionError(f"no engine core process among the server's children {children}")
 
 
+def assert_front_end_batch_scheduled(server_pid: int, core: int) -> None:
+    """The server's threads run under SCHED_BATCH (grpc_service/thread_sched.py); the engine core's, started
+    before that, under the normal policy."""
+    if not hasattr(os, "SCHED_BATCH"):
+        return
+    policies = {}
+    for task in Path(f"/proc/{server_pid}/task").iterdir():
+        try:
+            policies[task.name] = os.sched_getscheduler(int(task.name))
+        except ProcessLookupError:      # a pool thread that ended meanwhile
+            pass
+    assert policies and set(policies.values()) == {os.SCHED_BATCH}, policies
+    assert os.sched_getscheduler(core) == os.SCHED_OTHER
+
+
 def test_core_crash_fails_streams_and_turns_health_off(tiny_engine_dir: Path,
                                                        tmp_path_factory: pytest.TempPathFactory) -> None:
     server = ServerProcess.start(["--engine", str(tiny_engine_dir)], tmp_path_factory.mktemp("core-crash"))
@@ -56,7 +72,9 @@ def test_core_crash_fails_streams_and_turns_health_off(tiny_engine_dir: Path,
         for t in threads:
             t.start()
         started.wait(WAIT_S)
-        os.kill(core_pid(server.process.pid), signal.SIGKILL)
+        core = core_pid(server.process.pid)
+        assert_front_end_batch_scheduled(server.process.pid, core)
+        os.kill(core, signal.SIGKILL)
         for t in threads:
             t.join(WAIT_S)
         assert not any(t.is_alive() for t in threads), "a stream hangs after the core died"
