@@ -25,6 +25,7 @@ ENV_PREFIX = "TRTSERVE_SERVER_"
 MIN_MESSAGE_BYTES = 1 << 16           # 64 KiB: below this even a short prompt would not fit
 MAX_MESSAGE_BYTES = (1 << 31) - 1     # gRPC's own ceiling
 MAX_PORT = 65535
+EVENT_LOOPS = ("auto", "uvloop", "asyncio")
 _IMAGE_DEFAULTS = ImageLimits()
 
 
@@ -49,6 +50,7 @@ class ServerConfig:
     warmup: bool = True                       # one short request per model before reporting SERVING
     engine_process: bool = True               # each engine core in its own process (False: a thread of this one)
     batch_scheduling: bool = True             # with engine_process: front-end threads SCHED_BATCH (thread_sched.py)
+    event_loop: str = "auto"                  # auto (uvloop where installed), uvloop, asyncio (event_loop.py)
     # vision-language engines (the defaults are runtime.multimodal.image_io.ImageLimits')
     max_images_per_request: int = _IMAGE_DEFAULTS.max_images_per_request    # images plus videos
     max_image_pixels: int = _IMAGE_DEFAULTS.max_image_pixels                # per image / frame, from its header
@@ -74,6 +76,8 @@ class ServerConfig:
             raise ServerConfigError("grace_period_s", f"must be a finite number >= 0, got {self.grace_period_s}")
         if not self.host:
             raise ServerConfigError("host", "must not be empty")
+        if self.event_loop not in EVENT_LOOPS:
+            raise ServerConfigError("event_loop", f"must be one of {', '.join(EVENT_LOOPS)}, got {self.event_loop!r}")
         for name in ("max_images_per_request", "max_image_pixels", "max_image_bytes", "max_video_frames"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -73,6 +73,7 @@ class Server:
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
+        LOG.info("event loop: %s.%s", type(loop).__module__, type(loop).__name__)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
         try:

@@ -12,7 +12,6 @@ TRTSERVE_* (engine) environment variables, then the defaults.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import sys
 from pathlib import Path
@@ -42,6 +41,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-warmup", action="store_true", help="report SERVING without a warm-up request")
     p.add_argument("--no-engine-process", action="store_true",
                    help="run each engine core on a thread of the server process instead of its own process")
+    p.add_argument("--event-loop", choices=("auto", "uvloop", "asyncio"),
+                   help="the server's asyncio event loop (auto: uvloop where installed)")
     p.add_argument("--no-batch-scheduling", action="store_true",
                    help="keep the front end's threads under the normal scheduling policy (default: SCHED_BATCH "
                         "once the engine cores run, so their wakeups do not preempt the cores)")
@@ -75,6 +76,7 @@ def configs_from_args(args: argparse.Namespace) -> tuple[ServerConfig, EngineCon
         grace_period_s=args.grace_period, warmup=False if args.no_warmup else None,
         engine_process=False if args.no_engine_process else None,
         batch_scheduling=False if args.no_batch_scheduling else None,
+        event_loop=args.event_loop,
         max_images_per_request=args.max_images_per_request, max_image_pixels=args.max_image_pixels,
         max_image_bytes=args.max_image_bytes, max_video_frames=args.max_video_frames,
         allowed_image_dir=args.allowed_image_dir, allow_image_url_fetch=True if args.allow_image_url_fetch else None,
@@ -97,10 +99,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ServerConfigError, EngineConfigError) as exc:
         print(f"trtserve-serve: error: {exc}", file=sys.stderr)
         return 2
+    from grpc_service import event_loop
     from grpc_service.server import Server
 
     try:
-        return asyncio.run(Server(server_config, engine_config).run())
+        return event_loop.run(Server(server_config, engine_config).run(), server_config.event_loop)
     except (EngineLoadError, RepositoryError, OSError, ValueError) as exc:
         print(f"trtserve-serve: error: {exc}", file=sys.stderr)
         return 2

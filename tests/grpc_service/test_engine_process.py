@@ -1,6 +1,7 @@
 """The server's engine core in its own process (the default): a crash of that process.
 
-The server's threads run under SCHED_BATCH and the core's main thread under the normal policy. The core
+The server runs on uvloop's event loop, its threads under SCHED_BATCH and the core's main thread under the
+normal policy. The core
 is SIGKILLed while three native streams are in flight: each stream ends with UNAVAILABLE
 ("the engine is not running"; the server's log names the core's exit code), health turns NOT_SERVING,
 a new request is refused at once, and the server still shuts down cleanly; every wait is bounded
@@ -95,5 +96,7 @@ def test_core_crash_fails_streams_and_turns_health_off(tiny_engine_dir: Path,
         server.process.send_signal(signal.SIGTERM)
         server.process.wait(timeout=WAIT_S)
         assert "engine core process exited (code -9)" in server.log()
+        assert server.log_path is not None and "event loop: uvloop" in server.log_path.read_text(), \
+            "the server runs on uvloop's loop (grpc_service/event_loop.py)"
     finally:
         server.stop()
