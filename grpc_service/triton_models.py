@@ -111,9 +111,12 @@ class TritonModel:
             raise InvalidArgument(name, f"streaming needs a decoupled model; model {self.name!r} is not decoupled")
         defaults = (LOG_PROB_OUTPUTS if generation.return_log_probs else ()) + (
             tuple(PERF_OUTPUT_NAMES) if generation.return_perf_metrics else ())
+        names: list[str] | None = None        # the same for every response of a request: chosen once
         async for outputs, final in self._generate(generation, prompt_text, request_id, clock):
             start_ns = time.monotonic_ns()
-            part = ResponsePart(self._select(outputs, wanted, defaults), final)
+            if names is None:
+                names = self._names(outputs, wanted, defaults)
+            part = ResponsePart([OutputTensor(n, self._dtypes[n], outputs[n]) for n in names], final)
             if POSTPROCESSING in self.composing:       # the ensemble's postprocessing runs once per response
                 self.composing[POSTPROCESSING].record_success(Execution.compute_only(time.monotonic_ns() - start_ns))
             yield part
@@ -220,9 +223,13 @@ class TritonModel:
     def _select(self, produced: dict[str, np.ndarray], wanted: list[str],
                 defaults: tuple[str, ...]) -> list[OutputTensor]:
         """The client's requested outputs, else the primary ones plus those its flags turned on."""
+        return [OutputTensor(n, self._dtypes[n], produced[n]) for n in self._names(produced, wanted, defaults)]
+
+    def _names(self, produced: dict[str, np.ndarray], wanted: list[str], defaults: tuple[str, ...]) -> list[str]:
+        """`_select`'s output names, in order."""
         optional = LOG_PROB_OUTPUTS + tuple(PERF_OUTPUT_NAMES | LOGITS_OUTPUT_NAMES)
         names = wanted or [n for n in self._dtypes if n in produced and (n not in optional or n in defaults)]
-        return [OutputTensor(n, self._dtypes[n], produced[n]) for n in names if n in produced]
+        return [n for n in names if n in produced]
 
     # ------------------------------------------------------------ pre / post
 
