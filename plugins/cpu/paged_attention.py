@@ -32,100 +32,135 @@ from plugins.reference import paged_attention as reference
 from plugins.reference.qkv_attention import UnfusedQKVAttention
 
 KERNEL_DTYPES = (torch.float32, torch.float64)
+# Smallest call (rows x heads x head size x longest context) split over the threads; see _parallel.
+PARALLEL_MIN_WORK = 1 << 19
 WRITE_DTYPES = (torch.float32, torch.float64, torch.int8, torch.uint8)     # the write copies elements: any numpy type
 _NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
 
 
-# Serial: on 2 cores a parallel launch costs more than a decode step's attention and fights torch's
-# threads; reassociation lets LLVM vectorise the dot products and sums. No nnan / ninf. Every sum and
-# product runs in the cache's dtype (a float64 literal would promote float32 sums to float64 and keep
-# LLVM from vectorising them: measured 2x slower at [16 rows, 8 heads, 96 keys, 64]).
+# Reassociation lets LLVM vectorise the dot products and sums. No nnan / ninf. Every sum and product runs in
+# the cache's dtype (a float64 literal would promote float32 sums to float64 and keep LLVM from vectorising
+# them: measured 2x slower at [16 rows, 8 heads, 96 keys, 64]).
 @numba.njit(fastmath={"reassoc", "contract", "arcp", "nsz"}, error_model="numpy", cache=True, nogil=True)
-def _attention_kernel(q: np.ndarray, key_cache: np.ndarray, value_cache: np.ndarray, block_tables: np.ndarray,
-                      seq_lens: np.ndarray, query_start_loc: np.ndarray, scale: float,
-                      out: np.ndarray) -> None:  # pragma: no cover - compiled
-    num_tokens, num_heads, head_size = q.shape
+def _attend(item: int, q: np.ndarray, key_cache: np.ndarray, value_cache: np.ndarray, block_tables: np.ndarray,
+            seq_lens: np.ndarray, query_start_loc: np.ndarray, scale: float, out: np.ndarray, scores: np.ndarray,
+            exponents: np.ndarray, acc: np.ndarray, row_max: np.ndarray,
+            total: np.ndarray) -> None:  # pragma: no cover - compiled
+    """One (query row, KV head) pair: its `group` query heads over the row's causal context, into `out`; the
+    other arrays are scratch (scores [group, longest context], ...)."""
+    num_heads, head_size = q.shape[1], q.shape[2]
     block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
     group = num_heads // num_kv_heads
     num_seqs = seq_lens.shape[0]
     zero, scale = out.dtype.type(0.0), out.dtype.type(scale)
     poly_exp = out.itemsize == 4         # float32: the vectorisable exp; float64: math.exp
-    # one set of scratch arrays for the whole call: each row's scores over its whole context
-    longest = max(seq_lens.max(), 1)
-    scores = np.empty((group, longest), dtype=out.dtype)
-    exponents = np.empty(longest, dtype=np.int32)
-    acc = np.empty((group, head_size), dtype=out.dtype)
-    row_max = np.empty(group, dtype=out.dtype)
-    total = np.empty(group, dtype=out.dtype)
-    for item in range(num_tokens * num_kv_heads):
-        row, kv_head = item // num_kv_heads, item % num_kv_heads
-        seq = np.searchsorted(query_start_loc[1:num_seqs + 1], row, side="right")
-        query_len = query_start_loc[seq + 1] - query_start_loc[seq]
-        visible = seq_lens[seq] - query_len + (row - query_start_loc[seq]) + 1   # causal: keys [0, visible)
-        first_head = kv_head * group
-        row_max[:] = -np.inf
-        # scores q . k: each key read once per group; four keys at a time (four independent sums)
-        for first in range(0, visible, block_size):
-            block = block_tables[seq, first // block_size]
-            num_keys = min(block_size, visible - first)
-            for h in range(group):
-                head = first_head + h
-                j = 0
-                while j < num_keys:
-                    if j + 4 <= num_keys:
-                        s0, s1, s2, s3 = zero, zero, zero, zero
-                        for d in range(head_size):
-                            x = q[row, head, d]
-                            s0 += x * key_cache[block, j, kv_head, d]
-                            s1 += x * key_cache[block, j + 1, kv_head, d]
-                            s2 += x * key_cache[block, j + 2, kv_head, d]
-                            s3 += x * key_cache[block, j + 3, kv_head, d]
-                        scores[h, first + j], scores[h, first + j + 1] = s0 * scale, s1 * scale
-                        scores[h, first + j + 2], scores[h, first + j + 3] = s2 * scale, s3 * scale
-                        row_max[h] = max(row_max[h], max(max(s0, s1), max(s2, s3)) * scale)
-                        j += 4
-                    else:
-                        s0 = zero
-                        for d in range(head_size):
-                            s0 += q[row, head, d] * key_cache[block, j, kv_head, d]
-                        scores[h, first + j] = s0 * scale
-                        row_max[h] = max(row_max[h], s0 * scale)
-                        j += 1
-        for h in range(group):      # exact softmax weights, unnormalised: the output is divided by their sum
-            if poly_exp:
-                _exp_shifted_f32(scores[h, :visible], row_max[h], exponents)
-            else:
-                for p in range(visible):
-                    scores[h, p] = math.exp(scores[h, p] - row_max[h])
-            weight_sum = zero
-            for p in range(visible):
-                weight_sum += scores[h, p]
-            total[h] = weight_sum
-        acc[:] = zero
-        for first in range(0, visible, block_size):         # the weighted sum of the values, four at a time
-            block = block_tables[seq, first // block_size]
-            num_keys = min(block_size, visible - first)
-            for h in range(group):
-                j = 0
-                while j < num_keys:
-                    if j + 4 <= num_keys:
-                        w0, w1 = scores[h, first + j], scores[h, first + j + 1]
-                        w2, w3 = scores[h, first + j + 2], scores[h, first + j + 3]
-                        for d in range(head_size):
-                            acc[h, d] += (w0 * value_cache[block, j, kv_head, d]
-                                          + w1 * value_cache[block, j + 1, kv_head, d]
-                                          + w2 * value_cache[block, j + 2, kv_head, d]
-                                          + w3 * value_cache[block, j + 3, kv_head, d])
-                        j += 4
-                    else:
-                        w0 = scores[h, first + j]
-                        for d in range(head_size):
-                            acc[h, d] += w0 * value_cache[block, j, kv_head, d]
-                        j += 1
+    row, kv_head = item // num_kv_heads, item % num_kv_heads
+    seq = np.searchsorted(query_start_loc[1:num_seqs + 1], row, side="right")
+    query_len = query_start_loc[seq + 1] - query_start_loc[seq]
+    visible = seq_lens[seq] - query_len + (row - query_start_loc[seq]) + 1   # causal: keys [0, visible)
+    first_head = kv_head * group
+    row_max[:] = -np.inf
+    # scores q . k: each key read once per group; four keys at a time (four independent sums)
+    for first in range(0, visible, block_size):
+        block = block_tables[seq, first // block_size]
+        num_keys = min(block_size, visible - first)
         for h in range(group):
-            inverse = 1 / total[h]
-            for d in range(head_size):
-                out[row, first_head + h, d] = acc[h, d] * inverse
+            head = first_head + h
+            j = 0
+            while j < num_keys:
+                if j + 4 <= num_keys:
+                    s0, s1, s2, s3 = zero, zero, zero, zero
+                    for d in range(head_size):
+                        x = q[row, head, d]
+                        s0 += x * key_cache[block, j, kv_head, d]
+                        s1 += x * key_cache[block, j + 1, kv_head, d]
+                        s2 += x * key_cache[block, j + 2, kv_head, d]
+                        s3 += x * key_cache[block, j + 3, kv_head, d]
+                    scores[h, first + j], scores[h, first + j + 1] = s0 * scale, s1 * scale
+                    scores[h, first + j + 2], scores[h, first + j + 3] = s2 * scale, s3 * scale
+                    row_max[h] = max(row_max[h], max(max(s0, s1), max(s2, s3)) * scale)
+                    j += 4
+                else:
+                    s0 = zero
+                    for d in range(head_size):
+                        s0 += q[row, head, d] * key_cache[block, j, kv_head, d]
+                    scores[h, first + j] = s0 * scale
+                    row_max[h] = max(row_max[h], s0 * scale)
+                    j += 1
+    for h in range(group):      # exact softmax weights, unnormalised: the output is divided by their sum
+        if poly_exp:
+            _exp_shifted_f32(scores[h, :visible], row_max[h], exponents)
+        else:
+            for p in range(visible):
+                scores[h, p] = math.exp(scores[h, p] - row_max[h])
+        weight_sum = zero
+        for p in range(visible):
+            weight_sum += scores[h, p]
+        total[h] = weight_sum
+    acc[:] = zero
+    for first in range(0, visible, block_size):         # the weighted sum of the values, four at a time
+        block = block_tables[seq, first // block_size]
+        num_keys = min(block_size, visible - first)
+        for h in range(group):
+            j = 0
+            while j < num_keys:
+                if j + 4 <= num_keys:
+                    w0, w1 = scores[h, first + j], scores[h, first + j + 1]
+                    w2, w3 = scores[h, first + j + 2], scores[h, first + j + 3]
+                    for d in range(head_size):
+                        acc[h, d] += (w0 * value_cache[block, j, kv_head, d]
+                                      + w1 * value_cache[block, j + 1, kv_head, d]
+                                      + w2 * value_cache[block, j + 2, kv_head, d]
+                                      + w3 * value_cache[block, j + 3, kv_head, d])
+                    j += 4
+                else:
+                    w0 = scores[h, first + j]
+                    for d in range(head_size):
+                        acc[h, d] += w0 * value_cache[block, j, kv_head, d]
+                    j += 1
+    for h in range(group):
+        inverse = 1 / total[h]
+        for d in range(head_size):
+            out[row, first_head + h, d] = acc[h, d] * inverse
+
+
+@numba.njit(cache=True, nogil=True)
+def _scratch(q: np.ndarray, key_cache: np.ndarray, seq_lens: np.ndarray, out: np.ndarray
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:  # pragma: no cover - compiled
+    """Scratch for `_attend` calls: each row's scores over its whole context, ..."""
+    group, head_size = q.shape[1] // key_cache.shape[2], q.shape[2]
+    longest = max(seq_lens.max(), 1)
+    return (np.empty((group, longest), dtype=out.dtype), np.empty(longest, dtype=np.int32),
+            np.empty((group, head_size), dtype=out.dtype), np.empty(group, dtype=out.dtype),
+            np.empty(group, dtype=out.dtype))
+
+
+@numba.njit(cache=True, nogil=True)
+def _attention_kernel(q: np.ndarray, key_cache: np.ndarray, value_cache: np.ndarray, block_tables: np.ndarray,
+                      seq_lens: np.ndarray, query_start_loc: np.ndarray, scale: float,
+                      out: np.ndarray) -> None:  # pragma: no cover - compiled
+    """Every (query row, KV head) pair on this thread, one set of scratch arrays for the whole call."""
+    scores, exponents, acc, row_max, total = _scratch(q, key_cache, seq_lens, out)
+    for item in range(q.shape[0] * key_cache.shape[2]):
+        _attend(item, q, key_cache, value_cache, block_tables, seq_lens, query_start_loc, scale, out, scores,
+                exponents, acc, row_max, total)
+
+
+# The same pairs split into one contiguous run per thread (numba's threads: the OpenMP pool torch uses, whose
+# threads sleep between regions in the engine-core process); each pair is computed exactly as the serial
+# kernel computes it, so the output is bit-identical. Used only where the step already runs on several
+# threads and the call is large (`PARALLEL_MIN_WORK`): a launch costs more than a small call's work.
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _attention_kernel_parallel(q: np.ndarray, key_cache: np.ndarray, value_cache: np.ndarray,
+                               block_tables: np.ndarray, seq_lens: np.ndarray, query_start_loc: np.ndarray,
+                               scale: float, out: np.ndarray, threads: int) -> None:  # pragma: no cover - compiled
+    num_items = q.shape[0] * key_cache.shape[2]
+    num_runs = min(threads, num_items)
+    for run in numba.prange(num_runs):
+        scores, exponents, acc, row_max, total = _scratch(q, key_cache, seq_lens, out)
+        for item in range(run * num_items // num_runs, (run + 1) * num_items // num_runs):
+            _attend(item, q, key_cache, value_cache, block_tables, seq_lens, query_start_loc, scale, out,
+                    scores, exponents, acc, row_max, total)
 
 
 # No reassociation here: it could fold the two-part ln 2 subtraction (Cody-Waite) into one and lose its precision.
@@ -214,6 +249,13 @@ def _qkv_attention_kernel(qkv: np.ndarray, cos: np.ndarray, sin: np.ndarray, key
     _attention_kernel(q_rows, key_cache, value_cache, block_tables, seq_lens, query_start_loc, scale, out)
 
 
+def _parallel(num_rows: int, num_heads: int, head_size: int, metadata: AttentionMetadata) -> bool:
+    """Run the call on torch's threads: the step already uses several and the call is large (its work bound:
+    rows x heads x head size x the longest context, at least PARALLEL_MIN_WORK)."""
+    return (torch.get_num_threads() > 1
+            and num_rows * num_heads * head_size * max(metadata.seq_lens, default=0) >= PARALLEL_MIN_WORK)
+
+
 def qkv_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, key_cache: torch.Tensor,
                   value_cache: torch.Tensor, slot_mapping: torch.Tensor, metadata: AttentionMetadata,
                   scale: float) -> torch.Tensor:
@@ -231,7 +273,15 @@ def qkv_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, key_c
     num_tokens = qkv.shape[0]
     q_rows = np.empty((num_tokens, num_heads, head_size), _NUMPY_DTYPES[qkv.dtype])
     out = np.empty((num_tokens, num_heads * head_size), q_rows.dtype)
-    if num_tokens:
+    if num_tokens and _parallel(num_tokens, num_heads, head_size, metadata):
+        _rope_write_kernel(qkv.numpy(), cos.numpy(), sin.numpy(), key_cache.numpy(), value_cache.numpy(),
+                           slot_mapping.numpy(), q_rows)
+        threads = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
+        numba.set_num_threads(threads)
+        _attention_kernel_parallel(q_rows, key_cache.numpy(), value_cache.numpy(), metadata.block_tables.numpy(),
+                                   metadata.seq_lens_tensor.numpy(), metadata.query_start_loc.numpy(), float(scale),
+                                   out.reshape(num_tokens, num_heads, head_size), threads)
+    elif num_tokens:
         _qkv_attention_kernel(qkv.numpy(), cos.numpy(), sin.numpy(), key_cache.numpy(), value_cache.numpy(),
                               slot_mapping.numpy(), metadata.block_tables.numpy(), metadata.seq_lens_tensor.numpy(),
                               metadata.query_start_loc.numpy(), float(scale), q_rows,

@@ -102,3 +102,40 @@ def test_skipped_slots_and_fallbacks_equal_the_unfused_ops() -> None:
     want = REFERENCE_QKV_ATTENTION(qkv, cos, sin, *caches[1], slots, bf16.metadata(), bf16.scale)
     assert torch.equal(got, want) and torch.equal(caches[0][0], caches[1][0])
     assert get_ops(torch.device("cpu")).qkv_attention is cpu_attention.qkv_attention
+
+
+def test_the_threaded_call_equals_the_serial_one_bit_for_bit(monkeypatch) -> None:
+    """A call large enough on a step with several torch threads splits its (row, KV head) pairs into one run
+    per thread (each pair computed exactly as the serial kernel does): random layouts give the serial output
+    and cache bit for bit, through the op on 2 threads and through the kernel with 3 runs (a 1-row case: more
+    runs than pairs)."""
+    rng = random.Random(31)
+    cases = [make_case([1], [1], 1, 2, 16, 4, torch.float32, "cpu", seed=99)]
+    for seed in range(4):
+        seq_lens = [rng.randint(1, 70) for _ in range(rng.randint(1, 9))]
+        query_lens = [rng.choice([1, n, rng.randint(1, n)]) for n in seq_lens]
+        cases.append(make_case(seq_lens, query_lens, rng.choice([1, 2]), rng.choice([1, 2, 7]), 16,
+                               rng.choice([4, 16]), torch.float32, "cpu", seed=seed))
+    threads = torch.get_num_threads()
+    try:
+        for case in cases:
+            qkv, cos, sin, slots = _inputs(case, 7)
+            runs = {}
+            for name, min_work, num_threads in (("serial", 1 << 62, 1), ("threaded", 0, 2)):
+                monkeypatch.setattr(cpu_attention, "PARALLEL_MIN_WORK", min_work)
+                torch.set_num_threads(num_threads)
+                key_cache, value_cache = case.key_cache.clone(), case.value_cache.clone()
+                out = cpu_attention.qkv_attention(qkv, cos, sin, key_cache, value_cache, slots, case.metadata(),
+                                                  case.scale)
+                runs[name] = (out, key_cache.nan_to_num(0.0), value_cache.nan_to_num(0.0))
+            assert all(torch.equal(a, b) for a, b in zip(runs["threaded"], runs["serial"]))
+            q = case.q.contiguous().numpy()
+            metadata = case.metadata()
+            kernel_args = (q, case.key_cache.numpy(), case.value_cache.numpy(), metadata.block_tables.numpy(),
+                           metadata.seq_lens_tensor.numpy(), metadata.query_start_loc.numpy(), case.scale)
+            serial, three = torch.empty_like(case.q).numpy(), torch.empty_like(case.q).numpy()
+            cpu_attention._attention_kernel(*kernel_args, serial)
+            cpu_attention._attention_kernel_parallel(*kernel_args, three, 3)
+            assert torch.equal(torch.from_numpy(three), torch.from_numpy(serial))
+    finally:
+        torch.set_num_threads(threads)
