@@ -112,18 +112,6 @@ class EngineLayout:
         return self.num_kv_blocks * self.kv_bytes_per_block
 
 
-def core_process_environment() -> dict[str, str]:
-    """The served engine-core process's environment: this process's, with OMP_WAIT_POLICY=PASSIVE unless the
-    user chose an OpenMP wait policy (OMP_WAIT_POLICY or GOMP_SPINCOUNT). torch's OpenMP threads otherwise
-    spin after each parallel region (GEMM) through the step's serial parts, on cores the front end and the
-    clients need, and a spinning or descheduled thread stalls the next GEMM; asleep, they leave the cores
-    free. Served small-qwen2 c=16 under load went 109-176 -> 231-388 tok/s (docs/perf/2026-11-30/session5)."""
-    env = dict(os.environ)
-    if "OMP_WAIT_POLICY" not in env and "GOMP_SPINCOUNT" not in env:
-        env["OMP_WAIT_POLICY"] = "PASSIVE"
-    return env
-
-
 def env_values(cls: type, prefix: str, error: type[FieldError]) -> dict[str, object]:
     """Fields of dataclass `cls` given as PREFIX + FIELD environment variables, parsed by their annotation.
 

@@ -42,7 +42,7 @@ from pathlib import Path
 import msgspec
 import zmq
 
-from runtime.config import EngineConfig, core_process_environment
+from runtime.config import EngineConfig
 from runtime.core.async_engine import EngineDeadError
 from runtime.core.engine_core import EngineRequest, EngineStats
 from runtime.core.ipc import (
@@ -143,8 +143,7 @@ class ProcessEngine:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "runtime.core.core_process", "--engine-dir", str(engine_dir),
              "--config-json", msgspec.json.encode(config).decode(), "--inbox", f"ipc://{self._socket_dir}/to-core",
-             "--outbox", f"ipc://{self._socket_dir}/from-core", "--parent-pid", str(os.getpid())],
-            env=core_process_environment())
+             "--outbox", f"ipc://{self._socket_dir}/from-core", "--parent-pid", str(os.getpid())])
         try:
             ready = self._wait_ready(start_timeout_s)
         except BaseException:
