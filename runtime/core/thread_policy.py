@@ -98,13 +98,17 @@ class ParallelCheck:
 
     Each large step's wall time per unit of work updates its thread count's estimate (the count in use: a running
     average; the count not in use: replaced by each probe, one large step in PROBE_EVERY). The count not in use
-    is taken when its estimate is SWITCH_MARGIN times lower. Pure: the caller measures and reports the times.
+    is taken when its estimate is SWITCH_MARGIN times lower. The first step a count runs in a class is a warm-up,
+    not a sample: the first call of a kernel on a thread count pays its compilation or loading and fresh pages
+    (served small-qwen2: 0.35 s against 0.016 s, which kept the class on one thread for the rest of a run).
+    Pure: the caller measures and reports the times.
     """
 
     max_threads: int
     chosen: int = 0                     # 0: max_threads (set at construction)
     cost: dict[int, float] = field(default_factory=dict)       # seconds per unit of work, per thread count
     num_large: int = 0
+    warmed: set[int] = field(default_factory=set)              # thread counts that ran their warm-up step
 
     def __post_init__(self) -> None:
         self.chosen = self.chosen or self.max_threads
@@ -122,6 +126,9 @@ class ParallelCheck:
 
     def record(self, threads: int, seconds: float, work: int) -> None:
         """A large step's wall time, run on `threads`."""
+        if threads not in self.warmed:
+            self.warmed.add(threads)
+            return
         cost = seconds / max(work, 1)
         if threads == self.chosen and threads in self.cost:
             cost = (1 - COST_SMOOTHING) * self.cost[threads] + COST_SMOOTHING * cost

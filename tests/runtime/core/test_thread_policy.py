@@ -91,21 +91,32 @@ def _drive(check: ParallelCheck, seconds_per_work: dict[int, float], steps: int,
 def test_parallel_check_keeps_every_core_while_it_pays_and_probes_one_thread_rarely() -> None:
     check = ParallelCheck(max_threads=2)
     counts = _drive(check, {2: 1.0, 1: 1.3}, steps=4 * PROBE_EVERY)
-    assert counts[:3] == [2, 1, 2] and check.chosen == 2                   # first step, first probe, back
-    assert counts.count(1) == 1 + 4 and all(c == 1 for i, c in enumerate(counts, 1) if i % PROBE_EVERY == 0)
+    # warm-up and first step, warm-up and first probe on one thread, back
+    assert counts[:5] == [2, 2, 1, 1, 2] and check.chosen == 2
+    assert counts.count(1) == 2 + 4 and all(c == 1 for i, c in enumerate(counts, 1) if i % PROBE_EVERY == 0)
     assert check.cost == {2: 1.0, 1: 1.3}
 
 
 def test_parallel_check_moves_to_one_thread_when_parallel_steps_wait_and_back_when_they_stop() -> None:
     check = ParallelCheck(max_threads=2)
     counts = _drive(check, {2: 10.0, 1: 1.0}, steps=3 * PROBE_EVERY)      # other jobs on the cores
-    assert counts[:3] == [2, 1, 1] and check.chosen == 1
-    assert counts.count(2) == 1 + 3                                         # the first step, then one probe in 64
+    assert counts[:5] == [2, 2, 1, 1, 1] and check.chosen == 1
+    assert counts.count(2) == 2 + 3                       # the warm-up and first steps, then one probe in 64
     _drive(check, {2: 1.0, 1: 1.3}, steps=PROBE_EVERY)                     # the cores are free again
     assert check.chosen == 2
     within_margin = ParallelCheck(max_threads=2)
     _drive(within_margin, {2: 1.0, 1: 0.9}, steps=3 * PROBE_EVERY)        # one thread only 10 % cheaper: stay
     assert within_margin.chosen == 2
+
+
+def test_a_slow_first_step_per_thread_count_is_a_warm_up_not_a_sample() -> None:
+    """The first step of a class on a thread count (compilation, fresh pages) is not counted: a first parallel
+    step 20x slower than the rest does not move the class to one thread."""
+    check = ParallelCheck(max_threads=2)
+    threads = check.next_threads()
+    check.record(threads, 20.0 * 1000, 1000)                                # the warm-up on 2 threads
+    counts = [threads] + _drive(check, {2: 1.0, 1: 1.6}, steps=2 * PROBE_EVERY)
+    assert check.chosen == 2 and counts.count(1) == 2 + 2 and check.cost == {2: 1.0, 1: 1.6}
 
 
 def test_step_threads_feeds_large_steps_to_the_check_and_uses_its_choice(engine: LoadedEngine,
@@ -116,9 +127,11 @@ def test_step_threads_feeds_large_steps_to_the_check_and_uses_its_choice(engine:
     seen: list[int] = []
     for first in (10, 1000):     # two long prefills (large), each followed by one decode step (small)
         seen += [t for _, t in _run_with_hook(core, first, 200, max_tokens=2, step_done=hook.step_done)]
-    # 1st large step on 2 threads; the 2nd (same size class) probes 1 thread; decode steps are small: 1 thread
-    assert seen == [2, 1, 1, 1] and list(hook.checks) == [1]
-    assert set(hook.checks[1].cost) == {1, 2} and hook.checks[1].num_large == 2
+    # both large steps (one size class) on 2 threads: the 1st a warm-up, the 2nd a sample; decode steps are small
+    assert seen == [2, 1, 2, 1] and list(hook.checks) == [1]
+    assert set(hook.checks[1].cost) == {2} and hook.checks[1].num_large == 2
+    seen = [t for _, t in _run_with_hook(core, 1000, 200, max_tokens=1, step_done=hook.step_done)]
+    assert seen == [1] and set(hook.checks[1].cost) == {2}, "the 3rd probes 1 thread (its warm-up)"
     seen = [t for _, t in _run_with_hook(core, 1400, 400, max_tokens=1, step_done=hook.step_done)]
     assert seen == [2] and sorted(hook.checks) == [1, 2], "a twice larger step has its own check"
 
