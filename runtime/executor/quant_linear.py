@@ -47,6 +47,10 @@ class QuantKernelError(RuntimeError):
 # the linear owns (concatenated at load) is re-laid-out up to OWNED_MAX_BYTES, in place of itself.
 COPY_MAX_BYTES = 1 << 20
 OWNED_MAX_BYTES = 8 << 20
+# Above COPY_MAX_BYTES a float32 CPU weight stays [N, K], and decode steps of a few sequences run the register-
+# tiled kernel over it (plugins/cpu/skinny_gemm.py: the weight comes from memory each step there, and MKL's
+# per-call packing of it is the cost); an owned one is then not re-laid-out either.
+SKINNY_MIN_BYTES = COPY_MAX_BYTES + 1
 
 
 @dataclass(slots=True)
@@ -59,10 +63,19 @@ class FloatLinear:
     bias: torch.Tensor | None
     owned: bool = False
     weight_t: torch.Tensor = field(init=False)      # [K, N]: a contiguous copy on CPU where it pays, else a view
+    # float32 CPU weight of at least SKINNY_MIN_BYTES: rows of x (inclusive) that go to plugins/cpu/skinny_gemm
+    skinny_rows: tuple[int, int] = field(init=False, default=(1, 0))
 
     def __post_init__(self) -> None:
         size = self.weight.numel() * self.weight.element_size()
-        if self.weight.is_cpu and size <= (OWNED_MAX_BYTES if self.owned else COPY_MAX_BYTES):
+        skinny = (self.weight.is_cpu and self.weight.dtype == torch.float32 and size >= SKINNY_MIN_BYTES
+                  and self.weight.is_contiguous() and cpu_available()
+                  and (self.bias is None or (self.bias.dtype == torch.float32 and self.bias.is_contiguous())))
+        if skinny:
+            from plugins.cpu.skinny_gemm import SKINNY_ROWS     # numba: imported only where it runs
+
+            self.skinny_rows = SKINNY_ROWS
+        if self.weight.is_cpu and not skinny and size <= (OWNED_MAX_BYTES if self.owned else COPY_MAX_BYTES):
             self.weight_t = self.weight.t().contiguous()
             self.weight = self.weight_t.t()
         else:
@@ -71,6 +84,10 @@ class FloatLinear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 2:
             return F.linear(x, self.weight, self.bias)
+        if self.skinny_rows[0] <= x.shape[0] <= self.skinny_rows[1] and x.dtype == torch.float32:
+            from plugins.cpu.skinny_gemm import skinny_linear
+
+            return skinny_linear(x, self.weight, self.bias)
         return torch.mm(x, self.weight_t) if self.bias is None else torch.addmm(self.bias, x, self.weight_t)
 
 

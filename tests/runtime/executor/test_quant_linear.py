@@ -113,21 +113,33 @@ def test_triton_weight_only_kernels_in_interpreter(weights, dtype: torch.dtype) 
 
 def test_float_linear_layouts_match_float64_and_follow_the_bytes_rule() -> None:
     """A CPU FloatLinear copies its weight to a contiguous [K, N] layout up to COPY_MAX_BYTES (up to
-    OWNED_MAX_BYTES when it owns the weight) and keeps the transposed view above; every layout, 2-D and 3-D
-    inputs, with and without bias, equals float64 x W^T + b within 1e-5 relative."""
+    OWNED_MAX_BYTES when it owns a bf16 weight) and keeps the transposed view above; a float32 weight above
+    COPY_MAX_BYTES, owned or not, stays [N, K] and sends calls of SKINNY_ROWS rows to the register-tiled kernel
+    (plugins/cpu/skinny_gemm.py). Every layout and path, 2-D inputs of 1-30 rows and 3-D ones, with and without
+    bias, equals float64 x W^T + b (float32 within 1e-5 relative, bf16 within 2^-7)."""
+    from plugins.cpu.skinny_gemm import SKINNY_ROWS
     from runtime.executor.quant_linear import COPY_MAX_BYTES, OWNED_MAX_BYTES, FloatLinear, concat_float_linears
 
     gen = torch.Generator().manual_seed(4)
     small, large = (64, 200), (COPY_MAX_BYTES // 4 // 256 + 1, 256)      # at most / just past COPY_MAX_BYTES
-    for (n, k), owned, copied in ((small, False, True), (large, False, False), (large, True, True)):
-        weight, bias = torch.randn(n, k, generator=gen), torch.randn(n, generator=gen)
+    bf16_large = (COPY_MAX_BYTES // 2 // 256 + 1, 256)
+    cases = [(small, torch.float32, False, True), (large, torch.float32, False, False),
+             (large, torch.float32, True, False), (bf16_large, torch.bfloat16, False, False),
+             (bf16_large, torch.bfloat16, True, True)]
+    for (n, k), dtype, owned, copied in cases:
+        rel = 1e-5 if dtype == torch.float32 else 2 ** -7
+        weight, bias = torch.randn(n, k, generator=gen).to(dtype), torch.randn(n, generator=gen).to(dtype)
+        skinny = dtype == torch.float32 and not copied
         for b in (None, bias):
             linear = FloatLinear(weight, b, owned=owned)
             assert linear.weight_t.is_contiguous() == copied and torch.equal(linear.weight, weight)
             assert (linear.weight_t.data_ptr() == weight.data_ptr()) != copied
-            for x in (torch.randn(7, k, generator=gen), torch.randn(2, 3, k, generator=gen)):
+            assert linear.skinny_rows == (SKINNY_ROWS if skinny else (1, 0))
+            for x in [torch.randn(rows, k, generator=gen) for rows in (1, 3, 4, 7, 16, 24, 30)] + \
+                    [torch.randn(2, 3, k, generator=gen)]:
+                x = x.to(dtype)
                 want = x.double() @ weight.double().t() + (0 if b is None else b.double())
-                close(linear(x), want, 1e-5)
+                close(linear(x), want, rel)
     assert OWNED_MAX_BYTES >= COPY_MAX_BYTES
     pair = [FloatLinear(torch.randn(48, 32, generator=gen), None) for _ in range(2)]
     fused = concat_float_linears(pair)
