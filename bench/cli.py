@@ -184,7 +184,7 @@ def run_command(argv: list[str]) -> int:
 
             print(f"trtserve-bench: starting trtserve-serve --engine {args.engine}", file=sys.stderr)
             server = ServerProcess.start(["--engine", str(args.engine), *args.server_arg], Path(".cache/bench-logs"),
-                                         own_session=True)
+                                         own_group=True)
             address, http_url = server.target, (server.http_url if server.http_port else None)
             metrics_url = None if args.no_server_metrics else f"http://127.0.0.1:{server.metrics_port}/metrics"
         else:

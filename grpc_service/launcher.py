@@ -40,11 +40,15 @@ class ServerProcess:
 
     @classmethod
     def start(cls, args: list[str], log_dir: Path | None = None, env: dict[str, str] | None = None,
-              wait_ready: bool = True, own_session: bool = False) -> ServerProcess:
+              wait_ready: bool = True, own_group: bool = False) -> ServerProcess:
         """Run the server; its stderr goes to a log file in `log_dir` (or to ours when None).
 
-        `own_session`: start it in a new session, so a Ctrl-C at the terminal reaches only us and
-        we decide when the server stops (the benchmark prints its partial results first).
+        `own_group`: start it in a process group of its own, so a Ctrl-C at the terminal reaches only us and
+        we decide when the server stops (the benchmark prints its partial results first). A group, not a new
+        session: Linux's autogroup scheduler shares the CPU between sessions, so a server in a session of its
+        own gets only its session's half of cores it shares with the benchmark's client, and each wakeup of the
+        client preempts it. Served tiny-qwen2 32/128 c=16, 2 cores, 2 alternating pairs: a server started in
+        its own session 12326 / 11797 tok/s, in the client's 15057 / 16196 (docs/perf/2026-11-30/session5).
         """
         log_path: Path | None = None
         stderr: IO[str] | None = None
@@ -55,7 +59,8 @@ class ServerProcess:
         command = [sys.executable, "-m", "grpc_service.server_cli", "--host", "127.0.0.1", "--port", "0",
                    "--metrics-port", "0", "--http-port", "0", *args]
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True,
-                                   env={**os.environ, **(env or {})}, start_new_session=own_session)
+                                   env={**os.environ, **(env or {})},
+                                   process_group=0 if own_group else None)
         server = cls(process, log_path)
         threading.Thread(target=server._read_stdout, daemon=True).start()
         line = server.wait_for("listening")

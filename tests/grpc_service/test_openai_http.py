@@ -33,7 +33,7 @@ USER = [{"role": "user", "content": "Tell me about the sea."}]
 def server(tiny_engine_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     process = ServerProcess.start(["--engine", str(tiny_engine_dir), "--max-message-bytes", str(MAX_BODY),
                                    "--max-queue-size", "0", "--grace-period", "300"],
-                                  tmp_path_factory.mktemp("openai-logs"), own_session=True)
+                                  tmp_path_factory.mktemp("openai-logs"), own_group=True)
     yield process
     process.stop()
 
@@ -47,6 +47,13 @@ def client(server: ServerProcess) -> openai.OpenAI:
 def native(server: ServerProcess) -> Iterator[NativeClient]:
     with NativeClient(server.target, timeout_s=120) as grpc_client:
         yield grpc_client
+
+
+def test_own_group_is_a_process_group_in_our_session(server: ServerProcess) -> None:
+    """own_group: a Ctrl-C at the terminal (the foreground group) misses the server, and the server stays in
+    our session, so Linux's autogroup scheduler does not give it a separate share of the cores."""
+    pid = server.process.pid
+    assert os.getpgid(pid) == pid != os.getpgid(0) and os.getsid(pid) == os.getsid(0)
 
 
 def test_models_and_health(server: ServerProcess, client: openai.OpenAI) -> None:
