@@ -84,7 +84,7 @@ class _Stream:
     make_text: Callable[[], OutputText]
     pending: list[_Item] = field(default_factory=list)
     waiter: asyncio.Future[None] | None = None
-    segment: Segment | None = None    # the request's image tensors until the core has copied them
+    segment: Segment | None = None    # the request's image tensors until the core has mapped them
     made_text: OutputText | None = None
 
     def put(self, item: _Item) -> None:
