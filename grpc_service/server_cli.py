@@ -16,7 +16,7 @@ import logging
 import sys
 from pathlib import Path
 
-from grpc_service.config import ServerConfig, ServerConfigError
+from grpc_service.config import EVENT_LOOPS, ServerConfig, ServerConfigError
 from grpc_service.repository import RepositoryError
 from runtime.config import CAPACITY_POLICIES, EngineConfig, EngineConfigError
 from runtime.engine_args import add_engine_gpu_arguments
@@ -41,7 +41,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-warmup", action="store_true", help="report SERVING without a warm-up request")
     p.add_argument("--no-engine-process", action="store_true",
                    help="run each engine core on a thread of the server process instead of its own process")
-    p.add_argument("--event-loop", choices=("auto", "uvloop", "asyncio"),
+    p.add_argument("--event-loop", choices=EVENT_LOOPS,
                    help="the server's asyncio event loop (auto: uvloop where installed)")
     p.add_argument("--no-batch-scheduling", action="store_true",
                    help="keep the front end's threads under the normal scheduling policy (default: SCHED_BATCH "

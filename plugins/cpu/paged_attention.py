@@ -28,6 +28,7 @@ import torch
 
 from plugins.attention_metadata import AttentionMetadata
 from plugins.cpu import rope as cpu_rope
+from plugins.cpu import use_step_threads
 from plugins.reference import paged_attention as reference
 from plugins.reference.qkv_attention import UnfusedQKVAttention
 
@@ -146,8 +147,7 @@ def _attention_kernel(q: np.ndarray, key_cache: np.ndarray, value_cache: np.ndar
                 exponents, acc, row_max, total)
 
 
-# The same pairs split into one contiguous run per thread (numba's threads: the OpenMP pool torch uses, whose
-# threads sleep between regions in the engine-core process); each pair is computed exactly as the serial
+# The same pairs split into one contiguous run per thread (numba's threads: the OpenMP pool torch uses); each pair is computed exactly as the serial
 # kernel computes it, so the output is bit-identical. Used only where the step already runs on several
 # threads and the call is large (`PARALLEL_MIN_WORK`): a launch costs more than a small call's work.
 @numba.njit(parallel=True, cache=True, nogil=True)
@@ -276,8 +276,7 @@ def qkv_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, key_c
     if num_tokens and _parallel(num_tokens, num_heads, head_size, metadata):
         _rope_write_kernel(qkv.numpy(), cos.numpy(), sin.numpy(), key_cache.numpy(), value_cache.numpy(),
                            slot_mapping.numpy(), q_rows)
-        threads = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
-        numba.set_num_threads(threads)
+        threads = use_step_threads()
         _attention_kernel_parallel(q_rows, key_cache.numpy(), value_cache.numpy(), metadata.block_tables.numpy(),
                                    metadata.seq_lens_tensor.numpy(), metadata.query_start_loc.numpy(), float(scale),
                                    out.reshape(num_tokens, num_heads, head_size), threads)

@@ -18,6 +18,8 @@ import numba
 import numpy as np
 import torch
 
+from plugins.cpu import use_step_threads
+
 SKINNY_ROWS = (4, 24)       # rows of x (inclusive) this kernel takes; MKL outside
 
 
@@ -110,9 +112,8 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     out = np.empty((rows.shape[0], weight.shape[0]), np.float32)
     has_bias = bias is not None
     bias_values = bias.numpy() if bias is not None else _NO_BIAS
-    threads = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
+    threads = use_step_threads()
     if threads > 1:
-        numba.set_num_threads(threads)
         _skinny_parallel(rows, weight.numpy(), bias_values, has_bias, out, threads)
     else:
         _skinny_serial(rows, weight.numpy(), bias_values, has_bias, out)

@@ -50,7 +50,6 @@ OWNED_MAX_BYTES = 8 << 20
 # Above COPY_MAX_BYTES a float32 CPU weight stays [N, K], and decode steps of a few sequences run the register-
 # tiled kernel over it (plugins/cpu/skinny_gemm.py: the weight comes from memory each step there, and MKL's
 # per-call packing of it is the cost); an owned one is then not re-laid-out either.
-SKINNY_MIN_BYTES = COPY_MAX_BYTES + 1
 
 
 @dataclass(slots=True)
@@ -63,12 +62,12 @@ class FloatLinear:
     bias: torch.Tensor | None
     owned: bool = False
     weight_t: torch.Tensor = field(init=False)      # [K, N]: a contiguous copy on CPU where it pays, else a view
-    # float32 CPU weight of at least SKINNY_MIN_BYTES: rows of x (inclusive) that go to plugins/cpu/skinny_gemm
+    # float32 CPU weight above COPY_MAX_BYTES: rows of x (inclusive) that go to plugins/cpu/skinny_gemm
     skinny_rows: tuple[int, int] = field(init=False, default=(1, 0))
 
     def __post_init__(self) -> None:
         size = self.weight.numel() * self.weight.element_size()
-        skinny = (self.weight.is_cpu and self.weight.dtype == torch.float32 and size >= SKINNY_MIN_BYTES
+        skinny = (self.weight.is_cpu and self.weight.dtype == torch.float32 and size > COPY_MAX_BYTES
                   and self.weight.is_contiguous() and cpu_available()
                   and (self.bias is None or (self.bias.dtype == torch.float32 and self.bias.is_contiguous())))
         if skinny:
