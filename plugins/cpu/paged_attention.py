@@ -29,6 +29,7 @@ import torch
 from plugins.attention_metadata import AttentionMetadata
 from plugins.cpu import rope as cpu_rope
 from plugins.cpu import use_step_threads
+from plugins.cpu.prefetch import prefetch_l2
 from plugins.reference import paged_attention as reference
 from plugins.reference.qkv_attention import UnfusedQKVAttention
 
@@ -65,6 +66,10 @@ def _attend(item: int, q: np.ndarray, key_cache: np.ndarray, value_cache: np.nda
     for first in range(0, visible, block_size):
         block = block_tables[seq, first // block_size]
         num_keys = min(block_size, visible - first)
+        _prefetch_block(value_cache, block, num_keys, kv_head)      # for the weighted sum below
+        if first + block_size < visible:
+            _prefetch_block(key_cache, block_tables[seq, first // block_size + 1],
+                            min(block_size, visible - first - block_size), kv_head)
         for h in range(group):
             head = first_head + h
             j = 0
@@ -123,6 +128,17 @@ def _attend(item: int, q: np.ndarray, key_cache: np.ndarray, value_cache: np.nda
         inverse = 1 / total[h]
         for d in range(head_size):
             out[row, first_head + h, d] = acc[h, d] * inverse
+
+
+@numba.njit(cache=True, nogil=True)
+def _prefetch_block(cache: np.ndarray, block: int, num_keys: int, kv_head: int) -> None:  # pragma: no cover
+    """Prefetch the first `num_keys` keys (or values) of one KV head in one cache block into L2."""
+    block_size, num_kv_heads, head_size = cache.shape[1], cache.shape[2], cache.shape[3]
+    line = 64 // cache.itemsize
+    for j in range(num_keys):
+        start = ((block * block_size + j) * num_kv_heads + kv_head) * head_size
+        for element in range(start, start + head_size, line):
+            prefetch_l2(cache, element)
 
 
 @numba.njit(cache=True, nogil=True)

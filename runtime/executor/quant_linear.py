@@ -43,13 +43,19 @@ class QuantKernelError(RuntimeError):
 # 16 rows: [64 -> 2056] 47 -> 34 us, [512 -> 768] 570 -> 375, [512 -> 3072] 930 -> 740; 1 row: equal)
 # and no faster, at times slower, at large ones ([896 -> 9728], 2 rows: 3.3 -> 4.2 ms). The loaded engine
 # keeps the checkpoint's tensor, so a copy costs its bytes: only weights up to COPY_MAX_BYTES are copied
-# (tiny-qwen2: all, 0.9 MB; small-qwen2: the 1 MiB output projections, 8 MB; qwen2.5-0.5b: none); a weight
-# the linear owns (concatenated at load) is re-laid-out up to OWNED_MAX_BYTES, in place of itself.
+# (tiny-qwen2: all, 0.9 MB; small-qwen2 and qwen2.5-0.5b: none, they go to the kernel below); a weight the
+# linear owns (concatenated at load) is re-laid-out up to OWNED_MAX_BYTES, in place of itself.
 COPY_MAX_BYTES = 1 << 20
 OWNED_MAX_BYTES = 8 << 20
-# Above COPY_MAX_BYTES a float32 CPU weight stays [N, K], and decode steps of a few sequences run the register-
-# tiled kernel over it (plugins/cpu/skinny_gemm.py: the weight comes from memory each step there, and MKL's
-# per-call packing of it is the cost); an owned one is then not re-laid-out either.
+# A float32 CPU weight above SKINNY_MIN_BYTES with rows of at least SKINNY_MIN_K stays [N, K], and decode steps
+# of a few sequences run the register-tiled kernel over it (plugins/cpu/skinny_gemm.py: the weight comes from
+# memory each step there, and MKL's per-call packing of it is the cost); an owned one is then not re-laid-out
+# either. small-qwen2's 1 MiB output projections went to MKL on a copy until the kernel prefetched: in-process
+# decode at batch 16, 3 alternating pairs, their 8 calls per step took 1.07 / 0.92 / 0.91 ms there and
+# 0.83 / 0.76 / 0.78 in the kernel (prefill, 128-2048 rows: MKL on the copy and on the transposed view within
+# 6 %). Short rows keep MKL: tiny-qwen2's [2056, 64] lm_head at 16 rows, 2 threads, 29 us against 56.
+SKINNY_MIN_BYTES = 1 << 19
+SKINNY_MIN_K = 256
 
 
 @dataclass(slots=True)
@@ -62,12 +68,14 @@ class FloatLinear:
     bias: torch.Tensor | None
     owned: bool = False
     weight_t: torch.Tensor = field(init=False)      # [K, N]: a contiguous copy on CPU where it pays, else a view
-    # float32 CPU weight above COPY_MAX_BYTES: rows of x (inclusive) that go to plugins/cpu/skinny_gemm
+    # float32 CPU weight above SKINNY_MIN_BYTES, rows of SKINNY_MIN_K or more: rows of x (inclusive) that go to
+    # plugins/cpu/skinny_gemm
     skinny_rows: tuple[int, int] = field(init=False, default=(1, 0))
 
     def __post_init__(self) -> None:
         size = self.weight.numel() * self.weight.element_size()
-        skinny = (self.weight.is_cpu and self.weight.dtype == torch.float32 and size > COPY_MAX_BYTES
+        skinny = (self.weight.is_cpu and self.weight.dtype == torch.float32 and size > SKINNY_MIN_BYTES
+                  and self.weight.dim() == 2 and self.weight.shape[1] >= SKINNY_MIN_K
                   and self.weight.is_contiguous() and cpu_available()
                   and (self.bias is None or (self.bias.dtype == torch.float32 and self.bias.is_contiguous())))
         if skinny:

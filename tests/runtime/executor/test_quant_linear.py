@@ -114,17 +114,23 @@ def test_triton_weight_only_kernels_in_interpreter(weights, dtype: torch.dtype) 
 def test_float_linear_layouts_match_float64_and_follow_the_bytes_rule() -> None:
     """A CPU FloatLinear copies its weight to a contiguous [K, N] layout up to COPY_MAX_BYTES (up to
     OWNED_MAX_BYTES when it owns a bf16 weight) and keeps the transposed view above; a float32 weight above
-    COPY_MAX_BYTES, owned or not, stays [N, K] and sends calls of SKINNY_ROWS rows to the register-tiled kernel
-    (plugins/cpu/skinny_gemm.py). Every layout and path, 2-D inputs of 1-30 rows and 3-D ones, with and without
-    bias, equals float64 x W^T + b (float32 within 1e-5 relative, bf16 within 2^-7)."""
+    SKINNY_MIN_BYTES with rows of SKINNY_MIN_K or more, owned or not, stays [N, K] and sends calls of SKINNY_ROWS
+    rows to the register-tiled kernel (plugins/cpu/skinny_gemm.py); one with shorter rows is copied up to
+    COPY_MAX_BYTES. Every layout and path, 2-D inputs of 1-30 rows and 3-D ones, with and without bias, equals
+    float64 x W^T + b (float32 within 1e-5 relative, bf16 within 2^-7)."""
     from plugins.cpu.skinny_gemm import SKINNY_ROWS
-    from runtime.executor.quant_linear import COPY_MAX_BYTES, OWNED_MAX_BYTES, FloatLinear, concat_float_linears
+    from runtime.executor.quant_linear import (COPY_MAX_BYTES, OWNED_MAX_BYTES, SKINNY_MIN_BYTES, SKINNY_MIN_K,
+                                               FloatLinear, concat_float_linears)
 
     gen = torch.Generator().manual_seed(4)
     small, large = (64, 200), (COPY_MAX_BYTES // 4 // 256 + 1, 256)      # at most / just past COPY_MAX_BYTES
+    mid = (SKINNY_MIN_BYTES // 4 // SKINNY_MIN_K + 1, SKINNY_MIN_K)     # just past SKINNY_MIN_BYTES
+    short_rows = (SKINNY_MIN_BYTES // 4 // 64 + 1, 64)                 # as large, rows shorter than SKINNY_MIN_K
     bf16_large = (COPY_MAX_BYTES // 2 // 256 + 1, 256)
+    assert SKINNY_MIN_BYTES < mid[0] * mid[1] * 4 <= COPY_MAX_BYTES and short_rows[0] * 64 * 4 <= COPY_MAX_BYTES
     cases = [(small, torch.float32, False, True), (large, torch.float32, False, False),
-             (large, torch.float32, True, False), (bf16_large, torch.bfloat16, False, False),
+             (large, torch.float32, True, False), (mid, torch.float32, False, False),
+             (short_rows, torch.float32, False, True), (bf16_large, torch.bfloat16, False, False),
              (bf16_large, torch.bfloat16, True, True)]
     for (n, k), dtype, owned, copied in cases:
         rel = 1e-5 if dtype == torch.float32 else 2 ** -7
