@@ -34,8 +34,12 @@ from plugins.reference import paged_attention as reference
 from plugins.reference.qkv_attention import UnfusedQKVAttention
 
 KERNEL_DTYPES = (torch.float32, torch.float64)
-# Smallest call (rows x heads x head size x longest context) split over the threads; see _parallel.
-PARALLEL_MIN_WORK = 1 << 19
+# Smallest call (rows x heads x head size x longest context) split over the threads; see _parallel. Measured
+# (2 threads against 1, kernel calls alone, quiet): tiny-qwen2's decode at 16 rows, context 16 / 100 / 160
+# (work 1.6e4 / 1.0e5 / 1.6e5): 13.4 -> 8.5, 49.4 -> 27.0, 70.1 -> 38.1 us; 4 rows, context 64 (1.6e4) 8.4 -> 6.7;
+# 1 row, context 128 (8e3) equal. The step's thread policy already keeps a served step that is too small to
+# split on one thread (runtime/core/thread_policy.py); this bound only skips calls the launch would outweigh.
+PARALLEL_MIN_WORK = 1 << 14
 WRITE_DTYPES = (torch.float32, torch.float64, torch.int8, torch.uint8)     # the write copies elements: any numpy type
 _NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
 
