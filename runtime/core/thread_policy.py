@@ -87,7 +87,8 @@ def policy_for(cpu_threads: int, served: bool, device_type: str, max_threads: in
 # Above the threshold the measured steps have the last word (`ParallelCheck`): other processes than the front end
 # on the cores make every parallel step wait (small-qwen2's steps ran 4-13x slower on 2 threads than on 1 under
 # load 7-9, docs/perf/2026-11-30/thread_policy.md), which no work threshold can see.
-PROBE_EVERY = 64            # large steps between two runs on the count not in use (its estimate refreshed)
+PROBE_EVERY = 64            # large steps of a class between two scheduled runs on the count not in use
+SLOWED = 1.5                # the count in use is suspect (a probe is due) when it costs this much over its baseline
 SWITCH_MARGIN = 1.25        # the count not in use is taken when its cost per unit of work is this much lower
 COST_SMOOTHING = 0.5        # weight of a new step in the running estimate of the count in use
 
@@ -97,16 +98,22 @@ class ParallelCheck:
     """For steps at or above the threshold: every core, unless measured step times say one thread is cheaper.
 
     Each large step's wall time per unit of work updates its thread count's estimate (the count in use: a running
-    average; the count not in use: replaced by each probe, one large step in PROBE_EVERY). The count not in use
-    is taken when its estimate is SWITCH_MARGIN times lower. The first step a count runs in a class is a warm-up,
-    not a sample: the first call of a kernel on a thread count pays its compilation or loading and fresh pages
-    (served small-qwen2: 0.35 s against 0.016 s, which kept the class on one thread for the rest of a run).
-    Pure: the caller measures and reports the times.
+    average; the count not in use: replaced by each probe). A probe (one large step on the count not in use) is
+    due every PROBE_EVERY large steps of the class, and at once when the count in use costs SLOWED times its
+    baseline (its cost when the last probe confirmed it, or its first sample): other jobs arrived. The count
+    not in use is taken when its estimate is SWITCH_MARGIN times lower. On every core a quiet run thus pays no
+    probe in a class's first PROBE_EVERY steps: a served small-qwen2 run at c=16 has a prefill class of a few
+    steps of 0.4 s, and probing each such class twice (warm-up and sample) on one thread cost 7-10 % of its
+    throughput (auto 690 / 696 against a fixed two threads 767 / 791 tok/s). The first step a count runs in a
+    class is a warm-up, not a sample: the first call of a kernel on a thread count pays its compilation or
+    loading and fresh pages (served small-qwen2: 0.35 s against 0.016 s, which kept the class on one thread for
+    the rest of a run). Pure: the caller measures and reports the times.
     """
 
     max_threads: int
     chosen: int = 0                     # 0: max_threads (set at construction)
     cost: dict[int, float] = field(default_factory=dict)       # seconds per unit of work, per thread count
+    baseline: float = 0.0               # the chosen count's cost when last confirmed (0: not measured yet)
     num_large: int = 0
     warmed: set[int] = field(default_factory=set)              # thread counts that ran their warm-up step
 
@@ -120,7 +127,11 @@ class ParallelCheck:
     def next_threads(self) -> int:
         """The thread count of the next large step."""
         self.num_large += 1
-        if self.chosen in self.cost and (self.other not in self.cost or self.num_large % PROBE_EVERY == 0):
+        if self.chosen not in self.cost:
+            return self.chosen
+        if self.other in self.warmed and self.other not in self.cost:       # a probe's warm-up ran: its sample
+            return self.other
+        if self.num_large % PROBE_EVERY == 0 or self.cost[self.chosen] > SLOWED * self.baseline:
             return self.other
         return self.chosen
 
@@ -130,13 +141,19 @@ class ParallelCheck:
             self.warmed.add(threads)
             return
         cost = seconds / max(work, 1)
-        if threads == self.chosen and threads in self.cost:
-            cost = (1 - COST_SMOOTHING) * self.cost[threads] + COST_SMOOTHING * cost
-        self.cost[threads] = cost
-        other = self.other
-        chosen_cost = self.cost.get(self.chosen)
-        if other in self.cost and chosen_cost is not None and self.cost[other] * SWITCH_MARGIN < chosen_cost:
-            self.chosen = other
+        if threads == self.chosen:
+            if threads in self.cost:
+                cost = (1 - COST_SMOOTHING) * self.cost[threads] + COST_SMOOTHING * cost
+            else:
+                self.baseline = cost
+            self.cost[threads] = cost
+            return
+        self.cost[threads] = cost                         # a probe
+        if cost * SWITCH_MARGIN < self.cost[self.chosen]:
+            self.chosen = threads
+            self.baseline = cost
+        else:
+            self.baseline = self.cost[self.chosen]        # confirmed: a slowdown up to here is not other jobs
 
 
 def work_class(work: int, min_work: int) -> int:

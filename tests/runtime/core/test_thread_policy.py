@@ -2,8 +2,9 @@
 
 The policy function is pure: a step's work (tokens x decoder weight elements + sampled rows x LM-head
 elements) against the threshold, an explicit count kept, auto only when served on a multi-core CPU; the
-ParallelCheck of large steps fed made-up step costs (keeps every core while it pays, moves to one thread when
-parallel steps wait, back when they stop, probing the other count one large step in PROBE_EVERY).
+ParallelCheck of large steps fed made-up step costs (keeps every core while it pays, probing the other count
+one large step in PROBE_EVERY and never before; moves to one thread within a few steps when parallel steps
+slow down, back when they stop).
 Then an in-process EngineCore on tiny-qwen2 with the hook the core process installs
 (core_process.install_thread_policy): each forward runs with the thread count the policy chose for its
 plan (a long prompt's prefill on every core, the decode steps on one), and an explicit count or overlap
@@ -21,7 +22,7 @@ from engine_format.engine_dir import LoadedEngine, load_engine
 from runtime.config import EngineConfig
 from runtime.core.core_process import install_thread_policy
 from runtime.core.engine_core import EngineCore, EngineRequest
-from runtime.core.thread_policy import (AUTO, PROBE_EVERY, SERVED_PARALLEL_MIN_WORK, ModelWork, ParallelCheck,
+from runtime.core.thread_policy import (AUTO, PROBE_EVERY, SERVED_PARALLEL_MIN_WORK, SLOWED, ModelWork, ParallelCheck,
                                         StepThreads, ThreadPolicy, model_work, policy_for, work_class)
 from runtime.sampling_params import SamplingParams
 
@@ -91,22 +92,38 @@ def _drive(check: ParallelCheck, seconds_per_work: dict[int, float], steps: int,
 def test_parallel_check_keeps_every_core_while_it_pays_and_probes_one_thread_rarely() -> None:
     check = ParallelCheck(max_threads=2)
     counts = _drive(check, {2: 1.0, 1: 1.3}, steps=4 * PROBE_EVERY)
-    # warm-up and first step, warm-up and first probe on one thread, back
-    assert counts[:5] == [2, 2, 1, 1, 2] and check.chosen == 2
-    assert counts.count(1) == 2 + 4 and all(c == 1 for i, c in enumerate(counts, 1) if i % PROBE_EVERY == 0)
-    assert check.cost == {2: 1.0, 1: 1.3}
+    # no probe before the PROBE_EVERY-th large step (a class of a few long prefills never pays one), then its
+    # warm-up and first sample on one thread, then one in PROBE_EVERY
+    assert counts[:PROBE_EVERY - 1] == [2] * (PROBE_EVERY - 1) and counts[PROBE_EVERY - 1:PROBE_EVERY + 2] == [1, 1, 2]
+    assert counts.count(1) == 2 + 3 and all(c == 1 for i, c in enumerate(counts, 1) if i % PROBE_EVERY == 0)
+    assert check.chosen == 2 and check.cost == {2: 1.0, 1: 1.3}
 
 
 def test_parallel_check_moves_to_one_thread_when_parallel_steps_wait_and_back_when_they_stop() -> None:
     check = ParallelCheck(max_threads=2)
-    counts = _drive(check, {2: 10.0, 1: 1.0}, steps=3 * PROBE_EVERY)      # other jobs on the cores
-    assert counts[:5] == [2, 2, 1, 1, 1] and check.chosen == 1
-    assert counts.count(2) == 2 + 3                       # the warm-up and first steps, then one probe in 64
+    assert _drive(check, {2: 1.0, 1: 1.3}, steps=10) == [2] * 10
+    counts = _drive(check, {2: 10.0, 1: 1.0}, steps=2 * PROBE_EVERY)      # other jobs arrive on the cores
+    # the first slow step puts the running cost past SLOWED x its baseline: the probe's warm-up and sample
+    assert counts[:4] == [2, 1, 1, 1] and check.chosen == 1
+    assert counts.count(2) == 1 + 2                      # then a probe of every core in PROBE_EVERY steps
     _drive(check, {2: 1.0, 1: 1.3}, steps=PROBE_EVERY)                     # the cores are free again
     assert check.chosen == 2
+    loaded_from_start = ParallelCheck(max_threads=2)      # no baseline to compare with: the scheduled probe
+    counts = _drive(loaded_from_start, {2: 10.0, 1: 1.0}, steps=PROBE_EVERY + 1)
+    assert loaded_from_start.chosen == 1 and counts.count(1) == 2
     within_margin = ParallelCheck(max_threads=2)
     _drive(within_margin, {2: 1.0, 1: 0.9}, steps=3 * PROBE_EVERY)        # one thread only 10 % cheaper: stay
     assert within_margin.chosen == 2
+
+
+def test_a_confirmed_slowdown_is_the_new_baseline() -> None:
+    """Steps that slow down for their own reasons (longer contexts: attention is not in the work measure) trigger
+    one probe; when it confirms every core, their cost is the new baseline and no probe follows until the
+    scheduled one."""
+    check = ParallelCheck(max_threads=2)
+    _drive(check, {2: 1.0, 1: 1.6}, steps=4)
+    counts = _drive(check, {2: 2 * SLOWED, 1: 5.0}, steps=PROBE_EVERY - 6)
+    assert counts[:4] == [2, 1, 1, 2] and counts.count(1) == 2 and check.chosen == 2
 
 
 def test_a_slow_first_step_per_thread_count_is_a_warm_up_not_a_sample() -> None:
@@ -116,7 +133,7 @@ def test_a_slow_first_step_per_thread_count_is_a_warm_up_not_a_sample() -> None:
     threads = check.next_threads()
     check.record(threads, 20.0 * 1000, 1000)                                # the warm-up on 2 threads
     counts = [threads] + _drive(check, {2: 1.0, 1: 1.6}, steps=2 * PROBE_EVERY)
-    assert check.chosen == 2 and counts.count(1) == 2 + 2 and check.cost == {2: 1.0, 1: 1.6}
+    assert check.chosen == 2 and counts.count(1) == 2 + 1 and check.cost == {2: 1.0, 1: 1.6}
 
 
 def test_step_threads_feeds_large_steps_to_the_check_and_uses_its_choice(engine: LoadedEngine,
@@ -130,8 +147,8 @@ def test_step_threads_feeds_large_steps_to_the_check_and_uses_its_choice(engine:
     # both large steps (one size class) on 2 threads: the 1st a warm-up, the 2nd a sample; decode steps are small
     assert seen == [2, 1, 2, 1] and list(hook.checks) == [1]
     assert set(hook.checks[1].cost) == {2} and hook.checks[1].num_large == 2
-    seen = [t for _, t in _run_with_hook(core, 1000, 200, max_tokens=1, step_done=hook.step_done)]
-    assert seen == [1] and set(hook.checks[1].cost) == {2}, "the 3rd probes 1 thread (its warm-up)"
+    seen = [t for _, t in _run_with_hook(core, 1500, 200, max_tokens=1, step_done=hook.step_done)]
+    assert seen == [2] and set(hook.checks[1].cost) == {2}, "no probe before the PROBE_EVERY-th"
     seen = [t for _, t in _run_with_hook(core, 1400, 400, max_tokens=1, step_done=hook.step_done)]
     assert seen == [2] and sorted(hook.checks) == [1, 2], "a twice larger step has its own check"
 
