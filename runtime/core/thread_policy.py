@@ -88,7 +88,9 @@ def policy_for(cpu_threads: int, served: bool, device_type: str, max_threads: in
 # on the cores make every parallel step wait (small-qwen2's steps ran 4-13x slower on 2 threads than on 1 under
 # load 7-9, docs/perf/2026-11-30/thread_policy.md), which no work threshold can see.
 PROBE_EVERY = 64            # large steps of a class between two scheduled runs on the count not in use
-SLOWED = 1.5                # the count in use is suspect (a probe is due) when it costs this much over its baseline
+EARLY_PROBE_MAX_SECONDS = 0.02  # a class whose steps take at most this probes right after its first sample
+SLOWED = 1.5                # every core is suspect (a probe is due) when it costs this much over its baseline,
+SLOWED_PROBE_GAP = 8        # at most once in this many large steps
 SWITCH_MARGIN = 1.25        # the count not in use is taken when its cost per unit of work is this much lower
 COST_SMOOTHING = 0.5        # weight of a new step in the running estimate of the count in use
 
@@ -99,12 +101,16 @@ class ParallelCheck:
 
     Each large step's wall time per unit of work updates its thread count's estimate (the count in use: a running
     average; the count not in use: replaced by each probe). A probe (one large step on the count not in use) is
-    due every PROBE_EVERY large steps of the class, and at once when the count in use costs SLOWED times its
-    baseline (its cost when the last probe confirmed it, or its first sample): other jobs arrived. The count
-    not in use is taken when its estimate is SWITCH_MARGIN times lower. On every core a quiet run thus pays no
-    probe in a class's first PROBE_EVERY steps: a served small-qwen2 run at c=16 has a prefill class of a few
-    steps of 0.4 s, and probing each such class twice (warm-up and sample) on one thread cost 7-10 % of its
-    throughput (auto 690 / 696 against a fixed two threads 767 / 791 tok/s). The first step a count runs in a
+    due right after the class's first sample when its steps are short (EARLY_PROBE_MAX_SECONDS: the probe costs
+    little, and a front end that competes from the start, the VL encoder's, is found at once), every PROBE_EVERY
+    large steps of the class, and when every core costs SLOWED times its baseline (its cost when the last probe
+    confirmed it, or its first sample: other jobs arrived), at most one in SLOWED_PROBE_GAP steps; on one thread
+    only the scheduled probes run (a class's cost per unit of work varies by more than SLOWED on its own where the
+    work measure leaves much out, the VL steps' encoder and attention). The count not in use is taken when its
+    estimate is SWITCH_MARGIN times lower. A class of long steps thus pays no probe in its first PROBE_EVERY
+    steps on a quiet machine: a served small-qwen2 run at c=16 has a prefill class of a few steps of 0.4 s, and
+    probing it twice (warm-up and sample) on one thread cost 7-10 % of the run's throughput (auto 690 / 696
+    against a fixed two threads 767 / 791 tok/s). The first step a count runs in a
     class is a warm-up, not a sample: the first call of a kernel on a thread count pays its compilation or
     loading and fresh pages (served small-qwen2: 0.35 s against 0.016 s, which kept the class on one thread for
     the rest of a run). Pure: the caller measures and reports the times.
@@ -114,6 +120,8 @@ class ParallelCheck:
     chosen: int = 0                     # 0: max_threads (set at construction)
     cost: dict[int, float] = field(default_factory=dict)       # seconds per unit of work, per thread count
     baseline: float = 0.0               # the chosen count's cost when last confirmed (0: not measured yet)
+    last_seconds: float = 0.0           # the last sampled step's wall time on the chosen count
+    last_probe: int = 0                 # num_large of the last probe
     num_large: int = 0
     warmed: set[int] = field(default_factory=set)              # thread counts that ran their warm-up step
 
@@ -131,7 +139,12 @@ class ParallelCheck:
             return self.chosen
         if self.other in self.warmed and self.other not in self.cost:       # a probe's warm-up ran: its sample
             return self.other
-        if self.num_large % PROBE_EVERY == 0 or self.cost[self.chosen] > SLOWED * self.baseline:
+        if self.other not in self.cost and self.last_seconds <= EARLY_PROBE_MAX_SECONDS:
+            return self.other
+        if self.num_large % PROBE_EVERY == 0 or (self.chosen == self.max_threads
+                                                 and self.num_large - self.last_probe >= SLOWED_PROBE_GAP
+                                                 and self.cost[self.chosen] > SLOWED * self.baseline):
+            self.last_probe = self.num_large
             return self.other
         return self.chosen
 
@@ -142,6 +155,7 @@ class ParallelCheck:
             return
         cost = seconds / max(work, 1)
         if threads == self.chosen:
+            self.last_seconds = seconds
             if threads in self.cost:
                 cost = (1 - COST_SMOOTHING) * self.cost[threads] + COST_SMOOTHING * cost
             else:

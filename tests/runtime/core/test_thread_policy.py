@@ -22,8 +22,9 @@ from engine_format.engine_dir import LoadedEngine, load_engine
 from runtime.config import EngineConfig
 from runtime.core.core_process import install_thread_policy
 from runtime.core.engine_core import EngineCore, EngineRequest
-from runtime.core.thread_policy import (AUTO, PROBE_EVERY, SERVED_PARALLEL_MIN_WORK, SLOWED, ModelWork, ParallelCheck,
-                                        StepThreads, ThreadPolicy, model_work, policy_for, work_class)
+from runtime.core.thread_policy import (AUTO, EARLY_PROBE_MAX_SECONDS, PROBE_EVERY, SERVED_PARALLEL_MIN_WORK, SLOWED,
+                                        SLOWED_PROBE_GAP, ModelWork, ParallelCheck, StepThreads, ThreadPolicy,
+                                        model_work, policy_for, work_class)
 from runtime.sampling_params import SamplingParams
 
 
@@ -80,7 +81,8 @@ def test_the_threshold_separates_the_measured_served_workloads() -> None:
 
 
 def _drive(check: ParallelCheck, seconds_per_work: dict[int, float], steps: int, work: int = 1000) -> list[int]:
-    """`steps` large steps whose (given, not timed) cost per unit of work depends on the thread count."""
+    """`steps` large steps whose (given, not timed) cost per unit of work depends on the thread count (long
+    steps by default: seconds per work x 1000 work)."""
     counts = []
     for _ in range(steps):
         threads = check.next_threads()
@@ -116,14 +118,44 @@ def test_parallel_check_moves_to_one_thread_when_parallel_steps_wait_and_back_wh
     assert within_margin.chosen == 2
 
 
+def test_a_class_of_short_steps_probes_right_after_its_first_sample() -> None:
+    """Short steps (at most EARLY_PROBE_MAX_SECONDS) make a probe cheap: warm-up and sample on one thread right
+    after the first sample on every core, so a front end that competes from the start is found at once."""
+    short = EARLY_PROBE_MAX_SECONDS / 2
+    quiet = ParallelCheck(max_threads=2)
+    counts = _drive(quiet, {2: short, 1: 1.3 * short}, steps=PROBE_EVERY, work=1)
+    assert counts[:5] == [2, 2, 1, 1, 2] and quiet.chosen == 2 and counts.count(1) == 2 + 1
+    loaded = ParallelCheck(max_threads=2)
+    counts = _drive(loaded, {2: short, 1: short / 4}, steps=8, work=1)
+    assert counts[:5] == [2, 2, 1, 1, 1] and loaded.chosen == 1
+
+
 def test_a_confirmed_slowdown_is_the_new_baseline() -> None:
     """Steps that slow down for their own reasons (longer contexts: attention is not in the work measure) trigger
     one probe; when it confirms every core, their cost is the new baseline and no probe follows until the
     scheduled one."""
     check = ParallelCheck(max_threads=2)
-    _drive(check, {2: 1.0, 1: 1.6}, steps=4)
-    counts = _drive(check, {2: 2 * SLOWED, 1: 5.0}, steps=PROBE_EVERY - 6)
+    _drive(check, {2: 1.0, 1: 1.6}, steps=SLOWED_PROBE_GAP)
+    counts = _drive(check, {2: 2 * SLOWED, 1: 5.0}, steps=PROBE_EVERY - SLOWED_PROBE_GAP - 2)
     assert counts[:4] == [2, 1, 1, 2] and counts.count(1) == 2 and check.chosen == 2
+
+
+def test_probes_on_a_slowdown_are_spaced_and_only_on_every_core() -> None:
+    """A cost that keeps jumping (each probe confirming every core) probes at most once in SLOWED_PROBE_GAP
+    steps; on one thread a slowdown probes nothing before the scheduled probe."""
+    check = ParallelCheck(max_threads=2)
+    _drive(check, {2: 1.0, 1: 1.6}, steps=SLOWED_PROBE_GAP)
+    counts = []
+    for i in range(PROBE_EVERY - SLOWED_PROBE_GAP - 1):
+        counts += _drive(check, {2: SLOWED ** (2 + i), 1: 10.0 * SLOWED ** (2 + i)}, steps=1)
+    assert check.chosen == 2 and 2 <= counts.count(1) <= 2 * (len(counts) // SLOWED_PROBE_GAP + 1)
+    one = ParallelCheck(max_threads=2)
+    _drive(one, {2: 10.0, 1: 1.0}, steps=PROBE_EVERY + 1)                 # moved to one thread
+    assert one.chosen == 1
+    counts = []
+    for i in range(PROBE_EVERY // 2):
+        counts += _drive(one, {2: 100.0, 1: SLOWED ** (2 + i)}, steps=1)
+    assert counts.count(2) == 0
 
 
 def test_a_slow_first_step_per_thread_count_is_a_warm_up_not_a_sample() -> None:
@@ -148,7 +180,7 @@ def test_step_threads_feeds_large_steps_to_the_check_and_uses_its_choice(engine:
     assert seen == [2, 1, 2, 1] and list(hook.checks) == [1]
     assert set(hook.checks[1].cost) == {2} and hook.checks[1].num_large == 2
     seen = [t for _, t in _run_with_hook(core, 1500, 200, max_tokens=1, step_done=hook.step_done)]
-    assert seen == [2] and set(hook.checks[1].cost) == {2}, "no probe before the PROBE_EVERY-th"
+    assert seen == [1] and set(hook.checks[1].cost) == {2}, "short steps: the 3rd probes 1 thread (its warm-up)"
     seen = [t for _, t in _run_with_hook(core, 1400, 400, max_tokens=1, step_done=hook.step_done)]
     assert seen == [2] and sorted(hook.checks) == [1, 2], "a twice larger step has its own check"
 
