@@ -43,7 +43,7 @@ def _block(x: np.ndarray, w: np.ndarray, bias: np.ndarray, has_bias: bool, out: 
     line = 64 // w.itemsize                                  # elements per cache line
     ahead = min(n + PREFETCH_AHEAD, prefetch_end) * size     # flat element index: w is contiguous
     ahead_end = min(n + PREFETCH_AHEAD + 4, prefetch_end) * size
-    per_tile = -(-(ahead_end - ahead) // (num_rows // 4 * line)) * line
+    per_tile = -(-(ahead_end - ahead) // (max(num_rows // 4, 1) * line)) * line
     m = 0
     while m + 4 <= num_rows:
         for element in range(ahead, min(ahead + per_tile, ahead_end), line):

@@ -110,10 +110,10 @@ class ParallelCheck:
     estimate is SWITCH_MARGIN times lower. A class of long steps thus pays no probe in its first PROBE_EVERY
     steps on a quiet machine: a served small-qwen2 run at c=16 has a prefill class of a few steps of 0.4 s, and
     probing it twice (warm-up and sample) on one thread cost 7-10 % of the run's throughput (auto 690 / 696
-    against a fixed two threads 767 / 791 tok/s). The first step a count runs in a
-    class is a warm-up, not a sample: the first call of a kernel on a thread count pays its compilation or
-    loading and fresh pages (served small-qwen2: 0.35 s against 0.016 s, which kept the class on one thread for
-    the rest of a run). Pure: the caller measures and reports the times.
+    against a fixed two threads 767 / 791 tok/s). The first step a count runs in a class is a warm-up, not a
+    sample: the first call of a kernel on a thread count pays its compilation or loading and fresh pages (served
+    small-qwen2: 0.35 s against 0.016 s, which kept the class on one thread for the rest of a run). Pure: the
+    caller measures and reports the times.
     """
 
     max_threads: int
