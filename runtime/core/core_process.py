@@ -125,7 +125,8 @@ def install_thread_policy(core: EngineCore, cpu_threads: int) -> StepThreads | N
     Overlapped steps run their forward on a worker thread, whose OpenMP thread count this thread cannot set:
     they keep the count set at start."""
     policy = policy_for(cpu_threads, served=True, device_type=core.executor.layout.device.type,
-                        max_threads=torch.get_num_threads(), work=model_work(core.engine.llm_config))
+                        max_threads=torch.get_num_threads(), work=model_work(core.engine.llm_config),
+                        vision=core.executor.vision is not None)
     if policy is None or policy.fixed is not None or core.overlap:
         return None
     hook = StepThreads(policy)

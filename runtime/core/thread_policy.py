@@ -37,6 +37,12 @@ AUTO = 0        # EngineConfig.cpu_threads: choose per step (served), torch's de
 # faster with one core thread at c=1/4/16; small-qwen2, whose decode steps are >= 2.5e7 from c=1, faster
 # with two. 1.6e7 lies between both.
 SERVED_PARALLEL_MIN_WORK = 16_000_000
+# The same for an engine with a vision encoder: its front end decodes and preprocesses every image on the same
+# cores, so a step split over both waits for it more often. Served tiny-qwen2-vl c=16 (one 224x224 image per
+# request), 3 interleaved pairs against 1.6e7: 5150 / 5262 / 5801 -> 5853 / 5852 / 5522 tok/s; `--cpu-threads 2`
+# lost 25 % there and `--cpu-threads 1` gained 6 %. A VL model of real size (qwen2-vl-2b: 1.3e9 per token) is
+# above it from one token.
+SERVED_VL_PARALLEL_MIN_WORK = 64_000_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,18 +76,19 @@ class ThreadPolicy:
         return self.max_threads if self.work.of_step(num_tokens, num_sampled) >= self.min_work else 1
 
 
-def policy_for(cpu_threads: int, served: bool, device_type: str, max_threads: int, work: ModelWork
-               ) -> ThreadPolicy | None:
+def policy_for(cpu_threads: int, served: bool, device_type: str, max_threads: int, work: ModelWork,
+               vision: bool = False) -> ThreadPolicy | None:
     """The policy of a process holding an engine; None: leave torch's threads as they are.
 
     An explicit `cpu_threads` N is N for every step. Auto (0) is per step in a served engine-core process on
-    the CPU with more than one core; alone, or on CUDA (the host threads only launch kernels), torch's default.
+    the CPU with more than one core (`vision`: the engine has a vision encoder, SERVED_VL_PARALLEL_MIN_WORK);
+    alone, or on CUDA (the host threads only launch kernels), torch's default.
     """
     if cpu_threads != AUTO:
         return ThreadPolicy(work, max_threads, fixed=cpu_threads)
     if not served or device_type != "cpu" or max_threads < 2:
         return None
-    return ThreadPolicy(work, max_threads)
+    return ThreadPolicy(work, max_threads, min_work=SERVED_VL_PARALLEL_MIN_WORK if vision else SERVED_PARALLEL_MIN_WORK)
 
 
 # Above the threshold the measured steps have the last word (`ParallelCheck`): other processes than the front end

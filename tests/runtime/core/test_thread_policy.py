@@ -23,8 +23,8 @@ from runtime.config import EngineConfig
 from runtime.core.core_process import install_thread_policy
 from runtime.core.engine_core import EngineCore, EngineRequest
 from runtime.core.thread_policy import (AUTO, EARLY_PROBE_MAX_SECONDS, PROBE_EVERY, SERVED_PARALLEL_MIN_WORK, SLOWED,
-                                        SLOWED_PROBE_GAP, ModelWork, ParallelCheck, StepThreads, ThreadPolicy,
-                                        model_work, policy_for, work_class)
+                                        SERVED_VL_PARALLEL_MIN_WORK, SLOWED_PROBE_GAP, ModelWork, ParallelCheck,
+                                        StepThreads, ThreadPolicy, model_work, policy_for, work_class)
 from runtime.sampling_params import SamplingParams
 
 
@@ -65,6 +65,8 @@ def test_policy_for_is_per_step_only_served_on_a_multicore_cpu() -> None:
     work = ModelWork(86016, 131584)
     per_step = policy_for(AUTO, served=True, device_type="cpu", max_threads=2, work=work)
     assert per_step == ThreadPolicy(work, 2, None, SERVED_PARALLEL_MIN_WORK)
+    vl = policy_for(AUTO, served=True, device_type="cpu", max_threads=2, work=work, vision=True)
+    assert vl == ThreadPolicy(work, 2, None, SERVED_VL_PARALLEL_MIN_WORK)      # its front end preprocesses images
     assert policy_for(AUTO, served=False, device_type="cpu", max_threads=2, work=work) is None     # alone
     assert policy_for(AUTO, served=True, device_type="cuda", max_threads=16, work=work) is None
     assert policy_for(AUTO, served=True, device_type="cpu", max_threads=1, work=work) is None
@@ -78,6 +80,11 @@ def test_the_threshold_separates_the_measured_served_workloads() -> None:
     tiny = ModelWork(86016, 2056 * 64)
     small = ModelWork(24117248, 2056 * 512)
     assert tiny.of_step(16, 16) < SERVED_PARALLEL_MIN_WORK <= small.of_step(1, 1)
+    # a VL engine: tiny-qwen2-vl's steps of up to 5 image requests' prefills (128 tokens each) stay below it,
+    # qwen2-vl-2b's decode of one token (28 layers of 1536 wide, 8960 intermediate, 256 KV wide, 151936
+    # vocabulary) lies above it
+    qwen2_vl_2b = ModelWork(28 * (1536 * (1536 + 2 * 256) + 1536 * 1536 + 3 * 1536 * 8960), 151936 * 1536)
+    assert tiny.of_step(5 * 128, 5) < SERVED_VL_PARALLEL_MIN_WORK <= qwen2_vl_2b.of_step(1, 1)
 
 
 def _drive(check: ParallelCheck, seconds_per_work: dict[int, float], steps: int, work: int = 1000) -> list[int]:
