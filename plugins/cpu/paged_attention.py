@@ -167,9 +167,10 @@ def _attention_kernel(q: np.ndarray, key_cache: np.ndarray, value_cache: np.ndar
                 exponents, acc, row_max, total)
 
 
-# The same pairs split into one contiguous run per thread (numba's threads: the OpenMP pool torch uses); each pair is computed exactly as the serial
-# kernel computes it, so the output is bit-identical. Used only where the step already runs on several
-# threads and the call is large (`PARALLEL_MIN_WORK`): a launch costs more than a small call's work.
+# The same pairs split into one contiguous run per thread (numba's threads: the OpenMP pool torch uses); each
+# pair is computed exactly as the serial kernel computes it, so the output is bit-identical. Used only where the
+# step already runs on several threads and the call is large (`PARALLEL_MIN_WORK`): a launch costs more than a
+# small call's work.
 @numba.njit(parallel=True, cache=True, nogil=True)
 def _attention_kernel_parallel(q: np.ndarray, key_cache: np.ndarray, value_cache: np.ndarray,
                                block_tables: np.ndarray, seq_lens: np.ndarray, query_start_loc: np.ndarray,

@@ -200,15 +200,11 @@ class ProcessEngine:
             self._send(message)
             while True:
                 items = await stream.take()              # more than one: the consumer fell behind
-                if len(items) == 1 and type(items[0]) is RequestOutput:
-                    out = items[0]
-                    finished = out.finished
-                    yield out
-                    if finished:
-                        return
-                    continue
-                outputs = [item for item in items if isinstance(item, RequestOutput)]
-                errors = [item for item in items if isinstance(item, BaseException)]
+                if len(items) == 1 and type(items[0]) is RequestOutput:     # the common case: no scan
+                    outputs, errors = items, []
+                else:
+                    outputs = [item for item in items if isinstance(item, RequestOutput)]
+                    errors = [item for item in items if isinstance(item, BaseException)]
                 if outputs:
                     merged = merge_outputs(outputs)
                     finished = merged.finished
